@@ -1,0 +1,21 @@
+"""JAX/Flax port of the Stable Diffusion x2 latent upscaler."""
+
+from flax_latentup.configs import CLIPTextConfig, ConfigError
+from flax_latentup.hub import HubError
+from flax_latentup.models.clip import CLIPTextOutput, FlaxCLIPTextModel
+from flax_latentup.models.layers import attention, attention_config
+from flax_latentup.weights import WeightsError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLIPTextConfig",
+    "CLIPTextOutput",
+    "ConfigError",
+    "FlaxCLIPTextModel",
+    "HubError",
+    "WeightsError",
+    "attention",
+    "attention_config",
+    "__version__",
+]

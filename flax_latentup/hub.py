@@ -1,0 +1,108 @@
+"""Resolve a local folder or a Hugging Face Hub repo id to a local folder.
+
+Hub downloads go through ``huggingface_hub.snapshot_download`` and so honour ``HF_HUB_OFFLINE``,
+``HF_HOME``/``HF_HUB_CACHE`` and tokens. Only the files the port needs are fetched
+(safetensors weights, configs, tokenizer files), never torch pickles or other variants.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+# What the Flax pipeline needs from a diffusers-layout repo.
+PIPELINE_PATTERNS = (
+    "model_index.json",
+    "*/config.json",
+    "*/scheduler_config.json",
+    "*/*.safetensors",
+    "*/*.safetensors.index.json",
+    "tokenizer/*",
+)
+# Weights file names tried in order: this package's own format, then the torch ones.
+MODEL_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json")
+
+
+class HubError(OSError):
+    """A model folder or hub repo that cannot be found or fetched."""
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "name" or "owner/name"; anything else is meant as a path.
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def resolve(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    allow_patterns: Sequence[str] | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+) -> str:
+    """The local folder for ``path_or_repo_id`` (joined with ``subfolder``).
+
+    A path to an existing folder is used as is. Anything else is taken as a hub repo id and
+    fetched (or found in the HF cache) with only ``allow_patterns``. Raises :class:`HubError`
+    with a readable message when the folder does not exist, the repo cannot be found, or the
+    hub is unreachable and nothing is cached.
+    """
+    name = os.fspath(path_or_repo_id)
+    if not name:
+        raise HubError("path_or_repo_id is empty: give a local folder or a hub repo id")
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        folder = os.path.join(expanded, subfolder) if subfolder else expanded
+        if not os.path.isdir(folder):
+            raise HubError(f"subfolder {subfolder!r} not found in {expanded}")
+        return folder
+    if _looks_like_path(name) or os.path.exists(expanded):
+        raise HubError(f"model folder not found: {name!r} (not a directory)")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hf_errors
+
+    patterns = list(allow_patterns or MODEL_PATTERNS)
+    if subfolder:
+        patterns = [f"{subfolder}/{p}" for p in patterns]
+    offline_env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        root = snapshot_download(
+            name,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=bool(local_files_only),
+            allow_patterns=patterns,
+            token=token,
+        )
+    except hf_errors.HFValidationError as e:
+        raise HubError(
+            f"{name!r} is neither an existing folder nor a valid hub repo id ({e})"
+        ) from None
+    except hf_errors.RepositoryNotFoundError:
+        raise HubError(
+            f"hub repo {name!r} not found (or it is private/gated and no token was given)"
+        ) from None
+    except hf_errors.RevisionNotFoundError:
+        raise HubError(f"revision {revision!r} not found in hub repo {name!r}") from None
+    except hf_errors.LocalEntryNotFoundError:
+        why = (
+            "HF_HUB_OFFLINE is set"
+            if offline_env
+            else "local_files_only=True"
+            if local_files_only
+            else "the hub could not be reached"
+        )
+        raise HubError(
+            f"cannot load {name!r}: {why} and it is not in the Hugging Face cache"
+            f"{' at ' + os.fspath(cache_dir) if cache_dir else ''}. Connect to the internet "
+            "once to download it, or pass a local folder."
+        ) from None
+    except (hf_errors.HfHubHTTPError, OSError) as e:
+        raise HubError(f"cannot fetch {name!r} from the hub: {e}") from None
+    folder = os.path.join(root, subfolder) if subfolder else root
+    if not os.path.isdir(folder):
+        raise HubError(f"hub repo {name!r} has no subfolder {subfolder!r}")
+    return folder

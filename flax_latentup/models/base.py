@@ -1,0 +1,140 @@
+"""``from_pretrained`` / ``save_pretrained`` shared by the three models.
+
+A model class names its config class, the torch weights file names it accepts and its
+:class:`~flax_latentup.weights.KeyMap`; loading builds the module abstractly
+(``nnx.eval_shape``: no random init of the real weights) and fills it with the strict loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, ClassVar, TypeVar
+
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_latentup import hub
+from flax_latentup.weights import FLAX_WEIGHTS_NAME, KeyMap, load_state, open_weights, save_flax_weights
+
+M = TypeVar("M", bound="PretrainedModel")
+
+CONFIG_NAME = "config.json"
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """Read a JSON object, with an error that names the file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{os.path.basename(path)} not found in {os.path.dirname(path)}") from None
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def write_json_atomic(data: dict[str, Any], path: str) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _check_dtype(name: str, dtype) -> jnp.dtype:
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be a floating dtype, got {dtype!r}") from None
+    if dt not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {dt}")
+    return dt
+
+
+class PretrainedModel:
+    """Mixin for NNX models loadable from Hugging Face folders or hub repos."""
+
+    config_class: ClassVar[type]
+    torch_weights_names: ClassVar[tuple[str, ...]]
+    key_map: ClassVar[KeyMap] = KeyMap()
+    # "model_type"/"_class_name" written into config.json for the torch libraries.
+    config: Any
+
+    @classmethod
+    def abstract(cls: type[M], config: Any, *, dtype=jnp.float32, param_dtype=jnp.float32) -> M:
+        """The model with shapes only (``jax.ShapeDtypeStruct`` leaves), nothing allocated."""
+        return nnx.eval_shape(
+            lambda: cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        path_or_repo_id: str | os.PathLike,
+        subfolder: str | None = None,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+    ) -> M:
+        """Load from a local folder or a hub repo id (``config.json`` + safetensors weights).
+
+        ``dtype`` is the computation dtype, ``param_dtype`` the dtype the weights are stored in
+        on the device. Folders written by :meth:`save_pretrained` (``flax_model.safetensors``)
+        load without conversion; torch safetensors are mapped through the strict loader.
+        """
+        dtype = _check_dtype("dtype", dtype)
+        param_dtype = _check_dtype("param_dtype", param_dtype)
+        folder = hub.resolve(
+            path_or_repo_id,
+            subfolder=subfolder,
+            allow_patterns=hub.MODEL_PATTERNS,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        config = cls.config_class.from_dict(read_json(os.path.join(folder, CONFIG_NAME)))
+        tensors = open_weights(folder, (FLAX_WEIGHTS_NAME, *cls.torch_weights_names))
+        torch_layout = not tensors.paths[0].endswith(FLAX_WEIGHTS_NAME)
+        return cls.from_tensors(
+            config, tensors, torch_layout=torch_layout, dtype=dtype, param_dtype=param_dtype,
+            source=os.path.join(folder, os.path.basename(tensors.paths[0])),
+        )
+
+    @classmethod
+    def from_tensors(
+        cls: type[M],
+        config: Any,
+        tensors,
+        *,
+        torch_layout: bool,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        source: str = "checkpoint",
+    ) -> M:
+        """Build the model from a mapping of arrays (torch state-dict keys or NNX paths)."""
+        abstract = cls.abstract(config, dtype=dtype, param_dtype=param_dtype)
+        graphdef, abstract_state = nnx.split(abstract)
+        state = load_state(
+            abstract_state, tensors, torch_layout=torch_layout, key_map=cls.key_map, source=source
+        )
+        return nnx.merge(graphdef, state)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``flax_model.safetensors`` to the folder ``path``.
+
+        Each file is written to a temporary name and renamed, so an interrupted save never
+        leaves a half-written file under the final name.
+        """
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        save_flax_weights(self, os.path.join(path, FLAX_WEIGHTS_NAME))  # type: ignore[arg-type]
+        write_json_atomic(self.config.to_dict(), os.path.join(path, CONFIG_NAME))

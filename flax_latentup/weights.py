@@ -1,0 +1,304 @@
+"""Strict loading of safetensors checkpoints into abstract NNX models, and Flax-format saving.
+
+Torch checkpoints are mapped by one explicit rule table (:data:`TORCH_RULES`): because the
+Flax modules name their attributes after the torch state dict, an NNX parameter path such as
+``("encoder", "layers", 0, "mlp", "fc1", "kernel")`` corresponds to the torch key
+``encoder.layers.0.mlp.fc1.weight`` with a transpose. A model may add key renames (old
+spellings, prefixes) and keys to drop (buffers that carry no learned value).
+
+Everything that does not fit is reported at once, in one :class:`WeightsError`: checkpoint keys
+nothing consumes, parameters nothing fills, shape mismatches and dtypes that cannot be taken.
+Arrays are read one at a time, so peak host memory stays near one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+FLAX_WEIGHTS_NAME = "flax_model.safetensors"
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class WeightsError(ValueError):
+    """A checkpoint that does not fit the model, or that cannot be read."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading safetensors
+# --------------------------------------------------------------------------------------------
+
+
+class TensorFile(Mapping[str, np.ndarray]):
+    """Read-only view over one or several safetensors files; tensors are read on access."""
+
+    def __init__(self, paths: str | os.PathLike | Iterable[str | os.PathLike]):
+        from safetensors import safe_open
+
+        if isinstance(paths, str | os.PathLike):
+            paths = [paths]
+        self._handles: dict[str, Any] = {}
+        self._where: dict[str, Any] = {}
+        self.paths = [os.fspath(p) for p in paths]
+        for path in self.paths:
+            if not os.path.isfile(path):
+                raise WeightsError(f"weights file not found: {path}")
+            try:
+                handle = safe_open(path, framework="np")
+                keys = list(handle.keys())
+            except Exception as e:  # the rust reader raises its own error types
+                raise WeightsError(
+                    f"cannot read safetensors file {path}: {e} "
+                    "(the file is truncated or is not a safetensors file)"
+                ) from None
+            self._handles[path] = handle
+            for k in keys:
+                if k in self._where:
+                    raise WeightsError(f"tensor {k!r} is stored twice (in {path})")
+                self._where[k] = handle
+        self._metadata = {}
+        for handle in self._handles.values():
+            self._metadata.update(handle.metadata() or {})
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._where[key].get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        return str(self._where[key].get_slice(key).get_dtype()).lower()
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            return self._where[key].get_tensor(key)
+        except KeyError:
+            raise
+        except Exception as e:
+            raise WeightsError(f"cannot read tensor {key!r}: {e}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _dtype_name(name: str) -> str:
+    """safetensors' short dtype names ("f32", "bf16", "i64", ...) as numpy spells them."""
+    name = name.lower()
+    if name in ("bf16", "bfloat16"):
+        return "bfloat16"
+    kinds = {"f": "float", "i": "int", "u": "uint"}
+    if name[:1] in kinds and name[1:].isdigit():
+        return kinds[name[0]] + name[1:]
+    return name
+
+
+def open_weights(folder: str, candidates: Iterable[str]) -> TensorFile:
+    """Open the first weights file of ``candidates`` present in ``folder``.
+
+    A sharded checkpoint (``NAME.index.json`` next to the shards) is read through its index.
+    """
+    candidates = list(candidates)
+    for name in candidates:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return TensorFile(path)
+        index = path + ".index.json"
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise WeightsError(f"cannot read shard index {index}: {e}") from None
+            shards = sorted(set(weight_map.values()))
+            return TensorFile(os.path.join(folder, s) for s in shards)
+    present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    hint = ""
+    if any(p.endswith((".bin", ".ckpt", ".pt", ".pth")) for p in present):
+        hint = (
+            "; this folder holds torch pickles: turn them into safetensors with "
+            "`flax-latentup convert` (needs the [torch] extra)"
+        )
+    raise WeightsError(
+        f"no weights in {folder}: expected one of {candidates} (found {present}){hint}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The rule table
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How one kind of NNX parameter is stored in a torch state dict.
+
+    ``nnx_name``/``ndim`` select the NNX leaf; ``torch_name`` replaces the last path element;
+    ``to_flax`` turns the torch array into the NNX layout and ``torch_shape`` maps an NNX
+    shape to the torch one (for checking shapes before reading anything).
+    """
+
+    nnx_name: str
+    ndim: int | None
+    torch_name: str
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    torch_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+
+
+def _same(x):
+    return x
+
+
+TORCH_RULES: tuple[Rule, ...] = (
+    # nn.Linear: weight [out, in] -> kernel [in, out]
+    Rule("kernel", 2, "weight", lambda w: w.T, lambda s: s[::-1]),
+    # nn.Conv2d: weight [out, in, kh, kw] -> kernel [kh, kw, in, out]
+    Rule(
+        "kernel",
+        4,
+        "weight",
+        lambda w: w.transpose(2, 3, 1, 0),
+        lambda s: (s[3], s[2], s[0], s[1]),
+    ),
+    # nn.LayerNorm / nn.GroupNorm: weight -> scale
+    Rule("scale", None, "weight", _same, _same),
+    # nn.Embedding: weight -> embedding
+    Rule("embedding", None, "weight", _same, _same),
+    Rule("bias", None, "bias", _same, _same),
+)
+
+
+def _rule_for(name: str, ndim: int) -> Rule | None:
+    for rule in TORCH_RULES:
+        if rule.nnx_name == name and (rule.ndim is None or rule.ndim == ndim):
+            return rule
+    return None
+
+
+def path_to_key(path: tuple) -> str:
+    """``("a", 0, "b")`` -> ``"a.0.b"``."""
+    return ".".join(str(p) for p in path)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMap:
+    """Per-model adjustments of torch keys before the rule table applies.
+
+    ``rename(key)`` returns the canonical key (or the key unchanged); ``ignore(key)`` is true
+    for keys that carry no learned value (buffers) and are dropped without complaint.
+    """
+
+    rename: Callable[[str], str] = _same
+    ignore: Callable[[str], bool] = lambda key: False
+
+
+# --------------------------------------------------------------------------------------------
+# Loading into an abstract state
+# --------------------------------------------------------------------------------------------
+
+
+def _expected(abstract_state: nnx.State, torch_layout: bool) -> dict[str, tuple]:
+    """canonical checkpoint key -> (nnx path, variable, rule or None)."""
+    out: dict[str, tuple] = {}
+    for path, var in nnx.to_flat_state(abstract_state):
+        if torch_layout:
+            rule = _rule_for(str(path[-1]), len(var.shape))
+            key = path_to_key(path[:-1] + (rule.torch_name,)) if rule else path_to_key(path)
+        else:
+            rule, key = None, path_to_key(path)
+        out[key] = (path, var, rule)
+    return out
+
+
+def load_state(
+    abstract_state: nnx.State,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    torch_layout: bool,
+    key_map: KeyMap | None = None,
+    source: str = "checkpoint",
+) -> nnx.State:
+    """Fill ``abstract_state`` (from ``nnx.eval_shape`` + ``nnx.split``) from ``tensors``.
+
+    ``torch_layout``: the keys/layouts are those of the torch state dict (rule table applied);
+    otherwise they are this package's own NNX paths (``flax_model.safetensors``). Each array
+    is cast to the dtype of the abstract parameter. Raises one :class:`WeightsError` that
+    lists every problem.
+    """
+    key_map = key_map or KeyMap()
+    expected = _expected(abstract_state, torch_layout)
+    shape_of = getattr(tensors, "shape", lambda k: tuple(tensors[k].shape))
+    dtype_of = getattr(tensors, "dtype", lambda k: str(tensors[k].dtype))
+
+    found: dict[str, str] = {}  # canonical key -> key in the file
+    unexpected: list[str] = []
+    problems: list[str] = []
+    for key in tensors:
+        canon = key_map.rename(key) if torch_layout else key
+        if canon in expected:
+            if canon in found:
+                problems.append(f"keys {found[canon]!r} and {key!r} both give {canon!r}")
+            found[canon] = key
+        elif not (torch_layout and key_map.ignore(key)):
+            unexpected.append(key)
+    missing = [k for k in expected if k not in found]
+
+    for canon, key in found.items():
+        path, var, rule = expected[canon]
+        want = tuple(var.shape)
+        want_file = rule.torch_shape(want) if rule else want
+        got = shape_of(key)
+        if got != want_file:
+            problems.append(f"shape mismatch for {key!r}: checkpoint {got}, model expects {want_file}")
+        dt = _dtype_name(dtype_of(key))
+        if dt not in _FLOAT_DTYPES:
+            problems.append(f"dtype of {key!r} is {dt}, expected a float type {_FLOAT_DTYPES}")
+
+    if missing or unexpected or problems:
+        lines = [f"{source} does not fit the model:"]
+        if missing:
+            lines.append(f"  {len(missing)} missing key(s): " + ", ".join(missing[:40]))
+        if unexpected:
+            lines.append(
+                f"  {len(unexpected)} unexpected key(s): " + ", ".join(sorted(unexpected)[:40])
+            )
+        lines += ["  " + p for p in problems[:40]]
+        raise WeightsError("\n".join(lines))
+
+    new_flat = []
+    for canon, (path, var, rule) in expected.items():
+        arr = np.asarray(tensors[found[canon]])
+        if rule is not None:
+            arr = rule.to_flax(arr)
+        value = jnp.asarray(arr, dtype=var.dtype)
+        del arr
+        new_flat.append((path, var.replace(value)))
+    return nnx.from_flat_state(new_flat)
+
+
+def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
+    """The model's parameters as ``{"a.0.b": array}`` in this package's own layout."""
+    return {path_to_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def save_flax_weights(model: nnx.Module, path: str, metadata: dict[str, str] | None = None) -> None:
+    """Write the model's parameters to ``path`` (safetensors, NNX paths as keys), atomically."""
+    from safetensors.numpy import save_file
+
+    arrays = {k: np.asarray(jax.device_get(v)) for k, v in flat_params(model).items()}
+    meta = {"format": "flax", "library": "flax_latentup"}
+    meta.update(metadata or {})
+    tmp = path + ".tmp"
+    save_file(arrays, tmp, metadata=meta)
+    os.replace(tmp, path)

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny seeded torch checkpoints written as real folders, once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Keep XLA and torch from fighting over the two cores, and JAX on the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from tests import helpers  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> str:
+    return helpers.write_clip_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    return helpers.load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """(torch model, folder) of a tiny CLIPTextModel with the legacy eos rule (eos id 2)."""
+    model = helpers.make_clip_text_model(seed=0, eos_token_id=2, **helpers.TINY_CLIP)
+    folder = helpers.save_clip_text_model(model, str(tmp_path_factory.mktemp("tiny_clip")))
+    return model, folder

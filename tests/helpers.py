@@ -1,0 +1,177 @@
+"""Builders of tiny seeded torch models saved as real checkpoint folders (no network, no hub).
+
+Parameters are randomised beyond the libraries' default init (norm scales around 1, non-zero
+biases) so that parity tests exercise every weight, not only the matrices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+# --------------------------------------------------------------------------------------------
+# Parameter randomisation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
+    """Perturb every parameter with seeded noise (norm weights stay near 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+        if name.endswith("bias"):
+            p.copy_(noise * scale)
+        elif p.ndim == 1 and "norm" in name:
+            p.copy_(1.0 + noise * scale)
+        else:
+            p.add_(noise * scale * p.float().std().clamp(min=1e-3).to(p.dtype))
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# A hand-written CLIP BPE tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The reversible byte -> printable-unicode table of byte-level BPE."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_WORDS = ("a", "photo", "of", "the", "cat", "dog", "castle", "landscape", "astronaut", "horse")
+
+
+def write_clip_tokenizer(folder: str) -> str:
+    """Write vocab.json, merges.txt and tokenizer_config.json of a small CLIP tokenizer.
+
+    The vocabulary holds every byte symbol (alone and word-final), the merges that spell a few
+    words, and the two special tokens last, so ``<|endoftext|>`` has the highest id (as in the
+    real CLIP vocab, which the legacy ``argmax`` pooling rule relies on).
+    """
+    os.makedirs(folder, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols:
+        vocab[s] = len(vocab)
+    for s in symbols:
+        vocab[s + "</w>"] = len(vocab)
+    merges: list[str] = []
+    for word in _WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            a, b = parts[0], parts[1]
+            merges.append(f"{a} {b}")
+            parts = [a + b] + parts[2:]
+            vocab.setdefault(a + b, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+            },
+            f,
+        )
+    return folder
+
+
+def load_tokenizer(folder: str):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+PROMPTS = (
+    "a photo of the cat",
+    "",
+    "astronaut riding a horse in a castle landscape, 4k!",
+    # long enough to be truncated at 77 tokens
+    " ".join(["a photo of the dog"] * 30),
+)
+
+
+def tokenize(tokenizer, prompts) -> np.ndarray:
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=77, truncation=True, return_tensors="np"
+    ).input_ids
+    return ids.astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP text encoders
+# --------------------------------------------------------------------------------------------
+
+TINY_CLIP = dict(
+    vocab_size=1000,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=0,
+    pad_token_id=1,
+)
+
+VIT_L14_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=0,
+    pad_token_id=1,
+    eos_token_id=2,
+    projection_dim=768,
+)
+
+
+def make_clip_text_model(seed: int = 0, **config):
+    """A seeded random transformers ``CLIPTextModel`` (eval mode)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    model = CLIPTextModel(CLIPTextConfig(**config)).eval()
+    return randomize_(model, seed + 1)
+
+
+def save_clip_text_model(model, folder: str, legacy_keys: bool = False) -> str:
+    """Save like transformers does; ``legacy_keys`` writes the 4.x spelling of the hub files
+    (``text_model.`` prefix and the ``position_ids`` buffer)."""
+    model.save_pretrained(folder)
+    if legacy_keys:
+        from safetensors.torch import save_file
+
+        sd = {f"text_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+        n = model.config.max_position_embeddings
+        sd["text_model.embeddings.position_ids"] = torch.arange(n)[None]
+        save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    return folder
