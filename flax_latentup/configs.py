@@ -87,7 +87,10 @@ class CLIPTextConfig:
             )
         if d.get("position_embedding_type", "absolute") != "absolute":
             _require(
-                "CLIPTextModel", "position_embedding_type", d["position_embedding_type"], ("absolute",)
+                "CLIPTextModel",
+                "position_embedding_type",
+                d["position_embedding_type"],
+                ("absolute",),
             )
         f = cls()
         return cls(

@@ -61,8 +61,8 @@ def resolve(
     if _looks_like_path(name) or os.path.exists(expanded):
         raise HubError(f"model folder not found: {name!r} (not a directory)")
 
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
 
     patterns = list(allow_patterns or MODEL_PATTERNS)
     if subfolder:

@@ -260,7 +260,9 @@ def load_state(
         want_file = rule.torch_shape(want) if rule else want
         got = shape_of(key)
         if got != want_file:
-            problems.append(f"shape mismatch for {key!r}: checkpoint {got}, model expects {want_file}")
+            problems.append(
+                f"shape mismatch for {key!r}: checkpoint {got}, model expects {want_file}"
+            )
         dt = _dtype_name(dtype_of(key))
         if dt not in _FLOAT_DTYPES:
             problems.append(f"dtype of {key!r} is {dt}, expected a float type {_FLOAT_DTYPES}")

@@ -15,7 +15,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_latentup import hub
-from flax_latentup.weights import FLAX_WEIGHTS_NAME, KeyMap, load_state, open_weights, save_flax_weights
+from flax_latentup.weights import (
+    FLAX_WEIGHTS_NAME,
+    KeyMap,
+    load_state,
+    open_weights,
+    save_flax_weights,
+)
 
 M = TypeVar("M", bound="PretrainedModel")
 
@@ -28,7 +34,9 @@ def read_json(path: str) -> dict[str, Any]:
         with open(path) as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{os.path.basename(path)} not found in {os.path.dirname(path)}") from None
+        raise FileNotFoundError(
+            f"{os.path.basename(path)} not found in {os.path.dirname(path)}"
+        ) from None
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -105,7 +113,11 @@ class PretrainedModel:
         tensors = open_weights(folder, (FLAX_WEIGHTS_NAME, *cls.torch_weights_names))
         torch_layout = not tensors.paths[0].endswith(FLAX_WEIGHTS_NAME)
         return cls.from_tensors(
-            config, tensors, torch_layout=torch_layout, dtype=dtype, param_dtype=param_dtype,
+            config,
+            tensors,
+            torch_layout=torch_layout,
+            dtype=dtype,
+            param_dtype=param_dtype,
             source=os.path.join(folder, os.path.basename(tensors.paths[0])),
         )
 

@@ -46,9 +46,7 @@ class CLIPTextEmbeddings(nnx.Module):
     def __call__(self, input_ids: Array) -> Array:  # [B, L] -> [B, L, D]
         length = input_ids.shape[-1]
         positions = self.position_embedding.embedding[...][:length]
-        return self.token_embedding(input_ids) + positions.astype(
-            self.token_embedding.dtype
-        )[None]
+        return self.token_embedding(input_ids) + positions.astype(self.token_embedding.dtype)[None]
 
 
 def _linear(cfg_in: int, cfg_out: int, *, rngs, dtype, param_dtype) -> nnx.Linear:
@@ -153,7 +151,9 @@ class FlaxCLIPTextModel(nnx.Module, PretrainedModel):
         """Raise a ValueError naming ``input_ids`` when its rank, dtype or length is wrong."""
         shape = getattr(input_ids, "shape", None)
         if shape is None or len(shape) != 2:
-            raise ValueError(f"input_ids must be an integer array [batch, length], got shape {shape}")
+            raise ValueError(
+                f"input_ids must be an integer array [batch, length], got shape {shape}"
+            )
         if not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must have an integer dtype, got {input_ids.dtype}")
         if not 1 <= shape[1] <= self.config.max_position_embeddings:
@@ -178,4 +178,6 @@ class FlaxCLIPTextModel(nnx.Module, PretrainedModel):
         last = self.final_layer_norm(x)
         pos = self.pooling_positions(input_ids)
         pooled = jnp.take_along_axis(last, pos[:, None, None], axis=1)[:, 0]
-        return CLIPTextOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=tuple(hidden))
+        return CLIPTextOutput(
+            last_hidden_state=last, pooler_output=pooled, hidden_states=tuple(hidden)
+        )

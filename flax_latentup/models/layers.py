@@ -220,9 +220,7 @@ def _full_attention(q: Array, k: Array, v: Array, scale: float, causal: bool) ->
         mask = jnp.arange(lq)[:, None] >= jnp.arange(lk)[None, :]
         s = jnp.where(mask, s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32).astype(
-        q.dtype
-    )
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
 def _chunked_attention(
