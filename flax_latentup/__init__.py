@@ -1,9 +1,10 @@
 """JAX/Flax port of the Stable Diffusion x2 latent upscaler."""
 
-from flax_latentup.configs import CLIPTextConfig, ConfigError
+from flax_latentup.configs import CLIPTextConfig, ConfigError, UNet2DConditionConfig
 from flax_latentup.hub import HubError
 from flax_latentup.models.clip import CLIPTextOutput, FlaxCLIPTextModel
 from flax_latentup.models.layers import attention, attention_config
+from flax_latentup.models.unet import FlaxUNet2DConditionModel
 from flax_latentup.weights import WeightsError
 
 __version__ = "0.1.0"
@@ -13,7 +14,9 @@ __all__ = [
     "CLIPTextOutput",
     "ConfigError",
     "FlaxCLIPTextModel",
+    "FlaxUNet2DConditionModel",
     "HubError",
+    "UNet2DConditionConfig",
     "WeightsError",
     "attention",
     "attention_config",

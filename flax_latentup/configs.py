@@ -130,3 +130,400 @@ class CLIPTextConfig:
             num_hidden_layers=2,
             num_attention_heads=4,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# K-diffusion UNet (diffusers UNet2DConditionModel with K blocks)
+# --------------------------------------------------------------------------------------------
+
+UNET_CLASS_NAME = "UNet2DConditionModel"
+K_DOWN_BLOCKS = ("KDownBlock2D", "KCrossAttnDownBlock2D")
+K_UP_BLOCKS = ("KCrossAttnUpBlock2D", "KUpBlock2D")
+UNET_ACTIVATIONS = ("gelu", "silu", "swish", "mish", "relu")
+# diffusers builds its K blocks with a fixed group size: groups = channels // 32.
+K_GROUP_SIZE = 32
+
+# diffusers' defaults for the keys this port reads, used where config.json leaves one out.
+_UNET_DEFAULTS: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    ),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 1280,
+    "attention_head_dim": 8,
+    "time_embedding_type": "positional",
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+}
+
+# Keys whose only accepted value is diffusers' default: anything else adds modules or
+# arithmetic this port does not implement.
+_UNET_FIXED: dict[str, tuple[Any, str]] = {
+    "mid_block_type": (None, "the K-diffusion UNet has no mid block"),
+    "norm_num_groups": (None, "the K-diffusion UNet has no output norm (conv_norm_out)"),
+    "time_embedding_type": ("fourier", "only the Gaussian Fourier time projection is implemented"),
+    "class_embed_type": (None, "class embeddings are not implemented"),
+    "num_class_embeds": (None, "class embeddings are not implemented"),
+    "class_embeddings_concat": (False, "class embeddings are not implemented"),
+    "addition_embed_type": (None, "additional embeddings are not implemented"),
+    "encoder_hid_dim": (None, "an encoder_hidden_states projection is not implemented"),
+    "encoder_hid_dim_type": (None, "an encoder_hidden_states projection is not implemented"),
+    "attention_type": ("default", "gated (GLIGEN) attention is not implemented"),
+    "num_attention_heads": (None, "diffusers itself rejects it; use attention_head_dim"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ResnetPlan:
+    """Channels of one ``ResnetBlockCondNorm2D``: ``conv1`` maps ``in_channels`` to
+    ``mid_channels``, ``conv2`` maps ``mid_channels`` to ``out_channels``; ``norm1``/``norm2``
+    have ``groups``/``groups_out`` groups."""
+
+    in_channels: int
+    mid_channels: int
+    out_channels: int
+    groups: int
+    groups_out: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+    """One ``KAttentionBlock``: ``dim`` channels, ``heads`` heads of ``head_dim`` channels,
+    optional self-attention before the cross-attention."""
+
+    dim: int
+    heads: int
+    head_dim: int
+    self_attention: bool
+
+    @property
+    def groups(self) -> int:
+        return max(1, self.dim // K_GROUP_SIZE)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """The modules of one down or up block, as diffusers builds them from the config.
+
+    ``resample``: the block ends with a K down/up sampler. ``skips`` (down blocks): each layer
+    output is handed to the up path; a ``KCrossAttnDownBlock2D`` that does not downsample
+    hands ``None`` instead (diffusers' behaviour), so its up partner concatenates nothing.
+    """
+
+    block_type: str
+    resnets: tuple[ResnetPlan, ...]
+    attentions: tuple[AttentionPlan, ...]
+    resample: bool
+    skips: bool = True
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, list | tuple) else (value,)
+
+
+@dataclasses.dataclass(frozen=True)
+class UNet2DConditionConfig:
+    """Config of the K-diffusion UNet (diffusers ``UNet2DConditionModel`` with K blocks).
+
+    Defaults are the published ``stabilityai/sd-x2-latent-upscaler`` UNet. ``attention_head_dim``
+    is the channels per head (an int, or one per block: up block ``i`` uses entry ``i``, not
+    reversed, as diffusers does). ``from_dict`` ignores keys that diffusers does not pass to
+    the K blocks (``only_cross_attention``, ``upcast_attention``, ``use_linear_projection``,
+    ``dual_cross_attention``, ``transformer_layers_per_block``, ``resnet_time_scale_shift``,
+    ``resnet_skip_time_act``, ``resnet_out_scale_factor``, ``cross_attention_norm``,
+    ``downsample_padding``, ``mid_block_scale_factor``, ``dropout``, ``freq_shift``,
+    ``sample_size``) and rejects by name every value that would change the architecture.
+    """
+
+    in_channels: int = 8
+    out_channels: int = 5
+    down_block_types: tuple[str, ...] = (
+        "KDownBlock2D",
+        "KCrossAttnDownBlock2D",
+        "KCrossAttnDownBlock2D",
+        "KCrossAttnDownBlock2D",
+    )
+    up_block_types: tuple[str, ...] = (
+        "KCrossAttnUpBlock2D",
+        "KCrossAttnUpBlock2D",
+        "KCrossAttnUpBlock2D",
+        "KUpBlock2D",
+    )
+    block_out_channels: tuple[int, ...] = (384, 384, 768, 768)
+    layers_per_block: int = 4
+    attention_head_dim: int | tuple[int, ...] = 64
+    cross_attention_dim: int = 768
+    act_fn: str = "gelu"
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    center_input_sample: bool = False
+    time_embedding_dim: int | None = None
+    time_embedding_act_fn: str | None = None
+    timestep_post_act: str | None = "gelu"
+    time_cond_proj_dim: int | None = 896
+    conv_in_kernel: int = 1
+    conv_out_kernel: int = 1
+
+    def __post_init__(self) -> None:
+        name = UNET_CLASS_NAME
+        for t in self.down_block_types:
+            _require(name, "down_block_types", t, K_DOWN_BLOCKS)
+        for t in self.up_block_types:
+            _require(name, "up_block_types", t, K_UP_BLOCKS)
+        n = len(self.block_out_channels)
+        if not n or len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ConfigError(
+                f"{name} config: `down_block_types`, `up_block_types` and `block_out_channels` "
+                f"must have the same (non-zero) length, got {len(self.down_block_types)}, "
+                f"{len(self.up_block_types)} and {n}"
+            )
+        if len(self.head_dims) != n:
+            raise ConfigError(
+                f"{name} config: `attention_head_dim` must be an int or have one entry per block "
+                f"({n}), got {self.attention_head_dim!r}"
+            )
+        for field in ("act_fn", "time_embedding_act_fn", "timestep_post_act"):
+            value = getattr(self, field)
+            if value is not None:
+                _require(name, field, value, UNET_ACTIVATIONS)
+        for field in ("conv_in_kernel", "conv_out_kernel"):
+            k = getattr(self, field)
+            if k < 1 or k % 2 == 0:
+                raise ConfigError(f"{name} config: `{field}` = {k} must be a positive odd number")
+        if self.layers_per_block < 1:
+            raise ConfigError(f"{name} config: `layers_per_block` must be >= 1")
+        if self.time_embed_dim % 2:
+            raise ConfigError(
+                f"{name} config: the time embedding width ({self.time_embed_dim}) must be even"
+            )
+        self._check_plans()
+
+    # ---------------------------------------------------------------- derived sizes
+
+    @property
+    def head_dims(self) -> tuple[int, ...]:
+        """Channels per attention head, one entry per block index."""
+        h = self.attention_head_dim
+        return (h,) * len(self.block_out_channels) if isinstance(h, int) else tuple(h)
+
+    @property
+    def time_embed_dim(self) -> int:
+        """Width of the time embedding ``emb`` (and of the Fourier features)."""
+        return self.time_embedding_dim or 2 * self.block_out_channels[0]
+
+    @property
+    def num_resamplers(self) -> int:
+        """Down samplers (= up samplers): every block but the last resamples."""
+        return len(self.block_out_channels) - 1
+
+    def _resnet(self, cin: int, mid: int, cout: int, group_ch: int) -> ResnetPlan:
+        return ResnetPlan(cin, mid, cout, cin // K_GROUP_SIZE, group_ch // K_GROUP_SIZE)
+
+    def down_plans(self) -> tuple[BlockPlan, ...]:
+        """The down blocks as diffusers' ``get_down_block`` builds them."""
+        plans = []
+        boc, layers = self.block_out_channels, self.layers_per_block
+        for i, block_type in enumerate(self.down_block_types):
+            cin, cout = boc[max(i - 1, 0)], boc[i]
+            final = i == len(boc) - 1
+            resnets = tuple(
+                self._resnet(cin if j == 0 else cout, cout, cout, cout) for j in range(layers)
+            )
+            attentions: tuple[AttentionPlan, ...] = ()
+            if block_type == "KCrossAttnDownBlock2D":
+                # self-attention only where the block does not downsample (the deepest one)
+                hd = self.head_dims[i]
+                attentions = (AttentionPlan(cout, cout // hd, hd, final),) * layers
+            skips = block_type == "KDownBlock2D" or not final
+            plans.append(BlockPlan(block_type, resnets, attentions, not final, skips))
+        return tuple(plans)
+
+    def up_plans(self) -> tuple[BlockPlan, ...]:
+        """The up blocks as diffusers' ``get_up_block`` builds them (K-UNet channel rules)."""
+        plans = []
+        rev, layers, temb = (
+            self.block_out_channels[::-1],
+            self.layers_per_block,
+            self.time_embed_dim,
+        )
+        for i, block_type in enumerate(self.up_block_types):
+            out = rev[i]
+            k_out = rev[min(i + 1, len(rev) - 1)]
+            final = i == len(rev) - 1
+            hd = self.head_dims[i]
+            if block_type == "KUpBlock2D":
+                resnets = tuple(
+                    self._resnet(
+                        2 * out if j == 0 else out,
+                        k_out if j == layers - 1 else out,
+                        k_out if j == layers - 1 else out,
+                        out,
+                    )
+                    for j in range(layers)
+                )
+                plans.append(BlockPlan(block_type, resnets, (), not final))
+                continue
+            # diffusers takes "first block" to mean in == out == time-embedding width
+            first = k_out == out == temb
+            middle = k_out != out
+            k_in = out if first else 2 * out
+            resnets = tuple(
+                self._resnet(
+                    k_in if j == 0 else out,
+                    out,
+                    k_out if (middle and j == layers - 1) else out,
+                    out,
+                )
+                for j in range(layers)
+            )
+            dims = [k_out if j == layers - 1 else out for j in range(layers)]
+            attentions = tuple(AttentionPlan(d, d // hd, hd, first) for d in dims)
+            plans.append(BlockPlan(block_type, resnets, attentions, not final))
+        return tuple(plans)
+
+    def _check_plans(self) -> None:
+        """Reject configs whose modules diffusers would build but could not run."""
+        name = UNET_CLASS_NAME
+        down, up = self.down_plans(), self.up_plans()
+        for kind, plans in (("down", down), ("up", up)):
+            for i, plan in enumerate(plans):
+                for r in plan.resnets:
+                    for ch, g in ((r.in_channels, r.groups), (r.mid_channels, r.groups_out)):
+                        if g < 1 or ch % g:
+                            raise ConfigError(
+                                f"{name} config: {kind} block {i} ({plan.block_type}) has a norm "
+                                f"of {ch} channels in {g} groups (groups = channels // "
+                                f"{K_GROUP_SIZE}); `block_out_channels` must be >= "
+                                f"{K_GROUP_SIZE} and give whole groups"
+                            )
+                for a in plan.attentions:
+                    if a.heads < 1 or a.dim % a.groups:
+                        raise ConfigError(
+                            f"{name} config: {kind} block {i} ({plan.block_type}) has attention "
+                            f"over {a.dim} channels with `attention_head_dim` {a.head_dim}"
+                        )
+        # Follow the channels through the skip connections as diffusers' forward does.
+        skips: list[int | None] = [self.block_out_channels[0]]
+        for plan in down:
+            skips += [r.out_channels if plan.skips else None for r in plan.resnets]
+        channels = self.block_out_channels[-1]
+        for i, plan in enumerate(up):
+            taken = skips[-len(plan.resnets) :]
+            del skips[-len(plan.resnets) :]
+            got = channels + (taken[-1] or 0)
+            want = plan.resnets[0].in_channels
+            if got != want:
+                raise ConfigError(
+                    f"{name} config: up block {i} ({plan.block_type}) is built for {want} input "
+                    f"channels but receives {got} (`block_out_channels` "
+                    f"{list(self.block_out_channels)} with time embedding width "
+                    f"{self.time_embed_dim}); diffusers builds this model but cannot run it"
+                )
+            channels = plan.resnets[-1].out_channels
+
+    # ---------------------------------------------------------------- (de)serialisation
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> UNet2DConditionConfig:
+        """Build from a diffusers ``unet/config.json`` dict (missing keys take diffusers'
+        defaults; the older key ``timestep_act_2`` is read as ``timestep_post_act``)."""
+        name = UNET_CLASS_NAME
+        _require(name, "_class_name", d.get("_class_name", name), (name,))
+
+        def get(key: str) -> Any:
+            return d.get(key, _UNET_DEFAULTS.get(key))
+
+        for key, (allowed, why) in _UNET_FIXED.items():
+            # where diffusers' default is the one accepted value, _UNET_DEFAULTS omits it
+            _require(name, key, d.get(key, _UNET_DEFAULTS.get(key, allowed)), (allowed,), why)
+
+        post_act = d.get("timestep_post_act")
+        old = d.get("timestep_act_2")
+        if old is not None and post_act is not None and old != post_act:
+            raise ConfigError(
+                f"{name} config: `timestep_post_act` = {post_act!r} and its older spelling "
+                f"`timestep_act_2` = {old!r} disagree"
+            )
+        post_act = post_act if post_act is not None else old
+
+        def uniform(key: str) -> int:
+            values = _as_tuple(get(key))
+            if len(set(values)) != 1:
+                raise ConfigError(
+                    f"{name} config: `{key}` = {get(key)!r} is not supported "
+                    "(only one value for all blocks)"
+                )
+            return int(values[0])
+
+        def lower(value: Any) -> Any:
+            return value.lower() if isinstance(value, str) else value
+
+        head = get("attention_head_dim")
+        return cls(
+            in_channels=int(get("in_channels")),
+            out_channels=int(get("out_channels")),
+            down_block_types=tuple(get("down_block_types")),
+            up_block_types=tuple(get("up_block_types")),
+            block_out_channels=tuple(int(c) for c in get("block_out_channels")),
+            layers_per_block=uniform("layers_per_block"),
+            attention_head_dim=tuple(int(h) for h in head)
+            if isinstance(head, list | tuple)
+            else int(head),
+            cross_attention_dim=uniform("cross_attention_dim"),
+            act_fn=lower(get("act_fn")),
+            norm_eps=float(get("norm_eps")),
+            flip_sin_to_cos=bool(get("flip_sin_to_cos")),
+            center_input_sample=bool(get("center_input_sample")),
+            time_embedding_dim=d.get("time_embedding_dim"),
+            time_embedding_act_fn=lower(d.get("time_embedding_act_fn")),
+            timestep_post_act=lower(post_act),
+            time_cond_proj_dim=d.get("time_cond_proj_dim"),
+            conv_in_kernel=int(get("conv_in_kernel")),
+            conv_out_kernel=int(get("conv_out_kernel")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A config.json dict that diffusers' ``UNet2DConditionModel`` reads back."""
+        d = dataclasses.asdict(self)
+        for key, value in d.items():
+            if isinstance(value, tuple):
+                d[key] = list(value)
+        d.update(
+            {key: allowed for key, (allowed, _) in _UNET_FIXED.items()},
+            _class_name=UNET_CLASS_NAME,
+        )
+        return d
+
+    @classmethod
+    def sd_x2_latent_upscaler(cls) -> UNet2DConditionConfig:
+        """The published UNet of stabilityai/sd-x2-latent-upscaler (372.6 M parameters)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> UNet2DConditionConfig:
+        """diffusers' fast-test UNet of the latent upscale pipeline."""
+        return cls(
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=2,
+            attention_head_dim=8,
+            cross_attention_dim=32,
+            time_cond_proj_dim=160,
+        )

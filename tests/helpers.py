@@ -175,3 +175,117 @@ def save_clip_text_model(model, folder: str, legacy_keys: bool = False) -> str:
         sd["text_model.embeddings.position_ids"] = torch.arange(n)[None]
         save_file(sd, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+# --------------------------------------------------------------------------------------------
+# K-diffusion UNets (diffusers UNet2DConditionModel with K blocks)
+# --------------------------------------------------------------------------------------------
+
+_K_DOWN = (
+    "KDownBlock2D",
+    "KCrossAttnDownBlock2D",
+    "KCrossAttnDownBlock2D",
+    "KCrossAttnDownBlock2D",
+)
+_K_UP = ("KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KUpBlock2D")
+
+# diffusers' fast-test UNet of StableDiffusionLatentUpscalePipeline.
+TINY_UNET = dict(
+    act_fn="gelu",
+    attention_head_dim=8,
+    norm_num_groups=None,
+    block_out_channels=[32, 32, 64, 64],
+    time_cond_proj_dim=160,
+    conv_in_kernel=1,
+    conv_out_kernel=1,
+    cross_attention_dim=32,
+    down_block_types=_K_DOWN,
+    in_channels=8,
+    mid_block_type=None,
+    only_cross_attention=False,
+    out_channels=5,
+    resnet_time_scale_shift="scale_shift",
+    time_embedding_type="fourier",
+    timestep_post_act="gelu",
+    up_block_types=_K_UP,
+)
+
+# Three blocks, three layers per block, one head size per block (up block i uses entry i, not
+# reversed), silu, sin-before-cos, norm_eps far from the 1e-5 that diffusers keeps in the
+# attention norms, 3x3 conv_in/conv_out, an activation on the time embedding, no post-act,
+# centred input.
+SMALL_UNET = dict(
+    act_fn="silu",
+    attention_head_dim=[8, 16, 32],
+    norm_num_groups=None,
+    block_out_channels=[32, 64, 64],
+    layers_per_block=3,
+    norm_eps=1e-3,
+    time_cond_proj_dim=12,
+    conv_in_kernel=3,
+    conv_out_kernel=3,
+    cross_attention_dim=24,
+    down_block_types=("KDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D"),
+    up_block_types=("KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KUpBlock2D"),
+    in_channels=4,
+    out_channels=4,
+    mid_block_type=None,
+    flip_sin_to_cos=False,
+    time_embedding_type="fourier",
+    time_embedding_act_fn="mish",
+    timestep_post_act=None,
+    center_input_sample=True,
+)
+
+# The published stabilityai/sd-x2-latent-upscaler UNet.
+SD_X2_UNET = dict(
+    TINY_UNET,
+    attention_head_dim=64,
+    block_out_channels=[384, 384, 768, 768],
+    cross_attention_dim=768,
+    layers_per_block=4,
+    time_cond_proj_dim=896,
+)
+
+
+def make_unet(seed: int = 0, **config):
+    """A seeded random diffusers ``UNet2DConditionModel`` (eval mode, every parameter perturbed)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    model = UNet2DConditionModel(**config).eval()
+    return randomize_(model, seed + 1)
+
+
+def save_unet(model, folder: str) -> str:
+    """Save like diffusers does (config.json + diffusion_pytorch_model.safetensors)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def unet_inputs(config: dict, batch: int, height: int, width: int, seed: int = 0, length: int = 7):
+    """Random NCHW sample, per-row timesteps around the upscaler's range, text and cond."""
+    rng = np.random.RandomState(seed)
+    inputs = {
+        "sample": rng.randn(batch, config["in_channels"], height, width).astype(np.float32),
+        "timestep": (rng.randn(batch) * 0.5).astype(np.float32),
+        "encoder_hidden_states": rng.randn(batch, length, config["cross_attention_dim"]).astype(
+            np.float32
+        ),
+    }
+    if config.get("time_cond_proj_dim"):
+        inputs["timestep_cond"] = rng.randn(batch, config["time_cond_proj_dim"]).astype(np.float32)
+    return inputs
+
+
+@torch.no_grad()
+def torch_unet_output(model, inputs: dict) -> np.ndarray:
+    """diffusers' output for ``unet_inputs``, as NHWC numpy."""
+    cond = inputs.get("timestep_cond")
+    out = model(
+        torch.from_numpy(inputs["sample"]),
+        torch.from_numpy(inputs["timestep"]),
+        torch.from_numpy(inputs["encoder_hidden_states"]),
+        timestep_cond=None if cond is None else torch.from_numpy(cond),
+    ).sample
+    return out.numpy().transpose(0, 2, 3, 1)

@@ -1,8 +1,10 @@
-"""Shared building blocks: activations, norms with float32 statistics, and attention.
+"""Shared building blocks: activations, norms with float32 statistics, attention, resamplers.
 
 Every model of the package routes its attention through :func:`attention`, so the
 implementation (plain XLA, query-chunked for long sequences, cuDNN on GPUs) is chosen in
-one place and can be overridden with :func:`attention_config`.
+one place and can be overridden with :func:`attention_config`. The K-diffusion UNet's
+timestep-conditioned norm (:class:`AdaGroupNorm`) and its fixed-kernel resamplers
+(:func:`k_downsample_2d`, :func:`k_upsample_2d`) live here too.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
     "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "relu": jax.nn.relu,
 }
 
 
@@ -290,3 +293,113 @@ def attention(
             q, k, v, scale=scale, is_causal=causal, implementation="cudnn"
         )
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Timestep-conditioned group norm
+# --------------------------------------------------------------------------------------------
+
+
+class AdaGroupNorm(nnx.Module):
+    """Group norm without affine, modulated by the time embedding (diffusers ``AdaGroupNorm``).
+
+    ``scale, shift = split(linear(emb))`` and ``y = norm(x) * (1 + scale) + shift``; the
+    statistics and the modulation are computed in float32. Param: ``linear`` (torch
+    ``linear``), mapping ``embedding_dim`` to ``2 * num_channels`` (scale first, then shift).
+    """
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_channels: int,
+        num_groups: int,
+        *,
+        eps: float = 1e-5,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
+        if num_groups < 1 or num_channels % num_groups:
+            raise ValueError(
+                f"AdaGroupNorm: num_channels ({num_channels}) must be divisible by "
+                f"num_groups ({num_groups})"
+            )
+        self.num_groups = num_groups
+        self.eps = eps
+        self.dtype = dtype
+        self.linear = nnx.Linear(
+            embedding_dim, 2 * num_channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def __call__(self, x: Array, emb: Array) -> Array:  # x [B, ..., C], emb [B, E] -> [B, ..., C]
+        b, c = x.shape[0], x.shape[-1]
+        mod = self.linear(emb).astype(jnp.float32)  # [B, 2C]
+        shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+        scale, shift = mod[:, :c].reshape(shape), mod[:, c:].reshape(shape)
+        y = group_norm_stats(x, self.num_groups, self.eps)
+        return (y * (1.0 + scale) + shift).astype(self.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# K-diffusion resamplers: fixed [1, 3, 3, 1] / 8 kernels, reflect padding, per channel
+# --------------------------------------------------------------------------------------------
+
+_K_TAPS = (1.0, 3.0, 3.0, 1.0)
+
+
+def _k_kernel(channels: int, gain: float, dtype) -> Array:
+    """The separable 4x4 kernel ``outer(taps, taps)`` for a depthwise conv: ``[4, 4, 1, C]``."""
+    taps = jnp.asarray(_K_TAPS, jnp.float32) * (gain / 8.0)
+    k2 = jnp.outer(taps, taps)
+    return jnp.broadcast_to(k2[:, :, None, None], (4, 4, 1, channels)).astype(dtype)
+
+
+def _reflect_pad_1(x: Array, name: str) -> Array:
+    h, w = x.shape[1], x.shape[2]
+    if h < 2 or w < 2:
+        raise ValueError(
+            f"{name}: reflect padding needs feature maps of at least 2x2 pixels, got {h}x{w}"
+        )
+    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+
+
+def k_downsample_2d(x: Array) -> Array:
+    """Halve ``x [B, H, W, C]`` (even H, W >= 2) with the K-diffusion ``[1,3,3,1]/8`` filter.
+
+    Reflect-pads by one pixel and applies the 4x4 separable kernel with stride 2 to each
+    channel on its own (a depthwise conv). diffusers' ``KDownsample2D`` builds the same
+    operator as a dense ``[C, C, 4, 4]`` conv whose off-diagonal entries are zero.
+    Returns ``[B, H/2, W/2, C]``.
+    """
+    c = x.shape[-1]
+    xp = _reflect_pad_1(x, "k_downsample_2d")
+    return jax.lax.conv_general_dilated(
+        xp,
+        _k_kernel(c, 1.0, x.dtype),
+        window_strides=(2, 2),
+        padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=c,
+    )
+
+
+def k_upsample_2d(x: Array) -> Array:
+    """Double ``x [B, H, W, C]`` (H, W >= 2) with the K-diffusion ``[1,3,3,1]/4`` filter.
+
+    diffusers' ``KUpsample2D`` reflect-pads by one pixel and runs a transposed conv (stride 2,
+    padding 3, 4x4 kernel ``outer(t, t)`` with ``t = [1,3,3,1]/4``). A transposed conv with
+    stride s, padding p and kernel size k equals a plain conv over the input dilated by s
+    (``lhs_dilation``) and padded by ``k - 1 - p`` (here 0), with the kernel flipped (it is
+    symmetric). Applied per channel; returns ``[B, 2H, 2W, C]``.
+    """
+    c = x.shape[-1]
+    xp = _reflect_pad_1(x, "k_upsample_2d")
+    return jax.lax.conv_general_dilated(
+        xp,
+        _k_kernel(c, 2.0, x.dtype),
+        window_strides=(1, 1),
+        padding=((0, 0), (0, 0)),
+        lhs_dilation=(2, 2),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=c,
+    )
