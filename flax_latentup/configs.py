@@ -527,3 +527,155 @@ class UNet2DConditionConfig:
             cross_attention_dim=32,
             time_cond_proj_dim=160,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# VAE (diffusers AutoencoderKL)
+# --------------------------------------------------------------------------------------------
+
+VAE_ACTIVATIONS = ("silu", "swish")
+
+
+def _float_tuple(value: Any) -> tuple[float, ...] | None:
+    return None if value is None else tuple(float(v) for v in value)
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderKLConfig:
+    """Config of the KL autoencoder (diffusers ``AutoencoderKL``); defaults are diffusers'.
+
+    The encoder halves the picture ``len(block_out_channels) - 1`` times
+    (:attr:`downsample_factor`, 8 for the published SD VAE) and the decoder doubles it back.
+    ``sample_size`` is also the default tile size, in pixels, of tiled encode/decode (as in
+    diffusers' ``enable_tiling``). ``scaling_factor``, ``shift_factor``, ``latents_mean``,
+    ``latents_std`` and ``force_upcast`` are carried for the caller; the model does not
+    apply them.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    def __post_init__(self) -> None:
+        name = "AutoencoderKL"
+        for t in self.down_block_types:
+            _require(name, "down_block_types", t, ("DownEncoderBlock2D",))
+        for t in self.up_block_types:
+            _require(name, "up_block_types", t, ("UpDecoderBlock2D",))
+        _require(name, "act_fn", self.act_fn, VAE_ACTIVATIONS)
+        n = len(self.block_out_channels)
+        if n == 0 or len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ConfigError(
+                f"{name} config: `down_block_types` ({len(self.down_block_types)}), "
+                f"`up_block_types` ({len(self.up_block_types)}) and `block_out_channels` ({n}) "
+                "must have the same, non-zero length"
+            )
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                raise ConfigError(
+                    f"{name} config: `block_out_channels` entry {c} is not divisible by "
+                    f"`norm_num_groups` ({self.norm_num_groups})"
+                )
+        if self.layers_per_block < 1:
+            raise ConfigError(
+                f"{name} config: `layers_per_block` must be >= 1, got {self.layers_per_block}"
+            )
+        for field in ("latents_mean", "latents_std"):
+            stats = getattr(self, field)
+            if stats is not None and len(stats) != self.latent_channels:
+                raise ConfigError(
+                    f"{name} config: `{field}` has {len(stats)} entries, expected "
+                    f"latent_channels={self.latent_channels}"
+                )
+
+    @property
+    def downsample_factor(self) -> int:
+        """How many pixels one latent spans per side: ``2 ** (len(block_out_channels) - 1)``."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> AutoencoderKLConfig:
+        """Build from a diffusers ``vae/config.json`` dict (missing keys take diffusers' defaults)."""
+        _require(
+            "AutoencoderKL",
+            "_class_name",
+            d.get("_class_name", "AutoencoderKL"),
+            ("AutoencoderKL",),
+            "this is the KL autoencoder",
+        )
+        f = cls()
+        sample_size = _get(d, "sample_size", f.sample_size)
+        if isinstance(sample_size, list | tuple):
+            # diffusers derives its latent tile size from the first entry
+            sample_size = sample_size[0]
+        shift = d.get("shift_factor")
+        return cls(
+            in_channels=int(_get(d, "in_channels", f.in_channels)),
+            out_channels=int(_get(d, "out_channels", f.out_channels)),
+            down_block_types=tuple(_get(d, "down_block_types", f.down_block_types)),
+            up_block_types=tuple(_get(d, "up_block_types", f.up_block_types)),
+            block_out_channels=tuple(
+                int(c) for c in _get(d, "block_out_channels", f.block_out_channels)
+            ),
+            layers_per_block=int(_get(d, "layers_per_block", f.layers_per_block)),
+            act_fn=str(_get(d, "act_fn", f.act_fn)),
+            latent_channels=int(_get(d, "latent_channels", f.latent_channels)),
+            norm_num_groups=int(_get(d, "norm_num_groups", f.norm_num_groups)),
+            sample_size=int(sample_size),
+            scaling_factor=float(_get(d, "scaling_factor", f.scaling_factor)),
+            shift_factor=None if shift is None else float(shift),
+            latents_mean=_float_tuple(d.get("latents_mean")),
+            latents_std=_float_tuple(d.get("latents_std")),
+            force_upcast=bool(_get(d, "force_upcast", f.force_upcast)),
+            use_quant_conv=bool(_get(d, "use_quant_conv", f.use_quant_conv)),
+            use_post_quant_conv=bool(_get(d, "use_post_quant_conv", f.use_post_quant_conv)),
+            mid_block_add_attention=bool(
+                _get(d, "mid_block_add_attention", f.mid_block_add_attention)
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A config.json dict that diffusers' ``AutoencoderKL`` reads back."""
+        d = dataclasses.asdict(self)
+        for key, value in d.items():
+            if isinstance(value, tuple):
+                d[key] = list(value)
+        d["_class_name"] = "AutoencoderKL"
+        return d
+
+    @classmethod
+    def sd_kl_f8(cls) -> AutoencoderKLConfig:
+        """The published SD 1.x kl-f8 VAE, as in stabilityai/sd-x2-latent-upscaler's ``vae/``."""
+        return cls(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            sample_size=256,
+        )
+
+    @classmethod
+    def tiny(cls) -> AutoencoderKLConfig:
+        """A small config for tests (downsample factor 2)."""
+        return cls(
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(32, 64),
+            norm_num_groups=8,
+            sample_size=32,
+        )

@@ -196,11 +196,15 @@ class KeyMap:
     """Per-model adjustments of torch keys before the rule table applies.
 
     ``rename(key)`` returns the canonical key (or the key unchanged); ``ignore(key)`` is true
-    for keys that carry no learned value (buffers) and are dropped without complaint.
+    for keys that carry no learned value (buffers) and are dropped without complaint;
+    ``reshape(canonical_key, stored_shape)`` returns the shape the stored array is reshaped
+    to (same number of elements) before the rule table applies, e.g. a 1x1 convolution
+    weight ``[out, in, 1, 1]`` stored for a linear layer.
     """
 
     rename: Callable[[str], str] = _same
     ignore: Callable[[str], bool] = lambda key: False
+    reshape: Callable[[str, tuple[int, ...]], tuple[int, ...]] = lambda key, shape: shape
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +262,11 @@ def load_state(
         path, var, rule = expected[canon]
         want = tuple(var.shape)
         want_file = rule.torch_shape(want) if rule else want
-        got = shape_of(key)
+        got = tuple(shape_of(key))
+        if torch_layout:
+            stored, got = got, tuple(key_map.reshape(canon, got))
+            if np.prod(stored, dtype=np.int64) != np.prod(got, dtype=np.int64):
+                raise WeightsError(f"KeyMap.reshape changed the size of {key!r}: {stored} -> {got}")
         if got != want_file:
             problems.append(
                 f"shape mismatch for {key!r}: checkpoint {got}, model expects {want_file}"
@@ -281,6 +289,8 @@ def load_state(
     new_flat = []
     for canon, (path, var, rule) in expected.items():
         arr = np.asarray(tensors[found[canon]])
+        if torch_layout:
+            arr = arr.reshape(key_map.reshape(canon, arr.shape))
         if rule is not None:
             arr = rule.to_flax(arr)
         value = jnp.asarray(arr, dtype=var.dtype)

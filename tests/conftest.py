@@ -28,3 +28,11 @@ def tiny_clip(tmp_path_factory):
     model = helpers.make_clip_text_model(seed=0, eos_token_id=2, **helpers.TINY_CLIP)
     folder = helpers.save_clip_text_model(model, str(tmp_path_factory.mktemp("tiny_clip")))
     return model, folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """(torch model, folder) of a tiny seeded diffusers AutoencoderKL (downsample factor 2)."""
+    model = helpers.make_vae(seed=0, **helpers.TINY_VAE)
+    folder = helpers.save_vae(model, str(tmp_path_factory.mktemp("tiny_vae")))
+    return model, folder

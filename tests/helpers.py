@@ -289,3 +289,73 @@ def torch_unet_output(model, inputs: dict) -> np.ndarray:
         timestep_cond=None if cond is None else torch.from_numpy(cond),
     ).sample
     return out.numpy().transpose(0, 2, 3, 1)
+
+# --------------------------------------------------------------------------------------------
+# VAEs (diffusers AutoencoderKL)
+# --------------------------------------------------------------------------------------------
+
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+    sample_size=32,
+)
+
+# The published SD 1.x kl-f8 VAE (stabilityai/sd-x2-latent-upscaler, vae/config.json).
+SD_KL_F8_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    norm_num_groups=32,
+    latent_channels=4,
+    sample_size=256,
+    scaling_factor=0.18215,
+)
+
+# How diffusers < 0.14 spelled the mid-block attention projections.
+_LEGACY_ATTENTION_NAMES = {
+    "to_q": "query",
+    "to_k": "key",
+    "to_v": "value",
+    "to_out.0": "proj_attn",
+}
+
+
+def make_vae(seed: int = 0, **config):
+    """A seeded random diffusers ``AutoencoderKL`` (eval mode)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    model = AutoencoderKL(**config).eval()
+    return randomize_(model, seed + 1)
+
+
+def save_vae(model, folder: str, legacy_attention: str | None = None) -> str:
+    """Save like diffusers does. ``legacy_attention="linear"`` renames the mid-block attention
+    keys to the old ``query/key/value/proj_attn`` spelling; ``"conv"`` also stores those
+    weights as 1x1 convolutions ``[C, C, 1, 1]``."""
+    model.save_pretrained(folder)
+    if legacy_attention is not None:
+        from safetensors.torch import save_file
+
+        sd = {}
+        for key, value in model.state_dict().items():
+            for new, old in _LEGACY_ATTENTION_NAMES.items():
+                marker = f".mid_block.attentions.0.{new}."
+                if marker in key:
+                    key = key.replace(marker, f".mid_block.attentions.0.{old}.")
+                    if legacy_attention == "conv" and key.endswith("weight"):
+                        value = value[:, :, None, None]
+            sd[key] = value.contiguous()
+        path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+        save_file(sd, path, metadata={"format": "pt"})
+    return folder

@@ -106,17 +106,27 @@ class LayerNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
-def group_norm_stats(x: Array, num_groups: int, eps: float) -> Array:
+def group_norm_stats(x: Array, num_groups: int, eps: float, mask: Array | None = None) -> Array:
     """Normalise ``x: [B, ..., C]`` over its spatial axes and channel groups (no affine).
 
     Returns float32; groups are contiguous runs of ``C // num_groups`` channels, as in torch.
+    ``mask`` (bool, ``[1 or B, ..., 1]``, the spatial shape of ``x``) restricts the statistics
+    to the positions where it is true, as if the others were not there; their outputs are
+    meaningless.
     """
     b, c = x.shape[0], x.shape[-1]
     if c % num_groups:
         raise ValueError(f"channels ({c}) must be divisible by num_groups ({num_groups})")
     x32 = x.astype(jnp.float32).reshape(b, -1, num_groups, c // num_groups)
-    mean = jnp.mean(x32, axis=(1, 3), keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=(1, 3), keepdims=True)
+    if mask is None:
+        mean = jnp.mean(x32, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=(1, 3), keepdims=True)
+    else:
+        m = mask.reshape(mask.shape[0], -1, 1, 1)
+        count = jnp.sum(m, axis=1, keepdims=True, dtype=jnp.float32) * (c // num_groups)
+        mean = jnp.sum(jnp.where(m, x32, 0.0), axis=(1, 3), keepdims=True) / count
+        centred = jnp.where(m, x32 - mean, 0.0)
+        var = jnp.sum(jnp.square(centred), axis=(1, 3), keepdims=True) / count
     y = (x32 - mean) * jax.lax.rsqrt(var + eps)
     return y.reshape(x.shape)
 
@@ -149,8 +159,9 @@ class GroupNorm(nnx.Module):
             self.scale = None
             self.bias = None
 
-    def __call__(self, x: Array) -> Array:  # [B, ..., C] -> [B, ..., C]
-        y = group_norm_stats(x, self.num_groups, self.eps)
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:  # [B, ..., C]
+        """``mask``: optional bool ``[1 or B, ..., 1]``, see :func:`group_norm_stats`."""
+        y = group_norm_stats(x, self.num_groups, self.eps, mask)
         if self.scale is not None:
             y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
@@ -215,19 +226,35 @@ def _cudnn_ok(q: Array, k: Array) -> bool:
     return q.dtype in (jnp.bfloat16, jnp.float16) and d <= 256 and d % 8 == 0 and k.shape[-1] == d
 
 
-def _full_attention(q: Array, k: Array, v: Array, scale: float, causal: bool) -> Array:
+def _mask_keys(s: Array, key_mask: Array | None) -> Array:
+    # s [B, H, Lq, Lk], key_mask [1 or B, Lk]
+    if key_mask is None:
+        return s
+    return jnp.where(key_mask[:, None, None, :], s, -jnp.inf)
+
+
+def _full_attention(
+    q: Array, k: Array, v: Array, scale: float, causal: bool, key_mask: Array | None
+) -> Array:
     # q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]; softmax in float32.
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     if causal:
         lq, lk = q.shape[1], k.shape[1]
         mask = jnp.arange(lq)[:, None] >= jnp.arange(lk)[None, :]
         s = jnp.where(mask, s, -jnp.inf)
+    s = _mask_keys(s, key_mask)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
 def _chunked_attention(
-    q: Array, k: Array, v: Array, scale: float, causal: bool, chunk: int
+    q: Array,
+    k: Array,
+    v: Array,
+    scale: float,
+    causal: bool,
+    chunk: int,
+    key_mask: Array | None,
 ) -> Array:
     b, lq, h, d = q.shape
     chunk = min(chunk, lq)
@@ -243,6 +270,7 @@ def _chunked_attention(
         if causal:
             rows = start + jnp.arange(chunk)
             s = jnp.where(rows[:, None] >= jnp.arange(lk)[None, :], s, -jnp.inf)
+        s = _mask_keys(s, key_mask)
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32).astype(
             q.dtype
@@ -253,11 +281,23 @@ def _chunked_attention(
     return out[:, :lq] if pad else out
 
 
-def choose_attention_implementation(q: Array, k: Array) -> str:
-    """The implementation :func:`attention` uses for these shapes under the current settings."""
+def attention_settings() -> tuple[str | None, int, int]:
+    """The current settings as a hashable ``(implementation, query_chunk_size, max_score_bytes)``.
+
+    A function jitted by the package passes it as a static argument, so code traced under
+    another :func:`attention_config` is compiled anew instead of reusing a stale program.
+    """
+    return (_SETTINGS.implementation, _SETTINGS.query_chunk_size, _SETTINGS.max_score_bytes)
+
+
+def choose_attention_implementation(q: Array, k: Array, *, masked: bool = False) -> str:
+    """The implementation :func:`attention` uses for these shapes under the current settings.
+
+    ``masked``: a ``key_mask`` is given (the automatic choice then never picks cuDNN).
+    """
     if _SETTINGS.implementation is not None:
         return _SETTINGS.implementation
-    if _cudnn_ok(q, k):
+    if not masked and _cudnn_ok(q, k):
         return "cudnn"
     b, lq, h, _ = q.shape
     score_bytes = 4 * b * h * lq * k.shape[1]
@@ -273,22 +313,28 @@ def attention(
     causal: bool = False,
     implementation: str | None = None,
     query_chunk_size: int | None = None,
+    key_mask: Array | None = None,
 ) -> Array:
     """Multi-head dot-product attention, ``softmax(q k^T * scale) v`` with float32 softmax.
 
     Shapes: ``q [B, Lq, H, D]``, ``k, v [B, Lk, H, D]`` -> ``[B, Lq, H, D]``.
-    ``causal`` masks key positions after the query position. ``implementation`` overrides
-    the automatic choice (see :func:`attention_config`).
+    ``causal`` masks key positions after the query position; ``key_mask`` (bool
+    ``[1 or B, Lk]``, at least one true per row) hides the keys where it is false.
+    ``implementation`` overrides the automatic choice (see :func:`attention_config`); the
+    cuDNN kernel takes no ``key_mask``.
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    impl = implementation or choose_attention_implementation(q, k)
+    masked = key_mask is not None
+    impl = implementation or choose_attention_implementation(q, k, masked=masked)
     if impl == "xla":
-        return _full_attention(q, k, v, scale, causal)
+        return _full_attention(q, k, v, scale, causal, key_mask)
     if impl == "chunked":
         chunk = query_chunk_size or _SETTINGS.query_chunk_size
-        return _chunked_attention(q, k, v, scale, causal, chunk)
+        return _chunked_attention(q, k, v, scale, causal, chunk, key_mask)
     if impl == "cudnn":
+        if masked:
+            raise ValueError("the cudnn attention implementation takes no key_mask")
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=causal, implementation="cudnn"
         )
