@@ -15,6 +15,7 @@ from flax_latentup.models.vae import (
     FlaxAutoencoderKL,
     nonfinite_images,
 )
+from flax_latentup.pipeline import FlaxStableDiffusionLatentUpscalePipeline, UpscalePipelineOutput
 from flax_latentup.weights import WeightsError
 
 __version__ = "0.1.0"
@@ -27,9 +28,11 @@ __all__ = [
     "DiagonalGaussianDistribution",
     "FlaxAutoencoderKL",
     "FlaxCLIPTextModel",
+    "FlaxStableDiffusionLatentUpscalePipeline",
     "FlaxUNet2DConditionModel",
     "HubError",
     "UNet2DConditionConfig",
+    "UpscalePipelineOutput",
     "WeightsError",
     "attention",
     "attention_config",

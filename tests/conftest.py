@@ -36,3 +36,15 @@ def tiny_vae(tmp_path_factory):
     model = helpers.make_vae(seed=0, **helpers.TINY_VAE)
     folder = helpers.save_vae(model, str(tmp_path_factory.mktemp("tiny_vae")))
     return model, folder
+
+
+@pytest.fixture(scope="session")
+def flax_pipe_dir(tokenizer_dir, tmp_path_factory) -> str:
+    """A tiny pipeline saved in the Flax format (loads fast, also in subprocesses)."""
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
+
+    torch_dir = str(tmp_path_factory.mktemp("torch_pipe"))
+    helpers.make_torch_pipeline(seed=1, tokenizer_dir=tokenizer_dir).save_pretrained(torch_dir)
+    flax_dir = str(tmp_path_factory.mktemp("flax_pipe") / "pipe")
+    FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(torch_dir).save_pretrained(flax_dir)
+    return flax_dir

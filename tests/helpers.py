@@ -290,6 +290,7 @@ def torch_unet_output(model, inputs: dict) -> np.ndarray:
     ).sample
     return out.numpy().transpose(0, 2, 3, 1)
 
+
 # --------------------------------------------------------------------------------------------
 # VAEs (diffusers AutoencoderKL)
 # --------------------------------------------------------------------------------------------
@@ -359,3 +360,66 @@ def save_vae(model, folder: str, legacy_attention: str | None = None) -> str:
         path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
         save_file(sd, path, metadata={"format": "pt"})
     return folder
+
+
+# --------------------------------------------------------------------------------------------
+# A whole tiny torch pipeline
+# --------------------------------------------------------------------------------------------
+
+HUB_SCHEDULER = dict(
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    num_train_timesteps=1000,
+    interpolation_type="log_linear",
+    prediction_type="original_sample",
+    trained_betas=None,
+)
+# diffusers' own fast test: EulerDiscreteScheduler(prediction_type="sample"), linear
+FAST_TEST_SCHEDULER = dict(prediction_type="sample")
+
+# the fast-test UNet with one layer per block, to keep whole sampled runs quick
+PIPE_UNET = dict(TINY_UNET, layers_per_block=1)
+
+PIPE_VAE = dict(
+    block_out_channels=(32, 32, 32, 32),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=32,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+
+
+def make_torch_pipeline(
+    seed: int = 0, scheduler: dict | None = None, tokenizer_dir: str | None = None
+):
+    """A tiny seeded ``StableDiffusionLatentUpscalePipeline`` (every weight randomised)."""
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionLatentUpscalePipeline,
+        UNet2DConditionModel,
+    )
+
+    torch.manual_seed(seed)
+    unet = randomize_(UNet2DConditionModel(**PIPE_UNET).eval(), seed + 1)
+    vae = randomize_(AutoencoderKL(**PIPE_VAE).eval(), seed + 2, scale=0.05)
+    text_encoder = make_clip_text_model(seed + 3, eos_token_id=2, **TINY_CLIP)
+    if tokenizer_dir is None:
+        tokenizer_dir = write_clip_tokenizer(tempfile.mkdtemp(prefix="tok-"))
+    pipe = StableDiffusionLatentUpscalePipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_tokenizer(tokenizer_dir),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**(scheduler or HUB_SCHEDULER)),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

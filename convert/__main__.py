@@ -1,0 +1,5 @@
+import sys
+
+from .convert_checkpoint import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""Data parallelism over :func:`flax_latentup.pipeline.upscale_core`, and multi-host helpers.
+
+Two thin wrappers over the same pure core:
+
+- :func:`sharded_upscale`: one ``jax.jit`` over a ``("data",)`` mesh, parameters replicated
+  (``NamedSharding(mesh, P())``), the batch split along its first axis (``P("data")``). This
+  is what ``pipe(...)`` uses when several devices are visible, and what JAX recommends.
+- :func:`pmap_upscale`: the ``jax.pmap`` habit of the diffusers-Flax notebooks (parameters
+  replicated, inputs with a leading device axis).
+
+A batch that does not divide by the device count is padded with copies of its last image and
+the padding is dropped from the results. Each image's noise comes from its own key, so image
+i is the same whatever the device count or batch size.
+
+Multi-host: :func:`initialize_distributed` starts ``jax.distributed``; :func:`process_share`
+gives each process its contiguous share of a work list, so N hosts together cover the list
+with no overlap and no gap, each upscaling its share on its local devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from flax_latentup.pipeline import CoreOptions, GraphDefs, upscale_core
+
+T = TypeVar("T")
+
+# Entries of a core batch that are shared by all images (everything else has a batch axis).
+SHARED_KEYS = frozenset(
+    {"sigmas", "timesteps", "init_noise_sigma", "guidance_scale", "callback_steps"}
+)
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D ``("data",)`` mesh over ``devices`` (default: this process's local devices)."""
+    devices = list(devices) if devices is not None else jax.local_devices()
+    if not devices:
+        raise ValueError("devices is empty")
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def _pad_batch(batch: dict[str, Any], multiple: int) -> tuple[dict[str, Any], int]:
+    n = next(np.shape(v)[0] for k, v in batch.items() if k not in SHARED_KEYS)
+    pad = (-n) % multiple
+    if not pad:
+        return batch, n
+    out = {}
+    for k, v in batch.items():
+        if k in SHARED_KEYS:
+            out[k] = v
+        else:
+            v = np.asarray(v)
+            out[k] = np.concatenate([v, np.repeat(v[-1:], pad, axis=0)])
+    return out, n
+
+
+def _parallel_options(options: CoreOptions) -> CoreOptions:
+    # Host callbacks from inside a multi-device loop are not supported: run without them.
+    return dataclasses.replace(options, progress=False, callback=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_program(graphdefs: GraphDefs, options: CoreOptions, mesh: Mesh, keys: tuple[str, ...]):
+    replicated = NamedSharding(mesh, P())
+    split = NamedSharding(mesh, P("data"))
+    batch_shardings = {k: (replicated if k in SHARED_KEYS else split) for k in keys}
+    return jax.jit(
+        functools.partial(upscale_core, graphdefs, options=options),
+        in_shardings=(replicated, batch_shardings),
+        out_shardings=split,
+    )
+
+
+def sharded_upscale(
+    graphdefs: GraphDefs,
+    params: dict[str, Any],
+    batch: dict[str, Any],
+    options: CoreOptions,
+    mesh: Mesh | None = None,
+) -> dict[str, np.ndarray]:
+    """Run the core with ``jit`` over ``mesh`` (default: all local devices), batch split on
+    ``"data"``, parameters replicated. Returns host arrays with the padding removed."""
+    mesh = mesh if mesh is not None else make_mesh()
+    batch, n = _pad_batch(batch, mesh.size)
+    replicated = NamedSharding(mesh, P())
+    params = jax.device_put(params, replicated)
+    program = _sharded_program(graphdefs, _parallel_options(options), mesh, tuple(sorted(batch)))
+    out = program(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    return {k: np.asarray(v)[:n] for k, v in out.items()}
+
+
+def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+    """Copy every leaf to each device, with a leading device axis (the pmap layout)."""
+    devices = list(devices) if devices is not None else jax.local_devices()
+
+    def one(x):
+        x = jnp.asarray(x)
+        shards = [jax.device_put(x[None], d) for d in devices]
+        sharding = jax.sharding.PmapSharding.default((len(devices), *x.shape), 0, devices)
+        return jax.make_array_from_single_device_arrays((len(devices), *x.shape), sharding, shards)
+
+    return jax.tree.map(one, tree)
+
+
+def shard(tree: Any, num_devices: int) -> Any:
+    """Reshape each leaf ``[B, ...]`` to ``[num_devices, B // num_devices, ...]``."""
+
+    def one(x):
+        x = np.asarray(x)
+        if x.shape[0] % num_devices:
+            raise ValueError(f"batch of {x.shape[0]} does not divide over {num_devices} devices")
+        return x.reshape(num_devices, x.shape[0] // num_devices, *x.shape[1:])
+
+    return jax.tree.map(one, tree)
+
+
+@functools.lru_cache(maxsize=64)
+def _pmap_program(
+    graphdefs: GraphDefs, options: CoreOptions, devices: tuple, keys: tuple[str, ...]
+):
+    shared = {k: (None if k in SHARED_KEYS else 0) for k in keys}
+    return jax.pmap(
+        functools.partial(upscale_core, graphdefs, options=options),
+        in_axes=(0, shared),
+        devices=list(devices),
+    )
+
+
+def pmap_upscale(
+    graphdefs: GraphDefs,
+    params: dict[str, Any],
+    batch: dict[str, Any],
+    options: CoreOptions,
+    devices: Sequence[jax.Device] | None = None,
+) -> dict[str, np.ndarray]:
+    """Run the core with ``jax.pmap`` over ``devices`` (default: all local devices):
+    parameters replicated, per-image inputs sharded on a leading device axis."""
+    devices = tuple(devices) if devices is not None else tuple(jax.local_devices())
+    batch, n = _pad_batch(batch, len(devices))
+    per_image = {k: v for k, v in batch.items() if k not in SHARED_KEYS}
+    sharded = shard(per_image, len(devices))
+    sharded.update({k: np.asarray(v) for k, v in batch.items() if k in SHARED_KEYS})
+    program = _pmap_program(graphdefs, _parallel_options(options), devices, tuple(sorted(batch)))
+    out = program(replicate(params, devices), sharded)
+    return {k: np.asarray(v).reshape(-1, *v.shape[2:])[:n] for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-host
+# --------------------------------------------------------------------------------------------
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    **kwargs: Any,
+) -> None:
+    """Start ``jax.distributed`` (once). Arguments default to the environment:
+    ``FLAX_LATENTUP_COORDINATOR`` / ``FLAX_LATENTUP_NUM_PROCESSES`` / ``FLAX_LATENTUP_PROCESS_ID``
+    when set, otherwise JAX's own detection (TPU pods, SLURM, Open MPI, ...)."""
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("FLAX_LATENTUP_COORDINATOR")
+    if num_processes is None and "FLAX_LATENTUP_NUM_PROCESSES" in env:
+        num_processes = int(env["FLAX_LATENTUP_NUM_PROCESSES"])
+    if process_id is None and "FLAX_LATENTUP_PROCESS_ID" in env:
+        process_id = int(env["FLAX_LATENTUP_PROCESS_ID"])
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        **kwargs,
+    )
+
+
+def process_share(
+    items: Sequence[T], process_index: int | None = None, process_count: int | None = None
+) -> list[T]:
+    """This process's contiguous share of ``items`` (sizes differ by at most one).
+
+    Over all processes the shares cover ``items`` exactly once, in order.
+    """
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} is outside [0, {count})")
+    base, extra = divmod(len(items), count)
+    start = index * base + min(index, extra)
+    stop = start + base + (1 if index < extra else 0)
+    return list(items[start:stop])

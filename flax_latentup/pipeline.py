@@ -1,0 +1,880 @@
+"""``FlaxStableDiffusionLatentUpscalePipeline``: the diffusers-shaped API over one jitted program.
+
+One call runs text encoding, the optional VAE encode of pictures, the whole Euler loop
+(``lax.scan``) and the VAE decode as a single compiled program per input shape. Values that
+change between calls (prompts, guidance scale, seeds, the schedule) are arrays, so they do
+not recompile; a new step count compiles once for that count.
+
+The pure core, :func:`upscale_core`, maps ``(params, batch)`` to outputs and is what
+:mod:`flax_latentup.parallel` shards across devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flax_latentup import hub
+from flax_latentup.models.base import read_json, write_json_atomic
+from flax_latentup.models.clip import FlaxCLIPTextModel
+from flax_latentup.models.unet import FlaxUNet2DConditionModel
+from flax_latentup.models.vae import FlaxAutoencoderKL
+from flax_latentup.sampling import (
+    EulerSchedulerConfig,
+    denoise,
+    euler_sample,
+    make_schedule,
+    noise_level_embedding,
+)
+
+Array = jax.Array
+
+PIPELINE_CLASS_NAMES = (
+    "StableDiffusionLatentUpscalePipeline",
+    "FlaxStableDiffusionLatentUpscalePipeline",
+)
+OUTPUT_TYPES = ("pil", "np", "latent")
+VAE_SAMPLE_MODES = ("sample", "argmax")
+DEFAULT_REPO = "stabilityai/sd-x2-latent-upscaler"
+
+
+@dataclasses.dataclass
+class UpscalePipelineOutput:
+    """``images``: a list of PIL images, a float32 array ``[B, H, W, 3]`` in [0, 1], or the
+    latents ``[B, 2h, 2w, 4]``, by ``output_type``."""
+
+    images: Any
+
+
+# --------------------------------------------------------------------------------------------
+# The pure core
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreOptions:
+    """Static choices that select a compiled program (everything else is an array input).
+
+    ``cfg``: classifier-free guidance on. ``text``: "ids" (token ids, encoded in the program) or
+    "embeds" (precomputed). ``image``: "latents" or "pixels" (VAE-encoded in the program).
+    ``noise``: "given" (``batch["noise"]``) or "keys" (drawn per image from ``batch["keys"]``).
+    ``decode``: VAE-decode the result to pictures in [0, 1]. ``vae_sample_mode``: "sample" or
+    "argmax" for the encode. ``progress``/``callback``: host callbacks from inside the loop.
+    """
+
+    cfg: bool
+    text: str = "ids"
+    image: str = "latents"
+    noise: str = "keys"
+    decode: bool = True
+    vae_sample_mode: str = "sample"
+    progress: bool = False
+    callback: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphDefs:
+    text_encoder: Any
+    vae: Any
+    unet: Any
+
+
+def _encode_text(text_encoder: FlaxCLIPTextModel, ids: Array) -> tuple[Array, Array]:
+    out = text_encoder(ids)
+    return out.hidden_states[-1], out.pooler_output
+
+
+def upscale_core(
+    graphdefs: GraphDefs,
+    params: dict[str, Any],
+    batch: dict[str, Array],
+    *,
+    options: CoreOptions,
+    hooks: tuple[Callable[..., None], Callable[..., None]] | None = None,
+) -> dict[str, Array]:
+    """Upscale one batch; a pure function of ``(params, batch)`` given the static options.
+
+    ``params``: ``{"text_encoder", "vae", "unet"}`` NNX states. ``batch`` (leading axis B on
+    every per-image entry):
+
+    - text: ``ids [B, L]`` (+ ``negative_ids [B, L]`` under CFG), or ``prompt_embeds [B, L, D]``
+      and ``pooled [B, D]`` (+ ``negative_prompt_embeds``, ``negative_pooled``);
+    - ``image``: low-res latents ``[B, h, w, 4]`` or pictures ``[B, 8h, 8w, 3]`` in [-1, 1];
+    - ``keys [B, 2]`` (uint32 key data, one key per image) and/or ``noise [B, 2h, 2w, 4]``;
+    - shared: ``sigmas [N + 1]`` float32, ``timesteps [N]``, ``init_noise_sigma []``,
+      ``guidance_scale []``, ``callback_steps []`` int32.
+
+    ``hooks``: host functions ``(on_progress(step), on_callback(step, timestep, latents))``
+    called from inside the loop when ``options.progress``/``options.callback`` are set.
+
+    Returns ``{"latents": [B, 2h, 2w, 4]}`` and, when decoding, ``"images": [B, 16h, 16w, 3]``
+    float32 in [0, 1].
+    """
+    text_encoder = nnx.merge(graphdefs.text_encoder, params["text_encoder"])
+    vae = nnx.merge(graphdefs.vae, params["vae"])
+    unet = nnx.merge(graphdefs.unet, params["unet"])
+    keys = batch.get("keys")
+    if keys is not None:
+        keys = jax.vmap(jax.random.wrap_key_data)(keys)
+
+    # Text conditioning: unconditional rows first under CFG.
+    if options.text == "ids":
+        context, pooled = _encode_text(text_encoder, batch["ids"])
+        if options.cfg:
+            neg_context, neg_pooled = _encode_text(text_encoder, batch["negative_ids"])
+    else:
+        context, pooled = batch["prompt_embeds"], batch["pooled"]
+        if options.cfg:
+            neg_context, neg_pooled = batch["negative_prompt_embeds"], batch["negative_pooled"]
+    if options.cfg:
+        context = jnp.concatenate([neg_context, context])
+        pooled = jnp.concatenate([neg_pooled, pooled])
+    rows = pooled.shape[0]
+    timestep_cond = jnp.concatenate(
+        [noise_level_embedding(rows, jnp.float32), pooled.astype(jnp.float32)], axis=1
+    )
+    unet_dtype = unet.dtype
+    context = context.astype(unet_dtype)
+    timestep_cond = timestep_cond.astype(unet_dtype)
+
+    # Low-res latents.
+    image = batch["image"]
+    if options.image == "pixels":
+        posterior = vae.encode(image)
+        if options.vae_sample_mode == "argmax":
+            low = posterior.mode()
+        else:
+            eps = jax.vmap(
+                lambda k, m: jax.random.normal(jax.random.fold_in(k, 1), m.shape, jnp.float32)
+            )(keys, posterior.mean)
+            low = posterior.mean.astype(jnp.float32) + posterior.std.astype(jnp.float32) * eps
+        low = low.astype(jnp.float32) * vae.config.scaling_factor
+    else:
+        low = image.astype(jnp.float32)
+    b, h, w, c = low.shape
+    image_cond = jnp.repeat(jnp.repeat(low, 2, axis=1), 2, axis=2)  # nearest 2x; noise level 0
+
+    if options.noise == "given":
+        noise = batch["noise"].astype(jnp.float32)
+    else:
+        noise = jax.vmap(
+            lambda k: jax.random.normal(jax.random.fold_in(k, 0), (2 * h, 2 * w, c), jnp.float32)
+        )(keys)
+    x = noise * batch["init_noise_sigma"].astype(jnp.float32)
+
+    guidance = batch["guidance_scale"].astype(jnp.float32) if options.cfg else None
+
+    def unet_fn(sample, t, ctx, tcond):
+        return unet(sample, t.astype(unet_dtype), ctx, tcond)
+
+    def denoiser(x, sigma):
+        return denoise(
+            unet_fn, x, sigma, image_cond, context, timestep_cond, guidance, model_dtype=unet_dtype
+        )
+
+    on_step = None
+    if hooks is not None and (options.progress or options.callback):
+        timesteps = batch["timesteps"]
+        every = batch["callback_steps"]
+        on_progress, on_callback = hooks
+
+        def on_step(i, x):
+            if options.progress:
+                jax.debug.callback(on_progress, i, ordered=True)
+            if options.callback:
+                jax.lax.cond(
+                    i % every == 0,
+                    lambda: jax.debug.callback(on_callback, i, timesteps[i], x, ordered=True),
+                    lambda: None,
+                )
+
+    latents = euler_sample(denoiser, x, batch["sigmas"], on_step=on_step)
+    out = {"latents": latents}
+    if options.decode:
+        decoded = vae.decode((latents / vae.config.scaling_factor).astype(vae.dtype))
+        out["images"] = jnp.clip(decoded.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Input normalisation (host side, before anything compiles)
+# --------------------------------------------------------------------------------------------
+
+
+def _is_torch_tensor(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
+
+
+def _torch_to_numpy(x: Any) -> np.ndarray:
+    return x.detach().to("cpu").float().numpy()
+
+
+def _pil_to_array(img) -> np.ndarray:
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def prepare_image(image: Any, latent_channels: int = 4) -> tuple[np.ndarray, str]:
+    """Normalise ``image`` to an NHWC float32 array and say whether it is "latents" or "pixels".
+
+    PIL images and uint8 arrays are mapped to [-1, 1]; float picture arrays must already be in
+    [-1, 1]; torch tensors are NCHW and follow diffusers (float pictures in [0, 1] are mapped to
+    [-1, 1] unless they hold negative values).
+    """
+    import PIL.Image
+
+    if image is None:
+        raise ValueError("image is required: a PIL image, a list of them, or an array")
+    torch_input = False
+    if isinstance(image, PIL.Image.Image):
+        arr = _pil_to_array(image)[None]
+    elif isinstance(image, list | tuple):
+        if not image:
+            raise ValueError("image is an empty list")
+        if all(isinstance(i, PIL.Image.Image) for i in image):
+            sizes = {i.size for i in image}
+            if len(sizes) > 1:
+                raise ValueError(
+                    f"image: all pictures in a list must have one size, got {sorted(sizes)}"
+                )
+            arr = np.stack([_pil_to_array(i) for i in image])
+        else:
+            parts = [_torch_to_numpy(i) if _is_torch_tensor(i) else np.asarray(i) for i in image]
+            torch_input = _is_torch_tensor(image[0])
+            shapes = {p.shape for p in parts}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"image: all list entries must have one shape, got {sorted(shapes)}"
+                )
+            arr = np.stack(parts) if parts[0].ndim == 3 else np.concatenate(parts)
+    elif _is_torch_tensor(image):
+        torch_input = True
+        arr = _torch_to_numpy(image)
+    elif isinstance(image, np.ndarray | jax.Array):
+        arr = np.asarray(image)
+    else:
+        raise ValueError(
+            f"image must be a PIL image, a list of them, a numpy/JAX array or a torch tensor, "
+            f"got {type(image).__name__}"
+        )
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise ValueError(f"image must have 3 or 4 dimensions, got shape {arr.shape}")
+    if torch_input:
+        arr = arr.transpose(0, 2, 3, 1)
+    channels = arr.shape[-1]
+    if channels == latent_channels:
+        kind = "latents"
+        arr = arr.astype(np.float32)
+    elif channels == 3:
+        kind = "pixels"
+        if arr.dtype == np.uint8:
+            arr = arr.astype(np.float32) / 127.5 - 1.0
+        elif torch_input:
+            arr = arr.astype(np.float32)
+            if arr.min() >= 0:
+                arr = arr * 2.0 - 1.0
+        else:
+            arr = arr.astype(np.float32)
+            lo, hi = float(arr.min()), float(arr.max())
+            if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
+                raise ValueError(
+                    f"image: float pictures must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] "
+                    "(pass uint8 for 0..255 pictures)"
+                )
+    else:
+        raise ValueError(
+            f"image must have 3 channels (pictures) or {latent_channels} (low-res latents) in "
+            f"the last axis (NHWC; torch tensors NCHW), got shape {arr.shape}"
+        )
+    if not np.isfinite(arr).all():
+        raise ValueError("image contains NaN or infinite values")
+    side_unit, side_min = (4, 8) if kind == "latents" else (32, 64)
+    h, w = arr.shape[1:3]
+    if h % side_unit or w % side_unit or h < side_min or w < side_min:
+        what = "low-res latents" if kind == "latents" else "pictures"
+        raise ValueError(
+            f"image: {what} must have sides that are multiples of {side_unit} and at least "
+            f"{side_min} (the 2x latents must be multiples of 8, at least 16), got {h}x{w}"
+        )
+    return arr, kind
+
+
+def _prompt_list(name: str, prompt: str | Sequence[str] | None, batch: int) -> list[str] | None:
+    if prompt is None:
+        return None
+    if isinstance(prompt, str):
+        return [prompt] * batch
+    if isinstance(prompt, list | tuple) and all(isinstance(p, str) for p in prompt):
+        if len(prompt) != batch:
+            raise ValueError(f"{name} has {len(prompt)} entries but the image batch has {batch}")
+        return list(prompt)
+    raise ValueError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
+
+
+def _embeds(name: str, x: Any, ndim: int) -> np.ndarray:
+    arr = _torch_to_numpy(x) if _is_torch_tensor(x) else np.asarray(x)
+    if arr.ndim != ndim or not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(
+            f"{name} must be a float array with {ndim} dimensions, got {arr.dtype} {arr.shape}"
+        )
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr.astype(np.float32)
+
+
+def _one_key(rng: Any) -> Array:
+    if isinstance(rng, bool):
+        raise ValueError("rng must be an int seed or a JAX PRNG key, got a bool")
+    if isinstance(rng, int | np.integer):
+        if not 0 <= int(rng) < 2**63:
+            raise ValueError(f"rng seed must be in [0, 2**63), got {rng}")
+        return jax.random.key(int(rng))
+    if isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        if rng.shape != ():
+            raise ValueError(f"rng must be a single PRNG key, got shape {rng.shape}")
+        return rng
+    if isinstance(rng, jax.Array | np.ndarray):
+        arr = np.asarray(rng)
+        if arr.shape == (2,) and arr.dtype == np.uint32:
+            return jax.random.wrap_key_data(jnp.asarray(arr))
+        raise ValueError(
+            f"rng must be an int seed or a JAX PRNG key, got an array {arr.dtype} {arr.shape}"
+        )
+    raise ValueError(f"rng must be an int seed or a JAX PRNG key, got {type(rng).__name__}")
+
+
+def image_keys(rng: Any, batch: int) -> np.ndarray:
+    """One PRNG key per image, as raw uint32 key data ``[B, 2]``.
+
+    ``rng`` is a seed or key for the whole call (image i gets ``fold_in(key, i)``, so it does
+    not change with the batch size), or a list of ``B`` seeds/keys, one per image, used as they
+    are (so an image's noise does not depend on its position either). ``None`` means seed 0.
+    """
+    if rng is None:
+        rng = 0
+    if isinstance(rng, list | tuple):
+        if len(rng) != batch:
+            raise ValueError(f"rng has {len(rng)} per-image seeds but the image batch has {batch}")
+        keys = jnp.stack([_one_key(r) for r in rng])
+    else:
+        key = _one_key(rng)
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+    return np.asarray(jax.random.key_data(keys))
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+
+
+class FlaxStableDiffusionLatentUpscalePipeline:
+    """The x2 latent upscaler: text encoder, VAE, K-UNet, CLIP tokenizer and Euler schedule.
+
+    Load with :meth:`from_pretrained` (a diffusers-layout folder or hub repo, torch or Flax
+    weights), call like diffusers' ``StableDiffusionLatentUpscalePipeline``.
+    """
+
+    def __init__(
+        self,
+        text_encoder: FlaxCLIPTextModel,
+        vae: FlaxAutoencoderKL,
+        unet: FlaxUNet2DConditionModel,
+        tokenizer: Any,
+        scheduler_config: EulerSchedulerConfig | dict[str, Any],
+    ):
+        if isinstance(scheduler_config, dict):
+            self._scheduler_dict = dict(scheduler_config)
+            scheduler_config = EulerSchedulerConfig.from_dict(scheduler_config)
+        else:
+            self._scheduler_dict = scheduler_config.to_dict()
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.unet = unet
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        latent = vae.config.latent_channels
+        if unet.config.in_channels != 2 * latent:
+            raise ValueError(
+                f"unet.config.in_channels ({unet.config.in_channels}) must be twice the VAE's "
+                f"latent_channels ({latent}): noisy latents and the upsampled image condition"
+            )
+        if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+            raise ValueError(
+                f"unet.config.cross_attention_dim ({unet.config.cross_attention_dim}) must equal "
+                f"the text encoder's hidden_size ({text_encoder.config.hidden_size})"
+            )
+        if unet.config.time_cond_proj_dim != 128 + text_encoder.config.hidden_size:
+            raise ValueError(
+                f"unet.config.time_cond_proj_dim ({unet.config.time_cond_proj_dim}) must be 128 + "
+                f"the text encoder's hidden_size ({text_encoder.config.hidden_size})"
+            )
+        self._progress_bar_config: dict[str, Any] = {}
+        self._programs: dict[CoreOptions, Callable] = {}
+        self._encode_prompt_fn: Callable | None = None
+        self._hooks: dict[str, Any] = {}
+        self._vae_tiling: dict[str, Any] | None = None
+        self._vae_fp32: FlaxAutoencoderKL | None = None
+        self._refresh_params()
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def _refresh_params(self) -> None:
+        g_text, p_text = nnx.split(self.text_encoder)
+        g_vae, p_vae = nnx.split(self.vae)
+        g_unet, p_unet = nnx.split(self.unet)
+        self.graphdefs = GraphDefs(g_text, g_vae, g_unet)
+        self.params = {"text_encoder": p_text, "vae": p_vae, "unet": p_unet}
+        self._programs.clear()
+        self._encode_prompt_fn = None
+        self._vae_fp32 = None
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    def enable_vae_tiling(self, tile_sample_size: int | None = None) -> None:
+        """Decode (and encode) large pictures in overlapping tiles, as diffusers'
+        ``enable_vae_tiling()``: memory stays bounded by the tile size
+        (``tile_sample_size`` pixels, default ``vae.config.sample_size``) and every picture
+        size reuses one compiled tile program. Results differ slightly from untiled ones
+        where tiles are blended."""
+        self.vae.tile_sizes(tile_sample_size)  # validates the size
+        self._vae_tiling = {"tile_sample_size": tile_sample_size}
+
+    def disable_vae_tiling(self) -> None:
+        """Decode whole pictures again (the default)."""
+        self._vae_tiling = None
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options for the tqdm bar over steps (``disable=True`` turns it off), as in diffusers."""
+        self._progress_bar_config = dict(kwargs)
+
+    # ---- loading and saving ----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike = DEFAULT_REPO,
+        dtype=jnp.float32,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        *,
+        param_dtype=jnp.float32,
+        token: str | bool | None = None,
+    ) -> FlaxStableDiffusionLatentUpscalePipeline:
+        """Load a diffusers-layout pipeline folder or hub repo (torch or Flax weights).
+
+        ``dtype`` is the computation dtype of the three models (``jnp.bfloat16`` on TPU/GPU);
+        sigmas and the Euler update stay float32. Only the needed files are fetched from the
+        hub (safetensors, configs, tokenizer); ``HF_HUB_OFFLINE=1`` uses the cache only.
+        """
+        from transformers import CLIPTokenizer
+
+        folder = hub.resolve(
+            path_or_repo_id,
+            allow_patterns=hub.PIPELINE_PATTERNS,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+        )
+        index_path = os.path.join(folder, "model_index.json")
+        index = read_json(index_path)
+        name = index.get("_class_name")
+        if name not in PIPELINE_CLASS_NAMES:
+            raise ValueError(
+                f"{index_path}: `_class_name` is {name!r}, expected one of {PIPELINE_CLASS_NAMES}"
+            )
+        for part in ("text_encoder", "vae", "unet", "tokenizer", "scheduler"):
+            if not os.path.isdir(os.path.join(folder, part)):
+                raise FileNotFoundError(f"pipeline folder {folder} has no `{part}/` subfolder")
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        text_encoder = FlaxCLIPTextModel.from_pretrained(folder, "text_encoder", **kw)
+        vae = FlaxAutoencoderKL.from_pretrained(folder, "vae", **kw)
+        unet = FlaxUNet2DConditionModel.from_pretrained(folder, "unet", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+        scheduler = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+        return cls(text_encoder, vae, unet, tokenizer, scheduler)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the pipeline in the diffusers layout with Flax weights.
+
+        The folder is assembled next to ``path`` and swapped in at the end, so an interrupted
+        save leaves any earlier content of ``path`` intact.
+        """
+        path = os.path.abspath(os.fspath(path))
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+        try:
+            self.text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"))
+            self.vae.save_pretrained(os.path.join(tmp, "vae"))
+            self.unet.save_pretrained(os.path.join(tmp, "unet"))
+            self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            os.makedirs(os.path.join(tmp, "scheduler"))
+            write_json_atomic(
+                self._scheduler_dict, os.path.join(tmp, "scheduler", "scheduler_config.json")
+            )
+            from flax_latentup import __version__
+
+            write_json_atomic(
+                {
+                    "_class_name": "FlaxStableDiffusionLatentUpscalePipeline",
+                    "_flax_latentup_version": __version__,
+                    "text_encoder": ["flax_latentup", "FlaxCLIPTextModel"],
+                    "vae": ["flax_latentup", "FlaxAutoencoderKL"],
+                    "unet": ["flax_latentup", "FlaxUNet2DConditionModel"],
+                    "tokenizer": ["transformers", "CLIPTokenizer"],
+                    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                },
+                os.path.join(tmp, "model_index.json"),
+            )
+            old = None
+            if os.path.exists(path):
+                old = path + ".old-" + os.path.basename(tmp)
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # ---- text --------------------------------------------------------------------------------
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """Token ids ``[B, 77]`` int32: padded to max length and truncated, as diffusers does."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="np",
+        ).input_ids
+        return ids.astype(np.int32)
+
+    def encode_prompt(self, prompt: str | Sequence[str]) -> tuple[Array, Array]:
+        """``(prompt_embeds [B, 77, D], pooled_prompt_embeds [B, D])`` as the pipeline uses them:
+        the last layer's output before the final LayerNorm, and the pooled output."""
+        prompts = _prompt_list("prompt", prompt, 1 if isinstance(prompt, str) else len(prompt))
+        if self._encode_prompt_fn is None:
+            graphdef = self.graphdefs.text_encoder
+
+            @jax.jit
+            def fn(state, ids):
+                return _encode_text(nnx.merge(graphdef, state), ids)
+
+            self._encode_prompt_fn = fn
+        return self._encode_prompt_fn(
+            self.params["text_encoder"], jnp.asarray(self.tokenize(prompts))
+        )
+
+    # ---- compiled programs -------------------------------------------------------------------
+
+    def _on_progress(self, i) -> None:
+        bar = self._hooks.get("bar")
+        if bar is not None:
+            bar.update(1)
+
+    def _on_callback(self, i, t, x) -> None:
+        callback = self._hooks.get("callback")
+        if callback is not None:
+            callback(int(i), float(t), np.asarray(x))
+
+    def _program(self, options: CoreOptions) -> Callable:
+        fn = self._programs.get(options)
+        if fn is None:
+            fn = jax.jit(
+                functools.partial(
+                    upscale_core,
+                    self.graphdefs,
+                    options=options,
+                    hooks=(self._on_progress, self._on_callback),
+                )
+            )
+            self._programs[options] = fn
+        return fn
+
+    # ---- the call ----------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        image: Any = None,
+        num_inference_steps: int = 75,
+        guidance_scale: float = 9.0,
+        negative_prompt: str | Sequence[str] | None = None,
+        rng: int | Array | None = None,
+        latents: Any = None,
+        prompt_embeds: Any = None,
+        negative_prompt_embeds: Any = None,
+        pooled_prompt_embeds: Any = None,
+        negative_pooled_prompt_embeds: Any = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback: Callable[[int, float, np.ndarray], None] | None = None,
+        callback_steps: int = 1,
+        vae_sample_mode: str = "sample",
+        devices: Sequence[Any] | None = None,
+        mesh: Any = None,
+        use_pmap: bool = False,
+    ) -> UpscalePipelineOutput | tuple:
+        """Upscale ``image`` 2x, guided by ``prompt``.
+
+        ``image``: low-res latents (``[B, h, w, 4]`` NHWC array, or NCHW torch tensor), or
+        pictures (PIL image(s), ``[B, H, W, 3]`` uint8 or float in [-1, 1], NCHW torch) that
+        are VAE-encoded (``vae_sample_mode`` "sample" as diffusers, or "argmax" for the
+        posterior mode). Pictures need sides that are multiples of 32 (latents: 4), at least
+        64 (latents: 8). ``prompt``: a string (used for every image) or one per image; ``None``
+        means "". ``guidance_scale``: 0 replaces the prompt by "" (the diffusers default use);
+        classifier-free guidance runs when it is > 1. ``rng``: an int seed or a JAX key (image i
+        draws its noise from ``fold_in(key, i)``, so it does not depend on the batch size), or
+        a list of one seed/key per image.
+        ``latents``: the initial noise ``[B, 2h, 2w, 4]`` (NHWC; NCHW for torch), scaled by the
+        initial sigma inside. ``callback(step, timestep, latents)`` runs every
+        ``callback_steps`` steps with the NHWC latents as a numpy array.
+        ``output_type``: "pil", "np" (float32 ``[B, H, W, 3]`` in [0, 1]) or "latent".
+
+        Devices: with several local devices (or ``devices``/``mesh`` given) the batch is split
+        over a ``("data",)`` mesh with one sharded ``jit``; ``use_pmap=True`` takes the
+        ``jax.pmap`` path instead. ``callback`` and the step bar need a single device.
+        """
+        # ---- checks, before anything compiles ----
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if vae_sample_mode not in VAE_SAMPLE_MODES:
+            raise ValueError(
+                f"vae_sample_mode must be one of {VAE_SAMPLE_MODES}, got {vae_sample_mode!r}"
+            )
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int | np.integer)
+            or num_inference_steps < 1
+        ):
+            raise ValueError(
+                f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}"
+            )
+        try:
+            guidance = float(guidance_scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}") from None
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+        if (
+            isinstance(callback_steps, bool)
+            or not isinstance(callback_steps, int | np.integer)
+            or callback_steps < 1
+        ):
+            raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
+        if mesh is not None and devices is not None:
+            raise ValueError("pass either devices or mesh, not both")
+        if devices is not None and not list(devices):
+            raise ValueError("devices is empty")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable, got {type(callback).__name__}")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either prompt or prompt_embeds, not both")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either negative_prompt or negative_prompt_embeds, not both")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("pooled_prompt_embeds is required with prompt_embeds")
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError(
+                "negative_pooled_prompt_embeds is required with negative_prompt_embeds"
+            )
+        if prompt_embeds is None and pooled_prompt_embeds is not None:
+            raise ValueError("pooled_prompt_embeds was given without prompt_embeds")
+
+        latent_channels = self.vae.config.latent_channels
+        arr, kind = prepare_image(image, latent_channels)
+        batch_size = arr.shape[0]
+        h, w = (
+            (arr.shape[1], arr.shape[2])
+            if kind == "latents"
+            else (arr.shape[1] // 8, arr.shape[2] // 8)
+        )
+        cfg = guidance > 1.0
+        width = self.text_encoder.config.hidden_size
+        seq = self.tokenizer.model_max_length
+
+        batch: dict[str, Any] = {"image": arr}
+        if prompt_embeds is not None:
+            pe = _embeds("prompt_embeds", prompt_embeds, 3)
+            pp = _embeds("pooled_prompt_embeds", pooled_prompt_embeds, 2)
+            if pe.shape[0] != batch_size or pe.shape[2] != width:
+                raise ValueError(
+                    f"prompt_embeds must have shape [{batch_size}, L, {width}], got {pe.shape}"
+                )
+            if pp.shape != (batch_size, width):
+                raise ValueError(
+                    f"pooled_prompt_embeds must have shape [{batch_size}, {width}], got {pp.shape}"
+                )
+            batch.update(prompt_embeds=pe, pooled=pp)
+            text_mode = "embeds"
+        else:
+            prompts = _prompt_list("prompt", "" if prompt is None else prompt, batch_size)
+            if guidance == 0:
+                prompts = [""] * batch_size
+            text_mode = "ids"
+        if cfg:
+            if negative_prompt_embeds is not None:
+                ne = _embeds("negative_prompt_embeds", negative_prompt_embeds, 3)
+                npool = _embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, 2)
+                want = (
+                    batch["prompt_embeds"].shape
+                    if text_mode == "embeds"
+                    else (batch_size, seq, width)
+                )
+                if ne.shape != want:
+                    raise ValueError(
+                        f"negative_prompt_embeds must have shape {list(want)}, got {ne.shape}"
+                    )
+                if npool.shape != (batch_size, width):
+                    raise ValueError(
+                        f"negative_pooled_prompt_embeds must have shape [{batch_size}, {width}], got {npool.shape}"
+                    )
+            else:
+                negatives = _prompt_list("negative_prompt", negative_prompt or "", batch_size)
+        noise_mode = "keys"
+        if latents is not None:
+            lat = _torch_to_numpy(latents) if _is_torch_tensor(latents) else np.asarray(latents)
+            if _is_torch_tensor(latents) and lat.ndim == 4:
+                lat = lat.transpose(0, 2, 3, 1)
+            want = (batch_size, 2 * h, 2 * w, latent_channels)
+            if lat.shape != want:
+                raise ValueError(f"latents must have shape {list(want)} (NHWC), got {lat.shape}")
+            if not np.isfinite(lat).all():
+                raise ValueError("latents contains NaN or infinite values")
+            batch["noise"] = lat.astype(np.float32)
+            noise_mode = "given"
+        keys = image_keys(rng, batch_size)
+        if noise_mode == "keys" or (kind == "pixels" and vae_sample_mode == "sample"):
+            batch["keys"] = keys
+
+        # ---- text: mixed cases are resolved on the host ----
+        if text_mode == "ids":
+            batch["ids"] = self.tokenize(prompts)
+            if cfg:
+                if negative_prompt_embeds is not None:
+                    batch["prompt_embeds"], batch["pooled"] = self.encode_prompt(prompts)
+                    text_mode = "embeds"
+                else:
+                    batch["negative_ids"] = self.tokenize(negatives)
+        if cfg and text_mode == "embeds":
+            batch.pop("ids", None)
+            if negative_prompt_embeds is not None:
+                batch.update(negative_prompt_embeds=ne, negative_pooled=npool)
+            else:
+                neg_e, neg_p = self.encode_prompt(negatives)
+                batch.update(negative_prompt_embeds=neg_e, negative_pooled=neg_p)
+
+        schedule = make_schedule(self.scheduler_config, int(num_inference_steps))
+        batch.update(
+            sigmas=schedule.step_sigmas,
+            timesteps=schedule.timesteps[: schedule.num_inference_steps],
+            init_noise_sigma=np.float32(schedule.init_noise_sigma),
+            guidance_scale=np.float32(guidance),
+            callback_steps=np.int32(callback_steps),
+        )
+        show_bar = not self._progress_bar_config.get("disable", False)
+        options = CoreOptions(
+            cfg=cfg,
+            text=text_mode,
+            image=kind,
+            noise=noise_mode,
+            decode=output_type != "latent" and self._vae_tiling is None,
+            vae_sample_mode=vae_sample_mode,
+            progress=show_bar,
+            callback=callback is not None,
+        )
+        device_list = (
+            list(mesh.devices.flat)
+            if mesh is not None
+            else (list(devices) if devices is not None else jax.local_devices())
+        )
+        if use_pmap or len(device_list) > 1:
+            from flax_latentup import parallel
+
+            if callback is not None:
+                raise ValueError(
+                    "callback runs only on a single device: pass devices=[one device] to use it"
+                )
+            if use_pmap:
+                out = parallel.pmap_upscale(
+                    self.graphdefs, self.params, batch, options, device_list
+                )
+            else:
+                mesh = mesh if mesh is not None else parallel.make_mesh(device_list)
+                out = parallel.sharded_upscale(self.graphdefs, self.params, batch, options, mesh)
+        else:
+            out = self._run(options, batch, schedule, callback, show_bar)
+
+        if output_type == "latent":
+            images: Any = np.array(out["latents"])
+        else:
+            images = self._finish_images(out)
+            if output_type == "pil":
+                import PIL.Image
+
+                images = [PIL.Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
+        return UpscalePipelineOutput(images=images) if return_dict else (images,)
+
+    def _decode(self, vae: FlaxAutoencoderKL, latents: np.ndarray) -> np.ndarray:
+        """Host-side decode of final latents to pictures in [0, 1] (tiled when enabled)."""
+        z = jnp.asarray(latents / vae.config.scaling_factor, jnp.float32)
+        tiling = self._vae_tiling or {}
+        decoded = vae.decode(z, tiled=bool(self._vae_tiling), **tiling)
+        return np.clip(np.asarray(decoded, np.float32) / 2 + 0.5, 0.0, 1.0)
+
+    def _finish_images(self, out: dict[str, Any]) -> np.ndarray:
+        """Pictures from the program's outputs; float16 decodes that overflowed (non-finite)
+        are decoded again in float32, as the SD VAE is known to overflow in float16."""
+        from flax_latentup.models.vae import nonfinite_images
+
+        latents = np.asarray(out["latents"])
+        images = np.asarray(out["images"]) if "images" in out else self._decode(self.vae, latents)
+        if self.vae.dtype == jnp.float16:
+            bad = np.asarray(nonfinite_images(jnp.asarray(images)))
+            if bad.any():
+                if self._vae_fp32 is None:
+                    fp32 = FlaxAutoencoderKL.abstract(
+                        self.vae.config, dtype=jnp.float32, param_dtype=jnp.float32
+                    )
+                    graphdef, _ = nnx.split(fp32)
+                    state = jax.tree.map(lambda x: x.astype(jnp.float32), self.params["vae"])
+                    self._vae_fp32 = nnx.merge(graphdef, state)
+                images = images.copy()
+                images[bad] = self._decode(self._vae_fp32, latents[bad])
+        return images
+
+    def _run(self, options: CoreOptions, batch: dict[str, Any], schedule, callback, show_bar):
+        from tqdm.auto import tqdm
+
+        program = self._program(options)
+        bar = None
+        if show_bar:
+            cfg = {k: v for k, v in self._progress_bar_config.items() if k != "disable"}
+            bar = tqdm(total=schedule.num_inference_steps, **cfg)
+        self._hooks = {"bar": bar, "callback": callback}
+        try:
+            out = program(self.params, jax.tree.map(jnp.asarray, batch))
+            out = jax.block_until_ready(out)
+            jax.effects_barrier()
+        finally:
+            self._hooks = {}
+            if bar is not None:
+                bar.close()
+        return out

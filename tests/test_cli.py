@@ -1,0 +1,229 @@
+"""The ``flax-latentup upscale`` batch command on a tiny model folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from flax_latentup.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_png(path, w=64, h=64, seed=0):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def make_folder(root, n=4, corrupt=True, odd=True):
+    """n good 64x64 pictures (one in a sub-folder), one corrupt file, one 80x64 picture."""
+    for i in range(n):
+        sub = "sub" if i == n - 1 else ""
+        write_png(os.path.join(root, sub, f"img{i}.png"), seed=i)
+    if corrupt:
+        with open(os.path.join(root, "broken.png"), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n this is not a picture")
+    if odd:
+        write_png(os.path.join(root, "odd.png"), w=80, h=64, seed=99)
+    return root
+
+
+def run_cli(*argv, capsys=None):
+    code = main(["upscale", *map(str, argv)])
+    return code
+
+
+COMMON = ("--steps", "2", "--no-compile-cache", "--quiet")
+
+
+def read_report(outdir):
+    with open(os.path.join(outdir, "flax-latentup-report.json")) as f:
+        return json.load(f)
+
+
+def outputs(outdir):
+    found = []
+    for root, _, files in os.walk(outdir):
+        found += [
+            os.path.relpath(os.path.join(root, f), outdir) for f in files if f.endswith(".png")
+        ]
+    return sorted(found)
+
+
+def test_folder_with_failure_then_rerun(flax_pipe_dir, tmp_path, capsys):
+    src = make_folder(str(tmp_path / "in"))
+    out = tmp_path / "out"
+    code = run_cli("-i", src, "-o", out, "-r", "-n", flax_pipe_dir, *COMMON)
+    assert code == 1, "a failed input must give a non-zero exit code"
+    assert outputs(out) == ["img0.png", "img1.png", "img2.png", "odd.png", "sub/img3.png"]
+    for name in outputs(out):
+        with PIL.Image.open(out / name) as im:
+            assert im.size == ((128, 128) if name != "odd.png" else (128, 128))
+    report = read_report(out)
+    assert len(report["done"]) == 5 and len(report["skipped"]) == 0
+    assert [os.path.basename(f["input"]) for f in report["failed"]] == ["broken.png"]
+    assert "cannot read" in report["failed"][0]["reason"]
+    odd = [d for d in report["done"] if d["input"].endswith("odd.png")][0]
+    assert odd["note"] == "resized from 80x64 to 64x64"
+    printed = capsys.readouterr().out
+    assert "done 5, skipped 0, failed 1" in printed and "broken.png" in printed
+
+    # Rerun: everything is skipped and no model is even loaded.
+    before = {n: os.path.getmtime(out / n) for n in outputs(out)}
+    t0 = time.perf_counter()
+    code = run_cli("-i", src, "-o", out, "-r", "-n", flax_pipe_dir, *COMMON)
+    assert code == 1  # the corrupt file still fails
+    report = read_report(out)
+    assert len(report["done"]) == 0 and len(report["skipped"]) == 5
+    assert {n: os.path.getmtime(out / n) for n in outputs(out)} == before
+    assert time.perf_counter() - t0 < 30
+
+
+def test_seeds_follow_paths_not_order(flax_pipe_dir, tmp_path):
+    """An image's pixels depend on --seed and its relative path, not on what else runs."""
+    src = make_folder(str(tmp_path / "in"), n=3, corrupt=False, odd=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli("-i", src, "-o", a, "-r", "-n", flax_pipe_dir, *COMMON) == 0
+    assert run_cli("-i", os.path.join(src, "img1.png"), "-o", b, "-n", flax_pipe_dir, *COMMON) == 0
+    assert (a / "img1.png").read_bytes() == (b / "img1.png").read_bytes()
+    c = tmp_path / "c"
+    assert run_cli("-i", src, "-o", c, "-r", "-n", flax_pipe_dir, "--seed", "7", *COMMON) == 0
+    assert (a / "img1.png").read_bytes() != (c / "img1.png").read_bytes()
+
+
+def test_npy_latents_and_options(flax_pipe_dir, tmp_path):
+    src = tmp_path / "lat"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(src / "a.npy", rng.standard_normal((8, 8, 4)).astype(np.float32))
+    np.save(src / "b.npy", rng.standard_normal((1, 8, 12, 4)).astype(np.float32))
+    out = tmp_path / "out"
+    code = run_cli(
+        "-i",
+        src,
+        "-o",
+        out,
+        "-n",
+        flax_pipe_dir,
+        "--suffix",
+        "_x2",
+        "--ext",
+        "webp",
+        "--prompt",
+        "a cat",
+        "--guidance",
+        "6",
+        "--negative-prompt",
+        "dog",
+        "--batch-size",
+        "2",
+        *COMMON,
+    )
+    assert code == 0
+    with PIL.Image.open(out / "a_x2.webp") as im:
+        assert im.size == (128, 128)
+    with PIL.Image.open(out / "b_x2.webp") as im:
+        assert im.size == (192, 128)
+    # NCHW latents saved from torch need --nchw
+    nchw = tmp_path / "nchw"
+    nchw.mkdir()
+    np.save(nchw / "t.npy", rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
+    assert run_cli("-i", nchw, "-o", tmp_path / "o2", "-n", flax_pipe_dir, *COMMON) == 1
+    assert "--nchw" in read_report(tmp_path / "o2")["failed"][0]["reason"]
+    assert run_cli("-i", nchw, "-o", tmp_path / "o3", "-n", flax_pipe_dir, "--nchw", *COMMON) == 0
+
+
+def cli_subprocess(*argv):
+    return subprocess.Popen(
+        [sys.executable, "-m", "flax_latentup.cli", "upscale", *map(str, argv)],
+        env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_killed_run_resumes_byte_identical(flax_pipe_dir, tmp_path):
+    src = tmp_path / "in"
+    for i in range(12):
+        write_png(str(src / f"p{i:02d}.png"), seed=i)
+    args = (
+        "-i",
+        src,
+        "-n",
+        flax_pipe_dir,
+        "--steps",
+        "40",
+        "--quiet",
+        "--compile-cache",
+        tmp_path / "cache",
+    )
+    ref = tmp_path / "ref"
+    proc = cli_subprocess(*args, "-o", ref)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    assert len(outputs(ref)) == 12
+    assert os.listdir(tmp_path / "cache"), "the persistent compilation cache stayed empty"
+
+    out = tmp_path / "out"
+    proc = cli_subprocess(*args, "-o", out)
+    deadline = time.time() + 600
+    while time.time() < deadline and not outputs(out) and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = outputs(out)
+    assert 1 <= len(partial) < 12, f"the kill came too late to test resuming ({len(partial)} done)"
+
+    proc = cli_subprocess(*args, "-o", out)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    report = read_report(out)
+    assert len(report["skipped"]) == len(partial) and len(report["done"]) == 12 - len(partial)
+    assert outputs(out) == outputs(ref)
+    for name in outputs(ref):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    leftovers = [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".flax-latentup-tmp-")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["-i", "{tmp}/missing.png", "-o", "{tmp}/o"], "input not found"),
+        (["-i", "{tmp}/empty", "-o", "{tmp}/o"], "holds no PNG/JPEG/WebP/.npy files"),
+        (["-i", "{tmp}/in", "-o", "{tmp}/in/out", "-r"], "inside input folder"),
+        (["-i", "{tmp}/in", "-o", "{tmp}/in/a.png/x"], "not writable"),
+        (["-i", "{tmp}/in", "-o", "{tmp}/o", "-n", "{tmp}/no-such-model"], "--model"),
+        (["-i", "{tmp}/in", "-o", "{tmp}/o", "--steps", "0"], "--steps"),
+        (["-i", "{tmp}/in", "-o", "{tmp}/o", "--batch-size", "0"], "--batch-size"),
+        (["-i", "{tmp}/in", "-o", "{tmp}/o", "--guidance", "nan"], "--guidance"),
+        (["-i", "{tmp}/in", "-o", "{tmp}/o", "--prompt-file", "{tmp}/nope.txt"], "--prompt-file"),
+    ],
+)
+def test_usage_errors_before_loading(tmp_path, capsys, argv, message):
+    write_png(str(tmp_path / "in" / "a.png"))
+    (tmp_path / "empty").mkdir()
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if "-n" not in argv:
+        argv += ["-n", str(tmp_path / "in")]  # never reached: the error comes first
+    code = run_cli(*argv, "--no-compile-cache")
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_version_and_convert_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("flax-latentup ")
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    assert "Convert a torch" in capsys.readouterr().out

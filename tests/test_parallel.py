@@ -1,0 +1,154 @@
+"""Data parallelism on fake CPU devices and two local processes (each run in a subprocess, so
+the device count of the rest of the suite is unaffected)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from flax_latentup.parallel import process_share
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, env: dict[str, str] | None = None, timeout: int = 600):
+    full_env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **(env or {}))
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc, timeout: int = 900) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+    return out
+
+
+def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
+    out_file = tmp_path / "out.npz"
+    code = f"""
+    import jax, numpy as np
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+    assert jax.device_count() == 8, jax.devices()
+    pipe = P.from_pretrained({flax_pipe_dir!r}); pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    low = rng.standard_normal((8, 8, 8, 4)).astype(np.float32)
+    prompts = [f"a photo of the cat {{i}}" for i in range(8)]
+    kw = dict(num_inference_steps=2, guidance_scale=6.0, negative_prompt="dog", output_type="np", rng=42)
+    res = {{}}
+    for n in (8, 5):
+        res[f"sharded{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], **kw).images
+        res[f"pmap{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], use_pmap=True, **kw).images
+        res[f"single{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], devices=jax.devices()[:1], **kw).images
+        res[f"two{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], devices=jax.devices()[:2], **kw).images
+    # image i alone, with the key of index i
+    key = jax.random.key(42)
+    for i in (0, 4, 7):
+        res[f"alone{{i}}"] = pipe(prompt=prompts[i], image=low[i:i+1], devices=jax.devices()[:1],
+                                 **{{**kw, "rng": [jax.random.fold_in(key, i)]}}).images
+    np.savez({str(out_file)!r}, **res)
+    print("ok")
+    """
+    proc = run_python(code, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert finish(proc).strip().endswith("ok")
+    res = dict(np.load(out_file))
+    for n in (8, 5):
+        ref = res[f"single{n}"]
+        assert ref.shape == (n, 128, 128, 3)
+        for path in ("sharded", "pmap", "two"):
+            err = np.max(np.abs(res[f"{path}{n}"] - ref))
+            assert err <= 1e-5, f"{path} batch {n}: max abs difference {err:.3g} from one device"
+    for i in (0, 4, 7):
+        err = np.max(np.abs(res[f"alone{i}"][0] - res["single8"][i]))
+        assert err <= 1e-5, f"image {i} alone differs from its batched run by {err:.3g}"
+    np.testing.assert_allclose(res["single5"], res["single8"][:5], atol=1e-5)
+
+
+def test_process_share_covers_the_list():
+    items = list(range(11))
+    for count in (1, 2, 3, 4, 11, 13):
+        shares = [process_share(items, i, count) for i in range(count)]
+        assert sum(shares, []) == items
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(ValueError, match="process_index"):
+        process_share(items, 3, 3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_split_the_work(flax_pipe_dir, tmp_path):
+    """Two local processes with jax.distributed each upscale their share of 6 inputs; the
+    union equals one process upscaling all 6."""
+    rng = np.random.default_rng(5)
+    low = rng.standard_normal((6, 8, 8, 4)).astype(np.float32)
+    np.save(tmp_path / "low.npy", low)
+    seeds = [1000 + i for i in range(6)]
+    body = f"""
+    import json, jax, numpy as np
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+    from flax_latentup import parallel
+    low = np.load({str(tmp_path / "low.npy")!r})
+    seeds = {seeds!r}
+    work = list(range(6))
+    pipe = P.from_pretrained({flax_pipe_dir!r}); pipe.set_progress_bar_config(disable=True)
+    """
+    worker = (
+        body
+        + f"""
+    parallel.initialize_distributed()
+    mine = parallel.process_share(work)
+    imgs = pipe(prompt="a cat", image=low[mine], rng=[seeds[i] for i in mine],
+                num_inference_steps=2, guidance_scale=0.0, output_type="np").images
+    np.savez({str(tmp_path)!r} + f"/part{{jax.process_index()}}.npz", idx=np.array(mine), imgs=imgs)
+    print(json.dumps(dict(index=jax.process_index(), count=jax.process_count(), mine=mine)))
+    """
+    )
+    port = _free_port()
+    procs = [
+        run_python(
+            worker,
+            env={
+                "FLAX_LATENTUP_COORDINATOR": f"127.0.0.1:{port}",
+                "FLAX_LATENTUP_NUM_PROCESSES": "2",
+                "FLAX_LATENTUP_PROCESS_ID": str(i),
+            },
+        )
+        for i in range(2)
+    ]
+    infos = [json.loads(finish(p).strip().splitlines()[-1]) for p in procs]
+    assert sorted(i["index"] for i in infos) == [0, 1] and all(i["count"] == 2 for i in infos)
+    single = (
+        body
+        + f"""
+    imgs = pipe(prompt="a cat", image=low, rng=seeds, num_inference_steps=2,
+                guidance_scale=0.0, output_type="np").images
+    np.save({str(tmp_path / "single.npy")!r}, imgs)
+    print("ok")
+    """
+    )
+    finish(run_python(single))
+    ref = np.load(tmp_path / "single.npy")
+    got = np.zeros_like(ref)
+    seen = []
+    for i in range(2):
+        part = np.load(tmp_path / f"part{i}.npz")
+        got[part["idx"]] = part["imgs"]
+        seen += list(part["idx"])
+    assert sorted(seen) == list(range(6)), "the shares overlap or leave a gap"
+    err = np.max(np.abs(got - ref))
+    assert err <= 1e-5, f"multi-process union differs from one process by {err:.3g}"

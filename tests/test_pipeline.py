@@ -1,0 +1,446 @@
+"""The Flax pipeline against diffusers' StableDiffusionLatentUpscalePipeline, end to end."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
+from tests import helpers
+
+TOL = 1e-3  # max abs difference of float32 images in [0, 1] after a whole sampled run
+
+
+@pytest.fixture(scope="module")
+def torch_pipe(tokenizer_dir):
+    return helpers.make_torch_pipeline(seed=0, tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(torch_pipe, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("torch_pipe"))
+    torch_pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def flax_pipe(pipe_dir):
+    pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def inputs(batch: int, seed: int = 0, h: int = 8, w: int = 8):
+    """Low-res latents and initial noise, NHWC numpy."""
+    rng = np.random.default_rng(seed)
+    low = rng.standard_normal((batch, h, w, 4)).astype(np.float32)
+    noise = rng.standard_normal((batch, 2 * h, 2 * w, 4)).astype(np.float32)
+    return low, noise
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def run_torch(pipe, prompt, low, noise, **kw):
+    with torch.no_grad():
+        return pipe(
+            prompt=prompt, image=nchw(low), latents=nchw(noise), output_type="np", **kw
+        ).images
+
+
+def run_flax(pipe, prompt, low, noise, **kw):
+    return pipe(prompt=prompt, image=low, latents=noise, output_type="np", **kw).images
+
+
+def assert_close(got, want, tol=TOL):
+    assert got.shape == want.shape, (got.shape, want.shape)
+    err = float(np.max(np.abs(got - want)))
+    assert err <= tol, f"max abs image error {err:.3g} > {tol}"
+
+
+CASES = {
+    "guidance0-2steps": dict(
+        prompt="a photo of the cat", batch=1, num_inference_steps=2, guidance_scale=0.0
+    ),
+    "cfg6-negative": dict(
+        prompt="a photo of the cat",
+        batch=1,
+        num_inference_steps=2,
+        guidance_scale=6.0,
+        negative_prompt="the dog",
+    ),
+    "batch2-10steps": dict(
+        prompt=["a photo of the cat", "astronaut in a castle landscape"],
+        batch=2,
+        num_inference_steps=10,
+        guidance_scale=0.0,
+    ),
+    "batch2-cfg": dict(
+        prompt=["a photo of the cat", "the horse"],
+        batch=2,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_hub_scheduler(torch_pipe, flax_pipe, case):
+    kw = dict(CASES[case])
+    batch = kw.pop("batch")
+    prompt = kw.pop("prompt")
+    low, noise = inputs(batch, seed=len(case))
+    want = run_torch(torch_pipe, prompt, low, noise, **kw)
+    got = run_flax(flax_pipe, prompt, low, noise, **kw)
+    assert_close(got, want)
+
+
+def test_parity_fast_test_scheduler(tokenizer_dir, tmp_path):
+    """diffusers' own fast-test scheduler: prediction_type "sample", linear interpolation."""
+    tp = helpers.make_torch_pipeline(
+        seed=5, scheduler=helpers.FAST_TEST_SCHEDULER, tokenizer_dir=tokenizer_dir
+    )
+    tp.save_pretrained(str(tmp_path))
+    fp = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(tmp_path))
+    fp.set_progress_bar_config(disable=True)
+    low, noise = inputs(1, seed=11)
+    for steps, g in ((2, 0.0), (3, 6.0)):
+        want = run_torch(
+            tp, "a photo of the dog", low, noise, num_inference_steps=steps, guidance_scale=g
+        )
+        got = run_flax(
+            fp, "a photo of the dog", low, noise, num_inference_steps=steps, guidance_scale=g
+        )
+        assert_close(got, want)
+
+
+def test_parity_pictures_argmax(torch_pipe, flax_pipe):
+    """Pictures in: Flax encodes with the posterior mode; torch is fed those mode latents."""
+    rng = np.random.default_rng(3)
+    pixels = rng.uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
+    with torch.no_grad():
+        mode = torch_pipe.vae.encode(nchw(pixels)).latent_dist.mode()
+        low = (mode * torch_pipe.vae.config.scaling_factor).numpy().transpose(0, 2, 3, 1)
+    _, noise = inputs(1, seed=4)
+    kw = dict(num_inference_steps=2, guidance_scale=0.0)
+    want = run_torch(torch_pipe, "a photo", low, noise, **kw)
+    got = flax_pipe(
+        prompt="a photo",
+        image=pixels,
+        latents=noise,
+        output_type="np",
+        vae_sample_mode="argmax",
+        **kw,
+    ).images
+    assert_close(got, want)
+    # The same picture as a PIL image (uint8) goes through the same path.
+    pil = PIL.Image.fromarray(((pixels[0] + 1) * 127.5).round().astype(np.uint8))
+    out = flax_pipe(prompt="a photo", image=pil, output_type="pil", rng=0, **kw).images
+    assert len(out) == 1 and out[0].size == (128, 128)
+
+
+def test_prompt_embeds_match_prompt(flax_pipe):
+    low, noise = inputs(1, seed=8)
+    kw = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np", image=low, latents=noise)
+    embeds, pooled = flax_pipe.encode_prompt("a photo of the cat")
+    neg, neg_pooled = flax_pipe.encode_prompt("the dog")
+    a = flax_pipe(prompt="a photo of the cat", negative_prompt="the dog", **kw).images
+    b = flax_pipe(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        negative_prompt_embeds=neg,
+        negative_pooled_prompt_embeds=neg_pooled,
+        **kw,
+    ).images
+    # two different compiled programs (text encoded inside vs outside): float32 rounding only
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Compilation, determinism, outputs
+# --------------------------------------------------------------------------------------------
+
+
+class CompileCounter:
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+def test_no_recompile_for_guidance_prompt_seed(flax_pipe):
+    counter = CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    low, _ = inputs(1, seed=20)
+    kw = dict(image=low, num_inference_steps=3, output_type="np")
+    flax_pipe(prompt="a photo of the cat", guidance_scale=6.0, rng=1, **kw)
+    first = counter.count
+    assert first >= 1
+    flax_pipe(
+        prompt="astronaut riding a horse", negative_prompt="dog", guidance_scale=8.5, rng=7, **kw
+    )
+    flax_pipe(prompt="the castle", guidance_scale=2.0, rng=jax.random.key(3), **kw)
+    assert counter.count == first, f"{counter.count - first} new compilation(s)"
+    flax_pipe(
+        prompt="the castle",
+        guidance_scale=2.0,
+        rng=3,
+        num_inference_steps=4,
+        image=low,
+        output_type="np",
+    )
+    assert counter.count > first  # a new step count compiles once ...
+    n = counter.count
+    flax_pipe(
+        prompt="a cat",
+        guidance_scale=3.0,
+        rng=4,
+        num_inference_steps=4,
+        image=low,
+        output_type="np",
+    )
+    assert counter.count == n  # ... and only once
+
+
+def test_determinism_and_batch_independence(flax_pipe):
+    low, _ = inputs(2, seed=30)
+    kw = dict(num_inference_steps=2, guidance_scale=0.0, output_type="np", rng=1234)
+    a = flax_pipe(prompt=["a", "b"], image=low, **kw).images
+    b = flax_pipe(prompt=["a", "b"], image=low, **kw).images
+    np.testing.assert_array_equal(a, b)
+    alone = flax_pipe(prompt="a", image=low[:1], **kw).images
+    # Same noise (the key of index 0), same arithmetic; XLA may round a batch of 1 and a batch
+    # of 2 differently in the last float32 bits, nothing more.
+    np.testing.assert_allclose(a[:1], alone, rtol=0, atol=1e-5)
+    other = flax_pipe(prompt=["a", "b"], image=low, **{**kw, "rng": 99}).images
+    assert np.max(np.abs(other - a)) > 1e-3
+
+
+def test_output_types_and_tuple(flax_pipe):
+    low, noise = inputs(1, seed=40)
+    kw = dict(prompt="x", image=low, latents=noise, num_inference_steps=2, guidance_scale=0.0)
+    lat = flax_pipe(output_type="latent", **kw).images
+    assert lat.shape == (1, 16, 16, 4)
+    (imgs,) = flax_pipe(output_type="np", return_dict=False, **kw)
+    assert imgs.shape == (1, 128, 128, 3) and imgs.dtype == np.float32
+    assert 0.0 <= imgs.min() and imgs.max() <= 1.0
+    pil = flax_pipe(output_type="pil", **kw).images
+    np.testing.assert_array_equal(np.asarray(pil[0]), (imgs[0] * 255).round().astype(np.uint8))
+
+
+def test_callback_and_progress_bar(flax_pipe, capsys):
+    low, noise = inputs(1, seed=50)
+    seen = []
+    flax_pipe.set_progress_bar_config(disable=False, desc="upscaling")
+    try:
+        flax_pipe(
+            prompt="x",
+            image=low,
+            latents=noise,
+            num_inference_steps=5,
+            guidance_scale=0.0,
+            output_type="latent",
+            callback=lambda i, t, x: seen.append((i, t, x.shape)),
+            callback_steps=2,
+        )
+    finally:
+        flax_pipe.set_progress_bar_config(disable=True)
+    assert [s[0] for s in seen] == [0, 2, 4]
+    assert all(s[2] == (1, 16, 16, 4) for s in seen)
+    assert "upscaling" in capsys.readouterr().err
+
+
+def test_torch_tensor_inputs(flax_pipe):
+    low, noise = inputs(1, seed=60)
+    kw = dict(prompt="x", num_inference_steps=2, guidance_scale=0.0, output_type="np")
+    a = flax_pipe(image=low, latents=noise, **kw).images
+    b = flax_pipe(image=nchw(low), latents=nchw(noise), **kw).images
+    np.testing.assert_array_equal(a, b)
+
+
+def test_save_and_reload(flax_pipe, tmp_path):
+    flax_pipe.save_pretrained(tmp_path / "flax")
+    for part in ("unet", "vae", "text_encoder"):
+        assert os.path.isfile(tmp_path / "flax" / part / "flax_model.safetensors")
+    again = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(tmp_path / "flax"))
+    again.set_progress_bar_config(disable=True)
+    low, noise = inputs(1, seed=70)
+    kw = dict(
+        prompt="x",
+        image=low,
+        latents=noise,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        output_type="np",
+    )
+    np.testing.assert_array_equal(flax_pipe(**kw).images, again(**kw).images)
+    assert again.scheduler_config == flax_pipe.scheduler_config
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: every error names the argument, before anything compiles
+# --------------------------------------------------------------------------------------------
+
+LOW, NOISE = inputs(1, seed=90)
+E = np.zeros((1, 77, 32), np.float32)
+P = np.zeros((1, 32), np.float32)
+
+BAD = [
+    ("prompt", dict(prompt="x", prompt_embeds=E, pooled_prompt_embeds=P)),
+    ("pooled_prompt_embeds", dict(prompt_embeds=E)),
+    (
+        "negative_pooled_prompt_embeds",
+        dict(prompt_embeds=E, pooled_prompt_embeds=P, negative_prompt_embeds=E, guidance_scale=5.0),
+    ),
+    (
+        "negative_prompt",
+        dict(
+            prompt="x",
+            negative_prompt="y",
+            negative_prompt_embeds=E,
+            negative_pooled_prompt_embeds=P,
+        ),
+    ),
+    ("prompt", dict(prompt=["a", "b"])),
+    ("negative_prompt", dict(prompt="a", negative_prompt=["a", "b"], guidance_scale=5.0)),
+    ("prompt", dict(prompt=3)),
+    ("image", dict(prompt="x", image=None)),
+    ("image", dict(prompt="x", image=np.zeros((1, 8, 8, 5), np.float32))),
+    ("image", dict(prompt="x", image=np.zeros((1, 10, 8, 4), np.float32))),
+    ("image", dict(prompt="x", image=np.zeros((1, 4, 4, 4), np.float32))),
+    ("image", dict(prompt="x", image=np.zeros((1, 100, 96, 3), np.uint8))),
+    ("image", dict(prompt="x", image=np.full((1, 64, 64, 3), 3.0, np.float32))),
+    ("image", dict(prompt="x", image=np.full((1, 8, 8, 4), np.nan, np.float32))),
+    ("image", dict(prompt="x", image="picture.png")),
+    ("num_inference_steps", dict(prompt="x", num_inference_steps=0)),
+    ("num_inference_steps", dict(prompt="x", num_inference_steps=2.5)),
+    ("guidance_scale", dict(prompt="x", guidance_scale=float("nan"))),
+    ("guidance_scale", dict(prompt="x", guidance_scale="high")),
+    ("latents", dict(prompt="x", latents=np.zeros((1, 8, 8, 4), np.float32))),
+    ("output_type", dict(prompt="x", output_type="pt")),
+    ("callback_steps", dict(prompt="x", callback_steps=0)),
+    ("rng", dict(prompt="x", rng="seed")),
+    ("vae_sample_mode", dict(prompt="x", vae_sample_mode="mean")),
+    (
+        "prompt_embeds",
+        dict(prompt_embeds=np.zeros((1, 77, 31), np.float32), pooled_prompt_embeds=P),
+    ),
+    (
+        "pooled_prompt_embeds",
+        dict(prompt_embeds=E, pooled_prompt_embeds=np.zeros((2, 32), np.float32)),
+    ),
+]
+
+
+@pytest.mark.parametrize("arg,kwargs", BAD, ids=[f"{i}-{a}" for i, (a, _) in enumerate(BAD)])
+def test_bad_input_names_argument(flax_pipe, arg, kwargs):
+    counter = CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    kwargs = {"image": LOW, "num_inference_steps": 2, **kwargs}
+    with pytest.raises(ValueError, match=arg):
+        flax_pipe(**kwargs)
+    assert counter.count == 0, "the error came after a compilation"
+
+
+def test_missing_component_folder(pipe_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(pipe_dir, tmp_path / "p")
+    shutil.rmtree(tmp_path / "p" / "vae")
+    with pytest.raises(FileNotFoundError, match="vae"):
+        FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(tmp_path / "p"))
+
+
+def test_offline_hub_error(tmp_path, monkeypatch):
+    from flax_latentup import HubError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match="not in the Hugging Face cache"):
+        FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+            "stabilityai/sd-x2-latent-upscaler", cache_dir=str(tmp_path / "cache")
+        )
+
+
+def test_hub_cache_is_used(pipe_dir, tmp_path, monkeypatch):
+    """A repo already in the HF cache loads offline through the hub path (no network)."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    repo = cache / "models--someone--tiny-upscaler"
+    snap = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(pipe_dir, snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+        "someone/tiny-upscaler", cache_dir=str(cache)
+    )
+    assert pipe.unet.config.in_channels == 8
+
+
+def test_vae_tiling_in_pipeline(flax_pipe):
+    """Tiled decode through the pipeline: 16-px tiles on a 128-px output really tile."""
+    low, noise = inputs(1, seed=80)
+    kw = dict(
+        prompt="x",
+        image=low,
+        latents=noise,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        output_type="np",
+    )
+    whole = flax_pipe(**kw).images
+    flax_pipe.enable_vae_tiling(tile_sample_size=64)
+    try:
+        tiled = flax_pipe(**kw).images
+    finally:
+        flax_pipe.disable_vae_tiling()
+    assert tiled.shape == whole.shape
+    assert np.max(np.abs(tiled - whole)) > 1e-3, "64-px tiles on a 128-px output must tile"
+    # the pipeline's tiled pictures are the VAE's tiled decode (matched to diffusers in
+    # test_vae.py) of the same final latents
+    latents = flax_pipe(**{**kw, "output_type": "latent"}).images
+    z = jnp.asarray(latents / flax_pipe.vae.config.scaling_factor)
+    want = np.clip(
+        np.asarray(flax_pipe.vae.decode(z, tiled=True, tile_sample_size=64)) / 2 + 0.5, 0, 1
+    )
+    np.testing.assert_allclose(tiled, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="tile_sample_size"):
+        flax_pipe.enable_vae_tiling(tile_sample_size=50)
+
+
+def test_float16_decode_retried_in_float32(pipe_dir, flax_pipe):
+    """A float16 VAE decode that overflows is redone in float32 for the affected images."""
+    from flax_latentup import nonfinite_images
+
+    pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(pipe_dir, dtype=jnp.float16)
+    pipe.set_progress_bar_config(disable=True)
+    low, noise = inputs(2, seed=81)
+    kw = dict(prompt="x", image=low, latents=noise, num_inference_steps=2, guidance_scale=0.0)
+    latents = np.array(pipe(output_type="latent", **kw).images)
+    latents[1] *= 1e5  # final latents that drive the float16 decoder out of range
+    raw = pipe.vae.decode(jnp.asarray(latents / pipe.vae.config.scaling_factor))
+    assert list(np.asarray(nonfinite_images(raw))) == [False, True], "the test needs an overflow"
+    images = pipe._finish_images({"latents": latents})
+    assert np.isfinite(images).all()
+    want = flax_pipe._decode(flax_pipe.vae, latents[1:])  # the float32 pipeline's decode
+    np.testing.assert_allclose(images[1:], want, rtol=0, atol=1e-5)
+    # the image that decoded fine in float16 is kept as it was
+    np.testing.assert_array_equal(
+        images[:1], np.clip(np.asarray(raw[:1], np.float32) / 2 + 0.5, 0, 1)
+    )
