@@ -54,7 +54,9 @@ def outputs(outdir):
     found = []
     for root, _, files in os.walk(outdir):
         found += [
-            os.path.relpath(os.path.join(root, f), outdir) for f in files if f.endswith(".png")
+            os.path.relpath(os.path.join(root, f), outdir)
+            for f in files
+            if f.endswith(".png") and not f.startswith(".flax-latentup-tmp-")
         ]
     return sorted(found)
 

@@ -98,26 +98,32 @@ def test_two_processes_split_the_work(flax_pipe_dir, tmp_path):
     low = rng.standard_normal((6, 8, 8, 4)).astype(np.float32)
     np.save(tmp_path / "low.npy", low)
     seeds = [1000 + i for i in range(6)]
-    body = f"""
-    import json, jax, numpy as np
-    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
-    from flax_latentup import parallel
-    low = np.load({str(tmp_path / "low.npy")!r})
-    seeds = {seeds!r}
-    work = list(range(6))
-    pipe = P.from_pretrained({flax_pipe_dir!r}); pipe.set_progress_bar_config(disable=True)
-    """
-    worker = (
-        body
-        + f"""
-    parallel.initialize_distributed()
-    mine = parallel.process_share(work)
-    imgs = pipe(prompt="a cat", image=low[mine], rng=[seeds[i] for i in mine],
-                num_inference_steps=2, guidance_scale=0.0, output_type="np").images
-    np.savez({str(tmp_path)!r} + f"/part{{jax.process_index()}}.npz", idx=np.array(mine), imgs=imgs)
-    print(json.dumps(dict(index=jax.process_index(), count=jax.process_count(), mine=mine)))
-    """
+    head = textwrap.dedent(
+        """
+        import json, jax, numpy as np
+        from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+        from flax_latentup import parallel
+        """
     )
+    body = textwrap.dedent(
+        f"""
+        low = np.load({str(tmp_path / "low.npy")!r})
+        seeds = {seeds!r}
+        work = list(range(6))
+        pipe = P.from_pretrained({flax_pipe_dir!r}); pipe.set_progress_bar_config(disable=True)
+        """
+    )
+    share = textwrap.dedent(
+        f"""
+        mine = parallel.process_share(work)
+        imgs = pipe(prompt="a cat", image=low[mine], rng=[seeds[i] for i in mine],
+                    num_inference_steps=2, guidance_scale=0.0, output_type="np").images
+        np.savez({str(tmp_path)!r} + f"/part{{jax.process_index()}}.npz", idx=np.array(mine), imgs=imgs)
+        print(json.dumps(dict(index=jax.process_index(), count=jax.process_count(), mine=mine)))
+        """
+    )
+    # jax.distributed must start before anything touches the XLA backend
+    worker = head + "parallel.initialize_distributed()\n" + body + share
     port = _free_port()
     procs = [
         run_python(
@@ -132,14 +138,13 @@ def test_two_processes_split_the_work(flax_pipe_dir, tmp_path):
     ]
     infos = [json.loads(finish(p).strip().splitlines()[-1]) for p in procs]
     assert sorted(i["index"] for i in infos) == [0, 1] and all(i["count"] == 2 for i in infos)
-    single = (
-        body
-        + f"""
-    imgs = pipe(prompt="a cat", image=low, rng=seeds, num_inference_steps=2,
-                guidance_scale=0.0, output_type="np").images
-    np.save({str(tmp_path / "single.npy")!r}, imgs)
-    print("ok")
-    """
+    single = head + body + textwrap.dedent(
+        f"""
+        imgs = pipe(prompt="a cat", image=low, rng=seeds, num_inference_steps=2,
+                    guidance_scale=0.0, output_type="np").images
+        np.save({str(tmp_path / "single.npy")!r}, imgs)
+        print("ok")
+        """
     )
     finish(run_python(single))
     ref = np.load(tmp_path / "single.npy")
