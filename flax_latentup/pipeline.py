@@ -224,7 +224,9 @@ def _pil_to_array(img) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def prepare_image(image: Any, latent_channels: int = 4) -> tuple[np.ndarray, str]:
+def prepare_image(
+    image: Any, latent_channels: int = 4, downsample_factor: int = 8
+) -> tuple[np.ndarray, str]:
     """Normalise ``image`` to an NHWC float32 array and say whether it is "latents" or "pixels".
 
     PIL images and uint8 arrays are mapped to [-1, 1]; float picture arrays must already be in
@@ -300,7 +302,8 @@ def prepare_image(image: Any, latent_channels: int = 4) -> tuple[np.ndarray, str
         )
     if not np.isfinite(arr).all():
         raise ValueError("image contains NaN or infinite values")
-    side_unit, side_min = (4, 8) if kind == "latents" else (32, 64)
+    f = downsample_factor
+    side_unit, side_min = (4, 8) if kind == "latents" else (4 * f, 8 * f)
     h, w = arr.shape[1:3]
     if h % side_unit or w % side_unit or h < side_min or w < side_min:
         what = "low-res latents" if kind == "latents" else "pictures"
@@ -699,7 +702,8 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             raise ValueError("pooled_prompt_embeds was given without prompt_embeds")
 
         latent_channels = self.vae.config.latent_channels
-        arr, kind = prepare_image(image, latent_channels)
+        factor = self.vae.config.downsample_factor
+        arr, kind = prepare_image(image, latent_channels, factor)
         batch_size = arr.shape[0]
         h, w = (
             (arr.shape[1], arr.shape[2])

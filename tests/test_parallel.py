@@ -138,13 +138,17 @@ def test_two_processes_split_the_work(flax_pipe_dir, tmp_path):
     ]
     infos = [json.loads(finish(p).strip().splitlines()[-1]) for p in procs]
     assert sorted(i["index"] for i in infos) == [0, 1] and all(i["count"] == 2 for i in infos)
-    single = head + body + textwrap.dedent(
-        f"""
+    single = (
+        head
+        + body
+        + textwrap.dedent(
+            f"""
         imgs = pipe(prompt="a cat", image=low, rng=seeds, num_inference_steps=2,
                     guidance_scale=0.0, output_type="np").images
         np.save({str(tmp_path / "single.npy")!r}, imgs)
         print("ok")
         """
+        )
     )
     finish(run_python(single))
     ref = np.load(tmp_path / "single.npy")
