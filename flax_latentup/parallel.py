@@ -102,11 +102,13 @@ def sharded_upscale(
 def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
     """Copy every leaf to each device, with a leading device axis (the pmap layout)."""
     devices = list(devices) if devices is not None else jax.local_devices()
+    # One copy per device along a leading axis (``PmapSharding`` is gone from recent JAX;
+    # ``pmap`` takes a leading axis split over a mesh of the same devices).
+    sharding = NamedSharding(Mesh(np.asarray(devices), ("devices",)), P("devices"))
 
     def one(x):
         x = jnp.asarray(x)
         shards = [jax.device_put(x[None], d) for d in devices]
-        sharding = jax.sharding.PmapSharding.default((len(devices), *x.shape), 0, devices)
         return jax.make_array_from_single_device_arrays((len(devices), *x.shape), sharding, shards)
 
     return jax.tree.map(one, tree)
