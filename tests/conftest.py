@@ -39,12 +39,19 @@ def tiny_vae(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def flax_pipe_dir(tokenizer_dir, tmp_path_factory) -> str:
-    """A tiny pipeline saved in the Flax format (loads fast, also in subprocesses)."""
-    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
-
+def torch_pipe_dir(tokenizer_dir, tmp_path_factory) -> str:
+    """A tiny seeded torch pipeline saved by diffusers (safetensors)."""
     torch_dir = str(tmp_path_factory.mktemp("torch_pipe"))
     helpers.make_torch_pipeline(seed=1, tokenizer_dir=tokenizer_dir).save_pretrained(torch_dir)
+    return torch_dir
+
+
+@pytest.fixture(scope="session")
+def flax_pipe_dir(torch_pipe_dir, tmp_path_factory) -> str:
+    """The same pipeline saved in the Flax format (loads fast, also in subprocesses)."""
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
+
+    torch_dir = torch_pipe_dir
     flax_dir = str(tmp_path_factory.mktemp("flax_pipe") / "pipe")
     FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(torch_dir).save_pretrained(flax_dir)
     return flax_dir
