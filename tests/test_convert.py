@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from flax_latentup_convert import convert_checkpoint
 from safetensors.torch import load_file
 
 from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
 from flax_latentup.cli import main as cli_main
-from flax_latentup_convert import convert_checkpoint
 
 
 def _run(pipe, seed=0):
