@@ -19,7 +19,7 @@ from flax import nnx
 from flax_latentup.configs import AutoencoderKLConfig, CLIPTextConfig, UNet2DConditionConfig
 from flax_latentup.sampling import EulerSchedulerConfig
 
-_WORDS = ("a", "photo", "of", "the", "cat", "dog", "castle", "landscape", "horse")
+_WORDS = ("a", "photo", "of", "the", "cat", "dog", "castle", "landscape", "astronaut", "horse")
 
 
 def _bytes_to_unicode() -> list[str]:

@@ -6,7 +6,6 @@ biases) so that parity tests exercise every weight, not only the matrices.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -37,66 +36,13 @@ def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.
 # --------------------------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """The reversible byte -> printable-unicode table of byte-level BPE."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-_WORDS = ("a", "photo", "of", "the", "cat", "dog", "castle", "landscape", "astronaut", "horse")
-
-
 def write_clip_tokenizer(folder: str) -> str:
-    """Write vocab.json, merges.txt and tokenizer_config.json of a small CLIP tokenizer.
+    """Write vocab.json, merges.txt and tokenizer_config.json of a small CLIP tokenizer
+    (every byte symbol, a few merged words, the special tokens last so ``<|endoftext|>`` has
+    the highest id as in the real CLIP vocab)."""
+    from flax_latentup.tiny import write_tiny_tokenizer
 
-    The vocabulary holds every byte symbol (alone and word-final), the merges that spell a few
-    words, and the two special tokens last, so ``<|endoftext|>`` has the highest id (as in the
-    real CLIP vocab, which the legacy ``argmax`` pooling rule relies on).
-    """
-    os.makedirs(folder, exist_ok=True)
-    symbols = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for s in symbols:
-        vocab[s] = len(vocab)
-    for s in symbols:
-        vocab[s + "</w>"] = len(vocab)
-    merges: list[str] = []
-    for word in _WORDS:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            a, b = parts[0], parts[1]
-            merges.append(f"{a} {b}")
-            parts = [a + b] + parts[2:]
-            vocab.setdefault(a + b, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump(
-            {
-                "tokenizer_class": "CLIPTokenizer",
-                "model_max_length": 77,
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-            },
-            f,
-        )
-    return folder
+    return write_tiny_tokenizer(folder)
 
 
 def load_tokenizer(folder: str):

@@ -17,16 +17,9 @@ from flax_latentup.sampling import (
     make_schedule,
     noise_level_embedding,
 )
+from tests import helpers
 
-HUB = dict(
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    num_train_timesteps=1000,
-    interpolation_type="log_linear",
-    prediction_type="original_sample",
-    trained_betas=None,
-)
+HUB = helpers.HUB_SCHEDULER
 CONFIGS = {
     "hub": HUB,
     "fast-test": dict(prediction_type="sample"),
