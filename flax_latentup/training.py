@@ -355,7 +355,7 @@ class Trainer:
 
     def init_state(self) -> TrainState:
         """Step 0: the UNet's weights, an EMA equal to them, a fresh optimizer state."""
-        params = self._initial_params
+        params = jax.tree.map(jnp.copy, self._initial_params)  # the step donates its state
         state = TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -393,7 +393,7 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         d = self.config.ema_decay
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
         new = TrainState(step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
         return new, metrics
 
