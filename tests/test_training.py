@@ -253,3 +253,26 @@ def test_resume_is_bitwise_identical(setup, tmp_path):
     # the saved UNet loads as a plain model with the state's weights
     unet = FlaxUNet2DConditionModel.from_pretrained(os.path.join(path, "unet"))
     assert isinstance(unet, FlaxUNet2DConditionModel)
+
+
+def test_example_draws_depend_on_seed_and_step_only(tmp_path):
+    import argparse
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("finetune", "examples/finetune.py")
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    for i, p in enumerate(make_pictures(3, 40, seed=1)):
+        Image.fromarray(((p + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "1.txt").write_text("a photo of the cat\n")
+    paths = finetune.list_pictures(str(tmp_path))
+    assert [finetune.caption_of(p) for p in paths] == ["", "a photo of the cat", ""]
+    args = argparse.Namespace(seed=7, batch_size=2, resolution=32)
+    a, idx_a = finetune.step_pictures(paths, 5, args)
+    b, idx_b = finetune.step_pictures(paths, 5, args)
+    c, _ = finetune.step_pictures(paths, 6, args)
+    assert a.shape == (2, 32, 32, 3) and a.min() >= -1 and a.max() <= 1
+    np.testing.assert_array_equal(a, b)
+    assert idx_a == idx_b and not np.array_equal(a, c)
