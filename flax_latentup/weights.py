@@ -212,13 +212,20 @@ class KeyMap:
 # --------------------------------------------------------------------------------------------
 
 
+def torch_key(path: tuple, ndim: int) -> tuple[str, Rule | None]:
+    """The canonical torch state-dict key of the NNX parameter at ``path`` (``ndim`` dims),
+    and the :class:`Rule` that turns the torch array into the NNX layout (``None``: as is)."""
+    rule = _rule_for(str(path[-1]), ndim)
+    key = path_to_key(path[:-1] + (rule.torch_name,)) if rule else path_to_key(path)
+    return key, rule
+
+
 def _expected(abstract_state: nnx.State, torch_layout: bool) -> dict[str, tuple]:
     """canonical checkpoint key -> (nnx path, variable, rule or None)."""
     out: dict[str, tuple] = {}
     for path, var in nnx.to_flat_state(abstract_state):
         if torch_layout:
-            rule = _rule_for(str(path[-1]), len(var.shape))
-            key = path_to_key(path[:-1] + (rule.torch_name,)) if rule else path_to_key(path)
+            key, rule = torch_key(path, len(var.shape))
         else:
             rule, key = None, path_to_key(path)
         out[key] = (path, var, rule)

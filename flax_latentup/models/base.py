@@ -140,6 +140,17 @@ class PretrainedModel:
         )
         return nnx.merge(graphdef, state)
 
+    def set_remat(self, enabled: bool = True) -> None:
+        """Rematerialise each ResNet/attention/transformer block in the backward pass.
+
+        Trades compute for memory under ``jax.grad`` (activations inside a block are
+        recomputed instead of stored); outputs and gradients are unchanged. Takes effect the
+        next time a function calling the model is traced.
+        """
+        for _, module in nnx.iter_modules(self):  # type: ignore[arg-type]
+            if hasattr(module, "remat"):
+                module.remat = bool(enabled)
+
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` and ``flax_model.safetensors`` to the folder ``path``.
 

@@ -10,7 +10,7 @@ from flax import nnx, struct
 
 from flax_latentup.configs import CLIPTextConfig
 from flax_latentup.models.base import PretrainedModel
-from flax_latentup.models.layers import LayerNorm, attention, get_activation
+from flax_latentup.models.layers import LayerNorm, attention, call_block, get_activation
 from flax_latentup.weights import KeyMap
 
 Array = jax.Array
@@ -100,6 +100,7 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.remat = False  # see PretrainedModel.set_remat
         self.layers = nnx.List(
             [
                 CLIPEncoderLayer(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -173,7 +174,7 @@ class FlaxCLIPTextModel(nnx.Module, PretrainedModel):
         x = self.embeddings(input_ids)
         hidden = [x]
         for layer in self.encoder.layers:
-            x = layer(x)
+            x = call_block(layer, x, remat=self.encoder.remat)
             hidden.append(x)
         last = self.final_layer_norm(x)
         pos = self.pooling_positions(input_ids)

@@ -62,6 +62,28 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 
 
 # --------------------------------------------------------------------------------------------
+# Rematerialisation
+# --------------------------------------------------------------------------------------------
+
+
+def call_block(block: nnx.Module, *args, remat: bool = False):
+    """``block(*args)``; with ``remat`` its activations are recomputed in the backward pass.
+
+    The block is split into its graph and state and called under ``jax.checkpoint``, so
+    ``jax.grad`` keeps only the block's inputs and recomputes what lies inside: less memory
+    for one more forward pass of the block. The value and the gradients are the same.
+    """
+    if not remat:
+        return block(*args)
+    graphdef, state = nnx.split(block)
+
+    def run(state, *args):
+        return nnx.merge(graphdef, state)(*args)
+
+    return jax.checkpoint(run)(state, *args)
+
+
+# --------------------------------------------------------------------------------------------
 # Norms (statistics always in float32, two-pass variance as torch computes it)
 # --------------------------------------------------------------------------------------------
 

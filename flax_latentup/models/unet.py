@@ -23,6 +23,7 @@ from flax_latentup.models.layers import (
     AdaGroupNorm,
     LayerNorm,
     attention,
+    call_block,
     get_activation,
     k_downsample_2d,
     k_upsample_2d,
@@ -231,6 +232,7 @@ class KBlock(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.resample = plan.resample
         self.skips = plan.skips
+        self.remat = False  # see PretrainedModel.set_remat
         self.resnets = nnx.List([ResnetBlockCondNorm2D(r, cfg, **kw) for r in plan.resnets])
         self.attentions = (
             nnx.List([KAttentionBlock(a, cfg, **kw) for a in plan.attentions])
@@ -241,9 +243,9 @@ class KBlock(nnx.Module):
     def _layers(self, x: Array, emb: Array, context: Array) -> tuple[Array, list[Array]]:
         outputs = []
         for j, resnet in enumerate(self.resnets):
-            x = resnet(x, emb)
+            x = call_block(resnet, x, emb, remat=self.remat)
             if self.attentions is not None:
-                x = self.attentions[j](x, emb, context)
+                x = call_block(self.attentions[j], x, emb, context, remat=self.remat)
             outputs.append(x)
         return x, outputs
 

@@ -26,7 +26,13 @@ from flax import nnx, struct
 
 from flax_latentup.configs import AutoencoderKLConfig
 from flax_latentup.models.base import PretrainedModel
-from flax_latentup.models.layers import GroupNorm, attention, attention_settings, get_activation
+from flax_latentup.models.layers import (
+    GroupNorm,
+    attention,
+    attention_settings,
+    call_block,
+    get_activation,
+)
 from flax_latentup.weights import KeyMap
 
 Array = jax.Array
@@ -237,12 +243,13 @@ class UNetMidBlock2D(nnx.Module):
         self.attentions = (
             nnx.List([AttentionBlock(channels, groups=groups, **kw)]) if add_attention else None
         )
+        self.remat = False  # see PretrainedModel.set_remat
 
     def __call__(self, x: Array, valid: _Valid | None = None) -> Array:
-        x = self.resnets[0](x, valid)
+        x = call_block(self.resnets[0], x, valid, remat=self.remat)
         if self.attentions is not None:
-            x = self.attentions[0](x, valid)
-        return self.resnets[1](x, valid)
+            x = call_block(self.attentions[0], x, valid, remat=self.remat)
+        return call_block(self.resnets[1], x, valid, remat=self.remat)
 
 
 class Downsample2D(nnx.Module):
@@ -301,10 +308,11 @@ class DownEncoderBlock2D(nnx.Module):
             ]
         )
         self.downsamplers = nnx.List([Downsample2D(cout, **kw)]) if downsample else None
+        self.remat = False  # see PretrainedModel.set_remat
 
     def __call__(self, x: Array, valid: _Valid | None) -> tuple[Array, _Valid | None]:
         for resnet in self.resnets:
-            x = resnet(x, valid)
+            x = call_block(resnet, x, valid, remat=self.remat)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x, valid)
             valid = None if valid is None else valid.halved()
@@ -333,10 +341,11 @@ class UpDecoderBlock2D(nnx.Module):
             ]
         )
         self.upsamplers = nnx.List([Upsample2D(cout, **kw)]) if upsample else None
+        self.remat = False  # see PretrainedModel.set_remat
 
     def __call__(self, x: Array, valid: _Valid | None) -> tuple[Array, _Valid | None]:
         for resnet in self.resnets:
-            x = resnet(x, valid)
+            x = call_block(resnet, x, valid, remat=self.remat)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, valid)
             valid = None if valid is None else valid.doubled()

@@ -1,0 +1,537 @@
+"""Fine-tuning the upscaler's UNet with k-diffusion's training objective.
+
+The model is the same Karras-preconditioned denoiser the sampler uses (``sigma_data = 1``)::
+
+    c_skip = 1 / (σ² + 1)    c_out = σ / √(σ² + 1)    c_in = 1 / √(σ² + 1)    c_noise = log(σ) / 4
+    D(x; σ) = c_skip · x + c_out · F(c_in · x, c_noise, cond)
+
+and, as in k-diffusion's ``Denoiser.loss``, the network output ``F`` is regressed onto the
+target ``(x0 - c_skip · x_σ) / c_out`` with a per-example mean squared error (equivalently,
+the MSE of the denoised estimate weighted by ``1 / c_out²``), where ``x_σ = x0 + σ · n``.
+The loss is the mean of the per-example errors over the batch. σ is drawn log-normally,
+``σ = exp(loc + scale · N(0, 1))`` (k-diffusion's ``rand_log_normal``).
+
+Conditioning is the pipeline's: the low-res latents upsampled 2x (nearest), concatenated to the
+scaled noisy latents on channels; ``timestep_cond = concat(noise-level embedding, pooled text)``;
+the cross-attention context is the text encoder's last hidden state before its final norm. With
+probability ``cfg_dropout`` a row's text is replaced by the embeddings of the ``""`` prompt, so
+the model keeps an unconditional mode for classifier-free guidance.
+
+Noise augmentation of the low-res latents (k-diffusion's ``NoiseLevelAndTextConditionedUpscaler``):
+the low-res latents get Gaussian noise of standard deviation ``s``, are scaled by
+``1 / √(s² + 1)``, and the model is told ``s`` through the first 128 entries of
+``timestep_cond``: Fourier features ``[cos(2π·log1p(s)·w), sin(2π·log1p(s)·w)]`` of a fixed
+random vector ``w`` (64 values, drawn with std 2 when the model was trained). At ``s = 0`` the
+features are 64 ones and 64 zeros whatever ``w``, which is why the published (diffusers)
+checkpoint does not carry ``w`` and the pipeline always runs at level 0. A nonzero level
+therefore needs ``w`` from the original k-diffusion checkpoint (``low_res_noise_embed.weight``),
+given as :attr:`TrainConfig.noise_aug_embed_weight`.
+
+Only the UNet is trained (the text encoder and the VAE are frozen: embeddings and latents are
+computed outside the step). :class:`Trainer` runs one jitted step (optax AdamW with gradient
+clipping by default, an EMA of the weights) over a ``("data",)`` device mesh: the batch is
+sharded along its first axis, the parameters and optimizer state are replicated. Checkpoints
+(:meth:`Trainer.save_checkpoint`) hold the UNet and its EMA as ``save_pretrained`` folders plus
+the optimizer state and the step, so a run resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from flax_latentup.models.base import read_json, write_json_atomic
+from flax_latentup.models.unet import FlaxUNet2DConditionModel
+from flax_latentup.models.vae import FlaxAutoencoderKL
+
+Array = jax.Array
+# model(sample [B, H, W, 8], timestep [B], context [B, L, D], timestep_cond [B, 128 + D])
+UNetFn = Callable[[Array, Array, Array, Array], Array]
+
+NOISE_EMBED_DIM = 128  # the noise-level part of timestep_cond
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of :class:`Trainer`.
+
+    ``sigma_loc``/``sigma_scale``: mean and std of ``log σ`` (k-diffusion's ``rand_log_normal``
+    ``loc``/``scale``; the defaults -1.2/1.2 are k-diffusion's config defaults).
+    ``cfg_dropout``: probability of replacing a row's text by the ``""`` prompt.
+    ``noise_aug_level``: std of the noise added to the low-res latents (0: none, as the
+    pipeline samples); a nonzero level needs ``noise_aug_embed_weight`` (64 floats, see the
+    module docstring). ``max_grad_norm``: clip by global norm (``None``: no clipping).
+    ``ema_decay``: weight of the old EMA in each update. ``seed``: with the step number it
+    determines every random draw of a step, so a resumed run draws what an uninterrupted one
+    would.
+    """
+
+    learning_rate: float = 1e-5
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float | None = 1.0
+    ema_decay: float = 0.9999
+    sigma_loc: float = -1.2
+    sigma_scale: float = 1.2
+    cfg_dropout: float = 0.1
+    noise_aug_level: float = 0.0
+    noise_aug_embed_weight: tuple[float, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cfg_dropout <= 1.0:
+            raise ValueError(f"cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.sigma_scale < 0:
+            raise ValueError(f"sigma_scale must be >= 0, got {self.sigma_scale}")
+        if self.noise_aug_level < 0:
+            raise ValueError(f"noise_aug_level must be >= 0, got {self.noise_aug_level}")
+        w = self.noise_aug_embed_weight
+        if w is not None and len(w) != NOISE_EMBED_DIM // 2:
+            raise ValueError(
+                f"noise_aug_embed_weight must hold {NOISE_EMBED_DIM // 2} values, got {len(w)}"
+            )
+        if self.noise_aug_level > 0 and w is None:
+            raise ValueError(
+                "noise_aug_level > 0 needs noise_aug_embed_weight: the embedding of a nonzero "
+                "noise level depends on the random Fourier weights of the original k-diffusion "
+                "checkpoint (low_res_noise_embed.weight, 64 values), which the published "
+                "diffusers checkpoint does not carry. Pass them, or keep noise_aug_level=0 "
+                "(what the pipeline samples with)."
+            )
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """Gradient clipping (if any), then AdamW."""
+        adamw = optax.adamw(
+            self.learning_rate,
+            b1=self.adam_b1,
+            b2=self.adam_b2,
+            eps=self.adam_eps,
+            weight_decay=self.weight_decay,
+        )
+        if self.max_grad_norm is None:
+            return adamw
+        return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adamw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["noise_aug_embed_weight"] is not None:
+            d["noise_aug_embed_weight"] = list(d["noise_aug_embed_weight"])
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# The objective
+# --------------------------------------------------------------------------------------------
+
+
+def karras_scalings(sigma: Array) -> tuple[Array, Array, Array]:
+    """``(c_skip, c_out, c_in)`` for ``sigma_data = 1``, same shape as ``sigma``."""
+    sigma = jnp.asarray(sigma, jnp.float32)
+    c_skip = 1.0 / (sigma * sigma + 1.0)
+    c_in = jax.lax.rsqrt(sigma * sigma + 1.0)
+    return c_skip, sigma * c_in, c_in
+
+
+def rand_log_normal(key: Array, shape: tuple[int, ...], loc: float, scale: float) -> Array:
+    """``exp(loc + scale · N(0, 1))``, float32 (k-diffusion's ``rand_log_normal``)."""
+    return jnp.exp(loc + scale * jax.random.normal(key, shape, jnp.float32))
+
+
+def upsample_nearest_2x(x: Array) -> Array:
+    """``[B, h, w, C]`` -> ``[B, 2h, 2w, C]``, each value repeated on a 2x2 square."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def noise_level_embedding(level: Array, weight: Array | None = None) -> Array:
+    """The 128-entry noise-level part of ``timestep_cond`` for levels ``[B]``.
+
+    ``[cos(2π·log1p(level)·w), sin(2π·log1p(level)·w)]`` with ``w = weight [64]``; at level 0
+    it is 64 ones and 64 zeros for any ``w`` (``weight`` may then be ``None``).
+    """
+    level = jnp.asarray(level, jnp.float32)
+    if weight is None:
+        weight = jnp.zeros((NOISE_EMBED_DIM // 2,), jnp.float32)
+    f = 2 * jnp.pi * jnp.log1p(level)[:, None] * jnp.asarray(weight, jnp.float32)[None, :]
+    return jnp.concatenate([jnp.cos(f), jnp.sin(f)], axis=-1)
+
+
+@struct.dataclass
+class Draws:
+    """The random inputs of one loss evaluation (all float32 except ``drop_text``).
+
+    ``sigma [B]``, ``noise [B, H, W, C]`` (like the target latents), ``drop_text`` bool ``[B]``
+    (rows whose text is replaced by the ``""`` prompt), ``aug_noise [B, h, w, C]`` (like the
+    low-res latents, scaled by the augmentation level).
+    """
+
+    sigma: Array
+    noise: Array
+    drop_text: Array
+    aug_noise: Array
+
+
+def draw(key: Array, latents_shape, low_res_shape, config: TrainConfig) -> Draws:
+    """Sample :class:`Draws` for a batch: log-normal σ, Gaussian noise, text dropout."""
+    k_sigma, k_noise, k_drop, k_aug = jax.random.split(key, 4)
+    b = latents_shape[0]
+    return Draws(
+        sigma=rand_log_normal(k_sigma, (b,), config.sigma_loc, config.sigma_scale),
+        noise=jax.random.normal(k_noise, latents_shape, jnp.float32),
+        drop_text=jax.random.bernoulli(k_drop, config.cfg_dropout, (b,)),
+        aug_noise=jax.random.normal(k_aug, low_res_shape, jnp.float32),
+    )
+
+
+def denoiser_loss(
+    model: UNetFn,
+    batch: Mapping[str, Array],
+    draws: Draws,
+    uncond: tuple[Array, Array],
+    *,
+    noise_aug_level: float = 0.0,
+    noise_aug_embed_weight: Array | None = None,
+) -> tuple[Array, Array]:
+    """k-diffusion's denoiser loss of the upscaler; returns ``(mean loss, per-example [B])``.
+
+    ``batch``: ``latents [B, H, W, C]`` (the target x0, scaled latents), ``low_res [B, H/2,
+    W/2, C]``, ``context [B, L, D]``, ``pooled [B, D]``. ``uncond``: the ``""`` prompt's
+    ``(context [L, D], pooled [D])``. ``model`` returns ``C + 1`` channels (the last, a
+    variance head, is not trained, as the pipeline drops it).
+    """
+    x0 = batch["latents"].astype(jnp.float32)
+    b = x0.shape[0]
+    sigma = draws.sigma.astype(jnp.float32)
+    c_skip, c_out, c_in = (c.reshape(b, 1, 1, 1) for c in karras_scalings(sigma))
+    noised = x0 + draws.noise * sigma.reshape(b, 1, 1, 1)
+
+    low = batch["low_res"].astype(jnp.float32)
+    level = jnp.full((b,), noise_aug_level, jnp.float32)
+    if noise_aug_level:
+        low = (low + noise_aug_level * draws.aug_noise) * jax.lax.rsqrt(
+            jnp.float32(noise_aug_level) ** 2 + 1.0
+        )
+    image_cond = upsample_nearest_2x(low)
+
+    keep = ~draws.drop_text
+    context = jnp.where(keep[:, None, None], batch["context"], uncond[0][None])
+    pooled = jnp.where(keep[:, None], batch["pooled"], uncond[1][None])
+    timestep_cond = jnp.concatenate(
+        [noise_level_embedding(level, noise_aug_embed_weight), pooled.astype(jnp.float32)], -1
+    )
+
+    model_in = jnp.concatenate([noised * c_in, image_cond], axis=-1)
+    out = model(model_in, jnp.log(sigma) * 0.25, context, timestep_cond)
+    out = out[..., : x0.shape[-1]].astype(jnp.float32)
+    target = (x0 - c_skip * noised) / c_out
+    per_example = jnp.mean(jnp.square(out - target), axis=(1, 2, 3))
+    return jnp.mean(per_example), per_example
+
+
+# --------------------------------------------------------------------------------------------
+# Data: frozen VAE latents
+# --------------------------------------------------------------------------------------------
+
+
+def downsample_2x(images: Array) -> Array:
+    """Pictures ``[B, H, W, C]`` at half size (antialiased bicubic, like a photo resize)."""
+    b, h, w, c = images.shape
+    return jax.image.resize(images, (b, h // 2, w // 2, c), "bicubic", antialias=True)
+
+
+def make_latents(vae: FlaxAutoencoderKL, images: Array, key: Array) -> dict[str, Array]:
+    """Target and low-res latents of high-resolution pictures ``[B, H, W, 3]`` in [-1, 1].
+
+    ``latents``: the picture's VAE latents (a posterior sample, times ``scaling_factor``),
+    ``[B, H/f, W/f, C]``. ``low_res``: the latents of the picture downsampled 2x
+    (:func:`downsample_2x`), ``[B, H/2f, W/2f, C]``: what the pipeline feeds the model at
+    inference (the latents of a picture at half the resolution). H and W must be multiples
+    of ``2 f``.
+    """
+    f = vae.config.downsample_factor
+    if images.shape[1] % (2 * f) or images.shape[2] % (2 * f):
+        raise ValueError(
+            f"picture sides must be multiples of {2 * f} (2 x the VAE factor), "
+            f"got {images.shape[1]}x{images.shape[2]}"
+        )
+    k_hi, k_lo = jax.random.split(key)
+    scale = vae.config.scaling_factor
+    hi = vae.encode(images).sample(k_hi) * scale
+    lo = vae.encode(downsample_2x(images)).sample(k_lo) * scale
+    return {"latents": hi.astype(jnp.float32), "low_res": lo.astype(jnp.float32)}
+
+
+# --------------------------------------------------------------------------------------------
+# The train state and step
+# --------------------------------------------------------------------------------------------
+
+# The Fourier projection weight is a fixed random vector (frozen in diffusers too).
+TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("time_proj")))
+
+
+@struct.dataclass
+class TrainState:
+    """``step`` (int32 scalar), trainable UNet ``params``, their ``ema`` and ``opt_state``."""
+
+    step: Array
+    params: nnx.State
+    ema: nnx.State
+    opt_state: Any
+
+
+_STATE_FILE = "trainer_state.json"
+_OPT_FILE = "optimizer.safetensors"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class Trainer:
+    """Fine-tunes a :class:`FlaxUNet2DConditionModel` (the frozen parts are left as given).
+
+    ``uncond``: the ``""`` prompt's ``(context [L, D], pooled [D])`` for text dropout.
+    ``mesh``: a 1-D ``("data",)`` mesh (default: all local devices); batches must divide by
+    its size. ``remat``: rematerialise the UNet's blocks (less memory, more compute).
+    """
+
+    def __init__(
+        self,
+        unet: FlaxUNet2DConditionModel,
+        uncond: tuple[Array, Array],
+        config: TrainConfig | None = None,
+        *,
+        mesh: Mesh | None = None,
+        remat: bool = False,
+    ):
+        self.config = config or TrainConfig()
+        self.unet_config = unet.config
+        unet.set_remat(remat)
+        self.graphdef, params, self.frozen = nnx.split(unet, TRAINABLE, ...)
+        unet.set_remat(False)
+        self._initial_params = params
+        if mesh is None:
+            from flax_latentup.parallel import make_mesh
+
+            mesh = make_mesh()
+        if tuple(mesh.axis_names) != ("data",):
+            raise ValueError(f"mesh must have the single axis ('data',), got {mesh.axis_names}")
+        self.mesh = mesh
+        self.replicated = NamedSharding(mesh, P())
+        self.sharded = NamedSharding(mesh, P("data"))
+        self.uncond = jax.device_put(
+            (jnp.asarray(uncond[0], jnp.float32), jnp.asarray(uncond[1], jnp.float32)),
+            self.replicated,
+        )
+        self.frozen = jax.device_put(self.frozen, self.replicated)
+        self.optimizer = self.config.optimizer()
+        w = self.config.noise_aug_embed_weight
+        self._aug_weight = None if w is None else jnp.asarray(w, jnp.float32)
+        self._step = jax.jit(
+            self._step_fn,
+            in_shardings=(self.replicated, self.sharded),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+        )
+        self._eval = jax.jit(self._eval_fn)
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def init_state(self) -> TrainState:
+        """Step 0: the UNet's weights, an EMA equal to them, a fresh optimizer state."""
+        params = jax.tree.map(jnp.copy, self._initial_params)  # the step donates its state
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema=jax.tree.map(jnp.copy, params),
+            opt_state=self.optimizer.init(params),
+        )
+        return jax.device_put(state, self.replicated)
+
+    def unet(self, state: TrainState, *, ema: bool = False) -> FlaxUNet2DConditionModel:
+        """The UNet with the state's weights (or their EMA)."""
+        params = jax.device_get(state.ema if ema else state.params)
+        model = nnx.merge(self.graphdef, params, jax.device_get(self.frozen))
+        model.set_remat(False)
+        return model
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def _loss(self, params, batch, draws):
+        unet = nnx.merge(self.graphdef, params, self.frozen)
+        return denoiser_loss(
+            unet,
+            batch,
+            draws,
+            self.uncond,
+            noise_aug_level=self.config.noise_aug_level,
+            noise_aug_embed_weight=self._aug_weight,
+        )
+
+    def _step_fn(self, state: TrainState, batch: dict[str, Array]):
+        key = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
+        draws = draw(key, batch["latents"].shape, batch["low_res"].shape, self.config)
+        draws = jax.lax.with_sharding_constraint(draws, self.sharded)
+        (loss, _), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, batch, draws)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        d = self.config.ema_decay
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, params)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        new = TrainState(step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
+        return new, metrics
+
+    def _eval_fn(self, params, batch, draws):
+        return self._loss(params, batch, draws)[0]
+
+    def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, Array]:
+        """Put a host batch on the mesh, split along its first axis."""
+        n = self.mesh.devices.size
+        out = {}
+        for k in ("latents", "low_res", "context", "pooled"):
+            v = np.asarray(batch[k], np.float32)
+            if v.shape[0] % n:
+                raise ValueError(
+                    f"batch size {v.shape[0]} must be a multiple of the device count {n}"
+                )
+            out[k] = jax.device_put(v, self.sharded)
+        return out
+
+    def step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
+        """One optimizer step on ``batch`` (``latents``, ``low_res``, ``context``, ``pooled``).
+
+        The step's random draws come from ``config.seed`` and ``state.step``. ``state`` is
+        donated (its buffers are reused): keep the returned one. Returns ``(state, metrics)``
+        with ``loss`` and ``grad_norm`` (before clipping).
+        """
+        return self._step(state, self.shard_batch(batch))
+
+    def loss(self, state: TrainState, batch: Mapping[str, Any], draws: Draws, *, ema=False):
+        """The loss of the state's weights on ``batch`` with fixed ``draws`` (no update)."""
+        params = state.ema if ema else state.params
+        return float(self._eval(params, self.shard_batch(batch), draws))
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self, folder: str | os.PathLike, state: TrainState) -> str:
+        """Write ``folder/checkpoint-<step>/`` and return its path.
+
+        It holds ``unet/`` and ``unet_ema/`` (``save_pretrained`` folders), the optimizer
+        state (``optimizer.safetensors``, leaves in tree order) and ``trainer_state.json``
+        (step, config). Everything is written under a temporary name first, so a run killed
+        mid-save leaves no ``checkpoint-*`` folder that is incomplete.
+        """
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        step = int(jax.device_get(state.step))
+        final = os.path.join(folder, f"checkpoint-{step:08d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        self.unet(state).save_pretrained(os.path.join(tmp, "unet"))
+        self.unet(state, ema=True).save_pretrained(os.path.join(tmp, "unet_ema"))
+        _save_leaves(jax.device_get(state.opt_state), os.path.join(tmp, _OPT_FILE))
+        info = {"step": step, "config": self.config.to_dict()}
+        write_json_atomic(info, os.path.join(tmp, _STATE_FILE))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def load_checkpoint(self, path: str | os.PathLike) -> TrainState:
+        """The :class:`TrainState` saved in the checkpoint folder ``path``."""
+        path = os.fspath(path)
+        step = int(read_json(os.path.join(path, _STATE_FILE))["step"])
+
+        def params_of(sub: str) -> nnx.State:
+            model = FlaxUNet2DConditionModel.from_pretrained(os.path.join(path, sub))
+            if model.config != self.unet_config:
+                raise ValueError(f"{path}/{sub} holds a UNet of another config")
+            return nnx.split(model, TRAINABLE, ...)[1]
+
+        params = params_of("unet")
+        template = self.optimizer.init(params)
+        opt_state = _load_leaves(template, os.path.join(path, _OPT_FILE))
+        state = TrainState(
+            step=jnp.asarray(step, jnp.int32),
+            params=params,
+            ema=params_of("unet_ema"),
+            opt_state=opt_state,
+        )
+        return jax.device_put(state, self.replicated)
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The ``checkpoint-<step>`` folder with the highest step in ``folder`` (None if none)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return None
+    found = []
+    for name in os.listdir(folder):
+        m = _CHECKPOINT.match(name)
+        if m and os.path.isfile(os.path.join(folder, name, _STATE_FILE)):
+            found.append((int(m.group(1)), name))
+    return os.path.join(folder, max(found)[1]) if found else None
+
+
+def _save_leaves(tree: Any, path: str) -> None:
+    from safetensors.numpy import save_file
+
+    leaves = jax.tree.leaves(tree)
+    arrays = {f"{i:06d}": np.asarray(v) for i, v in enumerate(leaves)}
+    tmp = path + ".tmp"
+    save_file(arrays, tmp, metadata={"format": "optax", "leaves": str(len(leaves))})
+    os.replace(tmp, path)
+
+
+def _load_leaves(template: Any, path: str) -> Any:
+    from safetensors.numpy import load_file
+
+    arrays = load_file(path)
+    leaves, treedef = jax.tree.flatten(template)
+    if len(arrays) != len(leaves):
+        raise ValueError(
+            f"{path} holds {len(arrays)} optimizer arrays, this optimizer has {len(leaves)}"
+        )
+    out = []
+    for i, want in enumerate(leaves):
+        got = arrays[f"{i:06d}"]
+        if got.shape != np.shape(want) or got.dtype != np.asarray(want).dtype:
+            raise ValueError(
+                f"{path}: optimizer array {i} is {got.dtype}{list(got.shape)}, expected "
+                f"{np.asarray(want).dtype}{list(np.shape(want))}"
+            )
+        out.append(jnp.asarray(got))
+    return jax.tree.unflatten(treedef, out)
+
+
+__all__ = [
+    "Draws",
+    "TrainConfig",
+    "TrainState",
+    "Trainer",
+    "denoiser_loss",
+    "draw",
+    "karras_scalings",
+    "latest_checkpoint",
+    "make_latents",
+    "noise_level_embedding",
+    "rand_log_normal",
+    "upsample_nearest_2x",
+]

@@ -1,0 +1,278 @@
+"""The fine-tuning objective against an independent numpy computation, a short fine-tune of a
+tiny UNet whose loss must fall, and a checkpointed run resumed bit for bit."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flax_latentup import AutoencoderKLConfig, FlaxAutoencoderKL, FlaxUNet2DConditionModel
+from flax_latentup.configs import UNet2DConditionConfig
+from flax_latentup.sampling import noise_level_embedding as pipeline_noise_embedding
+from flax_latentup.training import (
+    Draws,
+    TrainConfig,
+    Trainer,
+    denoiser_loss,
+    draw,
+    karras_scalings,
+    latest_checkpoint,
+    make_latents,
+    noise_level_embedding,
+)
+from tests import helpers
+
+B, D, L = 4, 32, 7  # batch, text width (the tiny UNet's cross_attention_dim), text length
+
+# --------------------------------------------------------------------------------------------
+# The objective against numpy
+# --------------------------------------------------------------------------------------------
+
+
+def _fake_weights(seed=0):
+    rng = np.random.RandomState(seed)
+    return {
+        "a": rng.randn(8, 5) * 0.4,
+        "t": rng.randn(5),
+        "c": rng.randn(D, 5) * 0.3,
+        "e": rng.randn(128 + D, 5) * 0.1,
+    }
+
+
+def _fake_model(w):
+    """A small differentiable stand-in for the UNet, using every input."""
+
+    def model(x, t, ctx, cond):
+        h = x @ w["a"] + t[:, None, None, None] * w["t"]
+        h = h + (ctx.mean(1) @ w["c"])[:, None, None, :] + (cond @ w["e"])[:, None, None, :]
+        return np.tanh(h) if isinstance(x, np.ndarray) else jnp.tanh(h)
+
+    return model
+
+
+def _numpy_loss(w, batch, draws, uncond, level, embed_weight):
+    """The k-diffusion upscaler objective, re-derived in float64."""
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    x0, low = f64(batch["latents"]), f64(batch["low_res"])
+    sigma, noise = f64(draws.sigma), f64(draws.noise)
+    s = sigma[:, None, None, None]
+    c_skip, c_out, c_in = 1 / (s**2 + 1), s / np.sqrt(s**2 + 1), 1 / np.sqrt(s**2 + 1)
+    noised = x0 + noise * s
+    low = (low + level * f64(draws.aug_noise)) / np.sqrt(level**2 + 1)
+    image_cond = low.repeat(2, axis=1).repeat(2, axis=2)
+    drop = np.asarray(draws.drop_text)
+    ctx = np.where(drop[:, None, None], f64(uncond[0])[None], f64(batch["context"]))
+    pooled = np.where(drop[:, None], f64(uncond[1])[None], f64(batch["pooled"]))
+    freq = 2 * np.pi * np.log1p(level) * f64(embed_weight)
+    emb = np.concatenate([np.cos(freq), np.sin(freq)])[None].repeat(len(x0), 0)
+    cond = np.concatenate([emb, pooled], axis=1)
+    model_in = np.concatenate([noised * c_in, image_cond], axis=-1)
+    out = _fake_model(w)(model_in, np.log(sigma) / 4, ctx, cond)[..., :4]
+    target = (x0 - c_skip * noised) / c_out
+    return np.mean(np.mean((out - target) ** 2, axis=(1, 2, 3)))
+
+
+def _random_batch(seed=0, size=8):
+    rng = np.random.RandomState(seed)
+    f32 = lambda *s: rng.randn(*s).astype(np.float32)  # noqa: E731
+    batch = {
+        "latents": f32(B, size, size, 4),
+        "low_res": f32(B, size // 2, size // 2, 4),
+        "context": f32(B, L, D),
+        "pooled": f32(B, D),
+    }
+    return batch, (f32(L, D), f32(D))
+
+
+@pytest.mark.parametrize("level", [0.0, 0.3])
+def test_loss_matches_numpy(level):
+    batch, uncond = _random_batch()
+    rng = np.random.RandomState(1)
+    draws = Draws(
+        sigma=np.asarray([0.03, 0.4, 1.7, 12.0], np.float32),
+        noise=rng.randn(*batch["latents"].shape).astype(np.float32),
+        drop_text=np.asarray([False, True, False, True]),
+        aug_noise=rng.randn(*batch["low_res"].shape).astype(np.float32),
+    )
+    embed_weight = (rng.randn(64) * 2).astype(np.float32)
+    w = _fake_weights()
+    want = _numpy_loss(w, batch, draws, uncond, level, embed_weight if level else np.zeros(64))
+    jw = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), w)
+    got, per_example = jax.jit(
+        lambda batch, draws: denoiser_loss(
+            _fake_model(jw),
+            batch,
+            draws,
+            uncond,
+            noise_aug_level=level,
+            noise_aug_embed_weight=embed_weight if level else None,
+        )
+    )(batch, draws)
+    err = abs(float(got) - want)
+    print(f"level {level}: loss {float(got):.6f}, numpy {want:.6f}, |diff| {err:.1e}")
+    assert err < 1e-6 * max(1.0, abs(want))
+    assert per_example.shape == (B,)
+
+
+def test_scalings_and_noise_embedding():
+    sigma = jnp.asarray([0.1, 1.0, 10.0])
+    c_skip, c_out, c_in = karras_scalings(sigma)
+    # D(x) = c_skip x + c_out F reproduces x0 at F = target for any sigma (sigma_data = 1)
+    np.testing.assert_allclose(c_skip + c_out**2, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(c_in * jnp.sqrt(sigma**2 + 1), 1.0, rtol=1e-6)
+    # level 0 is the pipeline's 64 ones and 64 zeros, whatever the Fourier weight
+    np.testing.assert_array_equal(
+        noise_level_embedding(jnp.zeros(3), jnp.arange(64.0)), pipeline_noise_embedding(3)
+    )
+    with pytest.raises(ValueError, match="noise_aug_embed_weight"):
+        TrainConfig(noise_aug_level=0.1)
+
+
+def test_draws_follow_config():
+    cfg = TrainConfig(sigma_loc=-1.2, sigma_scale=1.2, cfg_dropout=0.25)
+    d = draw(jax.random.key(0), (4096, 2, 2, 4), (4096, 1, 1, 4), cfg)
+    log_sigma = np.log(np.asarray(d.sigma))
+    assert abs(log_sigma.mean() + 1.2) < 0.06 and abs(log_sigma.std() - 1.2) < 0.06
+    assert abs(np.asarray(d.drop_text).mean() - 0.25) < 0.03
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning a tiny model
+# --------------------------------------------------------------------------------------------
+
+
+def make_pictures(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Smooth coloured pictures in [-1, 1]: gradients and a disc each."""
+    rng = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    out = []
+    for _ in range(n):
+        a, b, c = rng.uniform(-1, 1, (3, 3))
+        img = a * xx[..., None] + b * yy[..., None] + c * 0.5
+        cy, cx, r = rng.uniform(0.2, 0.8, 3) * [1, 1, 0.4]
+        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < r**2)[..., None]
+        img = np.where(disc, rng.uniform(-1, 1, 3), img)
+        out.append(np.clip(img, -1, 1))
+    return np.stack(out).astype(np.float32)
+
+
+def random_model(cls, config, seed: int):
+    """A model with seeded random weights, filled from numpy (eager NNX init is slow on CPU)."""
+    graphdef, abstract = nnx.split(cls.abstract(config))
+    rng = np.random.RandomState(seed)
+    flat = []
+    for path, var in nnx.to_flat_state(abstract):
+        shape, name = var.shape, path[-1]
+        if name == "scale":
+            value = 1.0 + 0.1 * rng.randn(*shape)
+        elif name == "bias":
+            value = 0.1 * rng.randn(*shape)
+        elif len(shape) >= 2:
+            value = rng.randn(*shape) / np.sqrt(np.prod(shape[:-1]))
+        else:  # the Fourier projection weight (diffusers draws it with std 16)
+            value = 16.0 * rng.randn(*shape)
+        flat.append((path, var.replace(jnp.asarray(value, jnp.float32))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    unet_config = UNet2DConditionConfig.from_dict(helpers.PIPE_UNET)
+    unet = random_model(FlaxUNet2DConditionModel, unet_config, 0)
+    vae = random_model(FlaxAutoencoderKL, AutoencoderKLConfig.tiny(), 1)
+    pictures = jnp.asarray(make_pictures(B, 32))
+    batch = dict(make_latents(vae, pictures, jax.random.key(2)))
+    rng = np.random.RandomState(3)
+    batch["context"] = rng.randn(B, L, D).astype(np.float32)
+    batch["pooled"] = rng.randn(B, D).astype(np.float32)
+    uncond = (rng.randn(L, D).astype(np.float32), rng.randn(D).astype(np.float32))
+    config = TrainConfig(learning_rate=1e-3, ema_decay=0.9, cfg_dropout=0.1, seed=4)
+    return Trainer(unet, uncond, config), batch
+
+
+def test_latents_shapes(setup):
+    _, batch = setup
+    assert batch["latents"].shape == (B, 16, 16, 4)
+    assert batch["low_res"].shape == (B, 8, 8, 4)
+
+
+def test_finetune_loss_goes_down(setup):
+    trainer, batch = setup
+    # a fixed evaluation set: one sigma per row across the training range, fixed noise
+    k = jax.random.key(5)
+    fixed = Draws(
+        sigma=jnp.asarray([0.1, 0.3, 1.0, 3.0]),
+        noise=jax.random.normal(k, batch["latents"].shape),
+        drop_text=jnp.zeros((B,), bool),
+        aug_noise=jnp.zeros(batch["low_res"].shape),
+    )
+    state = trainer.init_state()
+    before = trainer.loss(state, batch, fixed)
+    losses = []
+    for _ in range(40):
+        state, metrics = trainer.step(state, batch)
+        losses.append(float(metrics["loss"]))
+    after = trainer.loss(state, batch, fixed)
+    after_ema = trainer.loss(state, batch, fixed, ema=True)
+    print(f"fixed-draw loss {before:.4f} -> {after:.4f} (EMA {after_ema:.4f}) in 40 steps")
+    assert int(state.step) == 40 and np.all(np.isfinite(losses))
+    assert after < 0.5 * before
+    assert after_ema < before
+
+
+def test_resume_is_bitwise_identical(setup, tmp_path):
+    trainer, batch = setup
+    state = trainer.init_state()
+    for i in range(6):
+        if i == 3:
+            path = trainer.save_checkpoint(tmp_path, state)
+        state, _ = trainer.step(state, batch)
+    assert latest_checkpoint(tmp_path) == path and path.endswith("checkpoint-00000003")
+    assert sorted(os.listdir(path)) == [
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "unet",
+        "unet_ema",
+    ]
+
+    resumed = trainer.load_checkpoint(path)
+    assert int(resumed.step) == 3
+    for _ in range(3):
+        resumed, _ = trainer.step(resumed, batch)
+    flat_a, tree_a = jax.tree.flatten(jax.device_get(state))
+    flat_b, tree_b = jax.tree.flatten(jax.device_get(resumed))
+    assert tree_a == tree_b
+    for a, b in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # the saved UNet loads as a plain model with the state's weights
+    unet = FlaxUNet2DConditionModel.from_pretrained(os.path.join(path, "unet"))
+    assert isinstance(unet, FlaxUNet2DConditionModel)
+
+
+def test_example_draws_depend_on_seed_and_step_only(tmp_path):
+    import argparse
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("finetune", "examples/finetune.py")
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    for i, p in enumerate(make_pictures(3, 40, seed=1)):
+        Image.fromarray(((p + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "1.txt").write_text("a photo of the cat\n")
+    paths = finetune.list_pictures(str(tmp_path))
+    assert [finetune.caption_of(p) for p in paths] == ["", "a photo of the cat", ""]
+    args = argparse.Namespace(seed=7, batch_size=2, resolution=32)
+    a, idx_a = finetune.step_pictures(paths, 5, args)
+    b, idx_b = finetune.step_pictures(paths, 5, args)
+    c, _ = finetune.step_pictures(paths, 6, args)
+    assert a.shape == (2, 32, 32, 3) and a.min() >= -1 and a.max() <= 1
+    np.testing.assert_array_equal(a, b)
+    assert idx_a == idx_b and not np.array_equal(a, c)
