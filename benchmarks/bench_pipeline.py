@@ -196,7 +196,7 @@ def worker_jax(spec: dict) -> dict:
 
             def call(g=g):
                 return pipe(
-                    prompt=PROMPT,
+                    prompt=[PROMPT] * spec["batch"],
                     image=data["low"],
                     num_inference_steps=spec["steps"],
                     guidance_scale=g,
@@ -217,7 +217,7 @@ def worker_jax(spec: dict) -> dict:
             np.save(os.path.join(spec["out"], f"jax_images_{g}.npy"), images)
             np.save(os.path.join(spec["out"], f"jax_latents_{g}.npy"), stash["latents"])
         if spec["unet_timing"]:
-            unet = data_unet(spec, case, np)
+            unet = data_unet(spec, case, pipe.unet.config, np)
             args = [jnp.asarray(unet[k]).astype(dtype) for k in ("x", "t", "ctx", "tc")]
             compile_events.clear()
             first, times, out = _timed(
@@ -227,21 +227,36 @@ def worker_jax(spec: dict) -> dict:
             entry.update(unet_first_s=first, unet_compile_s=sum(compile_events), unet_s=times)
             np.save(os.path.join(spec["out"], f"jax_unet_{g}.npy"), np.asarray(out, np.float32))
         result["cases"].append(entry)
+    if spec["unet_timing"] and not spec["unet_only"]:
+        vae_graphdef, vae_state = nnx.split(pipe.vae)
+        decode = jax.jit(lambda st, z: nnx.merge(vae_graphdef, st).decode(z))
+        z = jnp.asarray(data_latents(spec, np)).astype(dtype)
+        first, times, _ = _timed(
+            lambda: decode(vae_state, z).block_until_ready(), spec["unet_repeats"]
+        )
+        result.update(vae_decode_first_s=first, vae_decode_s=times)
     result["peak_rss_gib"] = peak_rss_gib()
     result["base_rss_gib"] = base_rss
     return result
 
 
-def data_unet(spec: dict, case: dict, np) -> dict:
-    """Random UNet inputs (NHWC) for one call with the rows of ``case``."""
+def data_latents(spec: dict, np):
+    """Random latents ``[B, 2h, 2w, 4]`` (NHWC) for timing the VAE decode alone."""
+    side = 2 * spec["latent"]
+    return np.random.RandomState(8).randn(spec["batch"], side, side, 4).astype(np.float32)
+
+
+def data_unet(spec: dict, case: dict, config, np) -> dict:
+    """Random UNet inputs (NHWC) for one call with the rows of ``case``; ``config``: the UNet's
+    config (either side's: the names are the same)."""
     rows = spec["batch"] * (2 if case["guidance"] > 1 else 1)
     side = 2 * spec["latent"]
     rng = np.random.RandomState(7)
     return {
-        "x": rng.randn(rows, side, side, 8).astype(np.float32),
+        "x": rng.randn(rows, side, side, config.in_channels).astype(np.float32),
         "t": np.full((rows,), np.log(3.0) * 0.25, np.float32),
-        "ctx": rng.randn(rows, 77, 768).astype(np.float32),
-        "tc": rng.randn(rows, 896).astype(np.float32),
+        "ctx": rng.randn(rows, 77, config.cross_attention_dim).astype(np.float32),
+        "tc": rng.randn(rows, config.time_cond_proj_dim).astype(np.float32),
     }
 
 
@@ -283,7 +298,7 @@ def worker_torch(spec: dict) -> dict:
 
                 def call(g=g):
                     images = pipe(
-                        prompt=PROMPT,
+                        prompt=[PROMPT] * spec["batch"],
                         image=low,
                         num_inference_steps=spec["steps"],
                         guidance_scale=g,
@@ -300,7 +315,7 @@ def worker_torch(spec: dict) -> dict:
                 lat = stash["latents"].float().cpu().numpy().transpose(0, 2, 3, 1)
                 np.save(os.path.join(spec["out"], f"torch_latents_{g}.npy"), lat)
             if spec["unet_timing"]:
-                unet = data_unet(spec, case, np)
+                unet = data_unet(spec, case, pipe.unet.config, np)
                 args = {k: torch.from_numpy(v).to(device, dtype) for k, v in unet.items()}
                 x = args["x"].permute(0, 3, 1, 2).contiguous()
 
@@ -318,6 +333,17 @@ def worker_torch(spec: dict) -> dict:
                     out.float().cpu().numpy().transpose(0, 2, 3, 1),
                 )
         result["cases"].append(entry)
+    if spec["unet_timing"] and not spec["unet_only"]:
+        z = torch.from_numpy(data_latents(spec, np).transpose(0, 3, 1, 2)).to(device, dtype)
+
+        def decode():
+            out = pipe.vae.decode(z, return_dict=False)[0]
+            sync()
+            return out
+
+        with torch.inference_mode():
+            first, times, _ = _timed(decode, spec["unet_repeats"])
+        result.update(vae_decode_first_s=first, vae_decode_s=times)
     result["peak_rss_gib"] = peak_rss_gib()
     result["base_rss_gib"] = base_rss
     return result
@@ -587,6 +613,9 @@ def main() -> None:
                     f"{'':<10}max |port - torch| {what}: {cmp['max_abs_diff']:.2e} "
                     f"(max |torch| {cmp['max_abs_ref']:.2e})"
                 )
+    for name, res in results.items():
+        if res.get("vae_decode_s"):
+            print(f"VAE decode alone ({name}): median {median(res['vae_decode_s']):.2f} s")
     print(f"\nJSON: {os.path.abspath(args.json)}")
 
 
