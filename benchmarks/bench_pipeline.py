@@ -525,6 +525,7 @@ def main() -> None:
             if "times_s" in c:
                 t = median(c["times_s"])
                 r.update(
+                    times_s=c["times_s"],
                     first_s=c["first_s"],
                     compile_s=c.get("compile_s"),
                     median_s=t,
@@ -534,7 +535,10 @@ def main() -> None:
             if "unet_s" in c:
                 u = median(c["unet_s"])
                 r.update(
-                    unet_first_s=c["unet_first_s"], unet_median_s=u, unet_tflops=tflop_unet / u
+                    unet_times_s=c["unet_s"],
+                    unet_first_s=c["unet_first_s"],
+                    unet_median_s=u,
+                    unet_tflops=tflop_unet / u,
                 )
             row[name] = r
         jax_name = f"jax{args.devices[0]}"
