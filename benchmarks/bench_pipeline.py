@@ -79,6 +79,33 @@ def unet_tflop(rows: int, side: int) -> float:
     return UNET_TFLOP_64 * rows * (side / 64) ** 2
 
 
+def vae_decode_tflop(images: int, side: int) -> float:
+    """Analytic TFLOP of the SD kl-f8 decoder on ``side x side`` latents (convs, attention)."""
+
+    def conv(cin: int, cout: int, hw: int, k: int = 3) -> float:
+        return 2.0 * k * k * cin * cout * hw
+
+    def resnet(cin: int, cout: int, hw: int) -> float:
+        return (
+            conv(cin, cout, hw)
+            + conv(cout, cout, hw)
+            + (conv(cin, cout, hw, 1) if cin != cout else 0)
+        )
+
+    hw = side * side
+    flop = conv(4, 512, hw) + 2 * resnet(512, 512, hw)
+    flop += 4 * 2.0 * hw * 512 * 512 + 2 * 2.0 * hw * hw * 512  # mid-block attention
+    cin = 512
+    for i, cout in enumerate((512, 512, 256, 128)):
+        flop += resnet(cin, cout, hw) + 2 * resnet(cout, cout, hw)
+        cin = cout
+        if i < 3:
+            hw *= 4
+            flop += conv(cout, cout, hw)
+    flop += conv(128, 3, hw)
+    return images * flop / 1e12
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -518,7 +545,14 @@ def main() -> None:
     for i, g in enumerate(args.guidance):
         rows = args.batch * (2 if g > 1 else 1)
         tflop_unet = unet_tflop(rows, out_side)
-        row: dict = {"guidance": g, "cfg": g > 1, "unet_rows": rows, "unet_tflop": tflop_unet}
+        tflop_vae = vae_decode_tflop(args.batch, out_side)
+        row: dict = {
+            "guidance": g,
+            "cfg": g > 1,
+            "unet_rows": rows,
+            "unet_tflop": tflop_unet,
+            "vae_decode_tflop": tflop_vae,
+        }
         for name, res in results.items():
             c = res["cases"][i]
             r: dict = {}
@@ -530,7 +564,7 @@ def main() -> None:
                     compile_s=c.get("compile_s"),
                     median_s=t,
                     images_per_s=args.batch / t,
-                    pipeline_tflops=tflop_unet * args.steps / t,
+                    pipeline_tflops=(tflop_unet * args.steps + tflop_vae) / t,
                 )
             if "unet_s" in c:
                 u = median(c["unet_s"])
@@ -588,9 +622,14 @@ def main() -> None:
         f"workload: batch {args.batch}, {side}x{side} -> {out_side}x{out_side} latents "
         f"({8 * out_side} px), {args.steps} steps, {args.dtype}, {args.device}"
     )
+    print(
+        f"analytic work: UNet {unet_tflop(1, out_side):.3f} TFLOP per image per step (x2 under "
+        f"CFG), VAE decode {vae_decode_tflop(1, out_side):.3f} TFLOP per image; TF/s below = "
+        "(steps x UNet + VAE decode) / median time"
+    )
     head = (
         f"{'case':<10}{'side':<8}{'first s':>9}{'compile s':>10}{'median s':>10}{'img/s':>8}"
-        f"{'UNet s':>9}{'UNet TF/s':>10}{'peak GiB':>9}"
+        f"{'TF/s':>7}{'UNet s':>9}{'UNet TF/s':>10}{'peak GiB':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -601,7 +640,8 @@ def main() -> None:
             print(
                 f"{case:<10}{name:<8}{fmt(r.get('first_s'), '', 1):>9}"
                 f"{fmt(r.get('compile_s'), '', 1):>10}{fmt(r.get('median_s'), '', 2):>10}"
-                f"{fmt(r.get('images_per_s'), '', 3):>8}{fmt(r.get('unet_median_s'), '', 3):>9}"
+                f"{fmt(r.get('images_per_s'), '', 3):>8}{fmt(r.get('pipeline_tflops'), '', 3):>7}"
+                f"{fmt(r.get('unet_median_s'), '', 3):>9}"
                 f"{fmt(r.get('unet_tflops'), '', 3):>10}{fmt(res['peak_rss_gib'], '', 2):>9}"
             )
         ratios = [
@@ -619,7 +659,9 @@ def main() -> None:
                 )
     for name, res in results.items():
         if res.get("vae_decode_s"):
-            print(f"VAE decode alone ({name}): median {median(res['vae_decode_s']):.2f} s")
+            t = median(res["vae_decode_s"])
+            tf = vae_decode_tflop(args.batch, out_side)
+            print(f"VAE decode alone ({name}): median {t:.2f} s, {tf / t:.3f} TFLOP/s")
     print(f"\nJSON: {os.path.abspath(args.json)}")
 
 
