@@ -561,6 +561,7 @@ def main() -> None:
                 r.update(
                     times_s=c["times_s"],
                     first_s=c["first_s"],
+                    start_to_first_output_s=c.get("start_to_first_output_s"),
                     compile_s=c.get("compile_s"),
                     median_s=t,
                     images_per_s=args.batch / t,
