@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -664,6 +665,7 @@ def main() -> None:
             tf = vae_decode_tflop(args.batch, out_side)
             print(f"VAE decode alone ({name}): median {t:.2f} s, {tf / t:.3f} TFLOP/s")
     print(f"\nJSON: {os.path.abspath(args.json)}")
+    shutil.rmtree(work, ignore_errors=True)  # inputs, outputs and a model built here
 
 
 if __name__ == "__main__":
