@@ -1,0 +1,672 @@
+"""End-to-end x2 latent upscaling: the Flax port against diffusers on the same weights and inputs.
+
+The published configs (K-UNet 372.6 M, SD kl-f8 VAE, CLIP ViT-L/14 text tower) are built in
+torch with seeded random weights (every parameter perturbed, so all of them matter), saved as a
+diffusers pipeline folder, and loaded from that folder by both sides: diffusers'
+``StableDiffusionLatentUpscalePipeline`` and ``FlaxStableDiffusionLatentUpscalePipeline``.
+``--model DIR`` loads an existing diffusers-layout folder instead (e.g. the hub's files).
+
+Both sides get the same low-res latents, the same initial noise, prompt, steps and guidance.
+Each side runs in its own subprocess (separate peak memory, no shared thread pools) and
+reports: the first call (the port compiles there), the median of ``--repeats`` further calls,
+one UNet call on its own (per step), the achieved FLOP/s against the analytic count (0.32
+TFLOP per image per UNet call at 64x64 latents, scaled by area, x2 rows under CFG) and the
+peak RSS. The outputs are compared: a fast wrong answer is not a result.
+
+    python benchmarks/bench_pipeline.py                       # CPU defaults, a few minutes
+    python benchmarks/bench_pipeline.py --unet-only           # one UNet call, port vs torch
+    python benchmarks/bench_pipeline.py --devices 1 2 --batch 2 --sides jax
+    python benchmarks/bench_pipeline.py --device gpu --batch 8 --latent 64 --steps 20 \\
+        --dtype bfloat16 --guidance 0 7.5
+
+Writes a table to stdout and everything to ``--json`` (default ``bench_pipeline.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PROCESS_START = time.perf_counter()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the checkout this script lives in, ahead of any installed copy of the package
+sys.path.insert(0, ROOT)
+
+UNET_TFLOP_64 = 0.32  # analytic, one image, one UNet call at 64x64 upscaled latents
+PROMPT = "a photo of the cat"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by the parent and the workers
+# --------------------------------------------------------------------------------------------
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(v) for v in f.read().split()[:3]]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def unet_tflop(rows: int, side: int) -> float:
+    """Analytic TFLOP of one UNet call on ``rows`` images with ``side x side`` latents."""
+    return UNET_TFLOP_64 * rows * (side / 64) ** 2
+
+
+def vae_decode_tflop(images: int, side: int) -> float:
+    """Analytic TFLOP of the SD kl-f8 decoder on ``side x side`` latents (convs, attention)."""
+
+    def conv(cin: int, cout: int, hw: int, k: int = 3) -> float:
+        return 2.0 * k * k * cin * cout * hw
+
+    def resnet(cin: int, cout: int, hw: int) -> float:
+        return (
+            conv(cin, cout, hw)
+            + conv(cout, cout, hw)
+            + (conv(cin, cout, hw, 1) if cin != cout else 0)
+        )
+
+    hw = side * side
+    flop = conv(4, 512, hw) + 2 * resnet(512, 512, hw)
+    flop += 4 * 2.0 * hw * 512 * 512 + 2 * 2.0 * hw * hw * 512  # mid-block attention
+    cin = 512
+    for i, cout in enumerate((512, 512, 256, 128)):
+        flop += resnet(cin, cout, hw) + 2 * resnet(cout, cout, hw)
+        cin = cout
+        if i < 3:
+            hw *= 4
+            flop += conv(cout, cout, hw)
+    flop += conv(128, 3, hw)
+    return images * flop / 1e12
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Building the model folder (torch)
+# --------------------------------------------------------------------------------------------
+
+
+def build_model_folder(folder: str, seed: int = 0) -> None:
+    """Write a diffusers pipeline folder with the published configs and seeded random weights."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionLatentUpscalePipeline,
+        UNet2DConditionModel,
+    )
+
+    from tests.helpers import (
+        HUB_SCHEDULER,
+        SD_KL_F8_VAE,
+        SD_X2_UNET,
+        VIT_L14_TEXT,
+        load_tokenizer,
+        make_clip_text_model,
+        randomize_,
+        write_clip_tokenizer,
+    )
+
+    torch.manual_seed(seed)
+    unet = randomize_(UNet2DConditionModel(**SD_X2_UNET).eval(), seed + 1)
+    vae = randomize_(AutoencoderKL(**SD_KL_F8_VAE).eval(), seed + 2, scale=0.05)
+    text_encoder = make_clip_text_model(seed + 3, **VIT_L14_TEXT)
+    with tempfile.TemporaryDirectory() as tok:
+        pipe = StableDiffusionLatentUpscalePipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=load_tokenizer(write_clip_tokenizer(tok)),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler(**HUB_SCHEDULER),
+        )
+        pipe.save_pretrained(folder, safe_serialization=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Workers: one side each, in its own process
+# --------------------------------------------------------------------------------------------
+
+
+def _timed(fn, repeats: int) -> tuple[float, list[float], object]:
+    start = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return first, times, out
+
+
+def worker_jax(spec: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    if spec.get("compilation_cache"):
+        jax.config.update("jax_compilation_cache_dir", spec["compilation_cache"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
+
+    compile_events: list[float] = []
+
+    def on_event(event: str, seconds: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compile_events.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[spec["dtype"]]
+    base_rss = peak_rss_gib()
+    start = time.perf_counter()
+    pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(spec["model"], dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - start
+    data = np.load(spec["inputs"])
+    result: dict = {
+        "side": "jax",
+        "devices": [str(d) for d in jax.devices()],
+        "load_s": load_s,
+        "cases": [],
+    }
+
+    stash: dict = {}
+    finish = pipe._finish_images
+
+    def keep_latents(out):
+        stash["latents"] = np.asarray(out["latents"])
+        return finish(out)
+
+    pipe._finish_images = keep_latents  # the final latents too, for the comparison
+    graphdef, state = nnx.split(pipe.unet)
+
+    @jax.jit
+    def unet_call(state, x, t, ctx, tc):
+        return nnx.merge(graphdef, state)(x, t, ctx, tc)
+
+    for case in spec["cases"]:
+        g = case["guidance"]
+        entry: dict = {"guidance": g}
+        if not spec["unet_only"]:
+
+            def call(g=g):
+                return pipe(
+                    prompt=[PROMPT] * spec["batch"],
+                    image=data["low"],
+                    num_inference_steps=spec["steps"],
+                    guidance_scale=g,
+                    latents=data["noise"],
+                    output_type="np",
+                ).images
+
+            compile_events.clear()
+            first, times, images = _timed(call, spec["repeats"])
+            entry.update(
+                first_s=first,
+                compile_s=sum(compile_events),
+                times_s=times,
+                start_to_first_output_s=time.perf_counter() - PROCESS_START
+                if not result["cases"]
+                else None,
+            )
+            np.save(os.path.join(spec["out"], f"jax_images_{g}.npy"), images)
+            np.save(os.path.join(spec["out"], f"jax_latents_{g}.npy"), stash["latents"])
+        if spec["unet_timing"]:
+            unet = data_unet(spec, case, pipe.unet.config, np)
+            args = [jnp.asarray(unet[k]).astype(dtype) for k in ("x", "t", "ctx", "tc")]
+            compile_events.clear()
+            first, times, out = _timed(
+                lambda args=args: unet_call(state, *args).block_until_ready(),
+                spec["unet_repeats"],
+            )
+            entry.update(unet_first_s=first, unet_compile_s=sum(compile_events), unet_s=times)
+            np.save(os.path.join(spec["out"], f"jax_unet_{g}.npy"), np.asarray(out, np.float32))
+        result["cases"].append(entry)
+    if spec["unet_timing"] and not spec["unet_only"]:
+        vae_graphdef, vae_state = nnx.split(pipe.vae)
+        decode = jax.jit(lambda st, z: nnx.merge(vae_graphdef, st).decode(z))
+        z = jnp.asarray(data_latents(spec, np)).astype(dtype)
+        first, times, _ = _timed(
+            lambda: decode(vae_state, z).block_until_ready(), spec["unet_repeats"]
+        )
+        result.update(vae_decode_first_s=first, vae_decode_s=times)
+    result["peak_rss_gib"] = peak_rss_gib()
+    result["base_rss_gib"] = base_rss
+    return result
+
+
+def data_latents(spec: dict, np):
+    """Random latents ``[B, 2h, 2w, 4]`` (NHWC) for timing the VAE decode alone."""
+    side = 2 * spec["latent"]
+    return np.random.RandomState(8).randn(spec["batch"], side, side, 4).astype(np.float32)
+
+
+def data_unet(spec: dict, case: dict, config, np) -> dict:
+    """Random UNet inputs (NHWC) for one call with the rows of ``case``; ``config``: the UNet's
+    config (either side's: the names are the same)."""
+    rows = spec["batch"] * (2 if case["guidance"] > 1 else 1)
+    side = 2 * spec["latent"]
+    rng = np.random.RandomState(7)
+    return {
+        "x": rng.randn(rows, side, side, config.in_channels).astype(np.float32),
+        "t": np.full((rows,), np.log(3.0) * 0.25, np.float32),
+        "ctx": rng.randn(rows, 77, config.cross_attention_dim).astype(np.float32),
+        "tc": rng.randn(rows, config.time_cond_proj_dim).astype(np.float32),
+    }
+
+
+def worker_torch(spec: dict) -> dict:
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionLatentUpscalePipeline
+
+    torch.set_num_threads(cores())
+    device = {"cpu": "cpu", "gpu": "cuda"}.get(spec["device"], spec["device"])
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
+    base_rss = peak_rss_gib()
+    start = time.perf_counter()
+    pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(spec["model"], torch_dtype=dtype)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.perf_counter() - start
+    data = np.load(spec["inputs"])
+    low = torch.from_numpy(data["low"].transpose(0, 3, 1, 2)).to(device, dtype)
+    noise = torch.from_numpy(data["noise"].transpose(0, 3, 1, 2)).to(device, dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    result: dict = {
+        "side": "torch",
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "load_s": load_s,
+        "cases": [],
+    }
+    stash: dict = {}
+
+    def keep(step, timestep, latents):
+        stash["latents"] = latents
+
+    for case in spec["cases"]:
+        g = case["guidance"]
+        entry: dict = {"guidance": g}
+        with torch.inference_mode():
+            if not spec["unet_only"]:
+
+                def call(g=g):
+                    images = pipe(
+                        prompt=[PROMPT] * spec["batch"],
+                        image=low,
+                        num_inference_steps=spec["steps"],
+                        guidance_scale=g,
+                        latents=noise,
+                        output_type="np",
+                        callback=keep,
+                    ).images
+                    sync()
+                    return images
+
+                first, times, images = _timed(call, spec["repeats"])
+                entry.update(first_s=first, times_s=times)
+                np.save(os.path.join(spec["out"], f"torch_images_{g}.npy"), images)
+                lat = stash["latents"].float().cpu().numpy().transpose(0, 2, 3, 1)
+                np.save(os.path.join(spec["out"], f"torch_latents_{g}.npy"), lat)
+            if spec["unet_timing"]:
+                unet = data_unet(spec, case, pipe.unet.config, np)
+                args = {k: torch.from_numpy(v).to(device, dtype) for k, v in unet.items()}
+                x = args["x"].permute(0, 3, 1, 2).contiguous()
+
+                def unet_call(x=x, args=args):
+                    out = pipe.unet(
+                        x, args["t"], args["ctx"], timestep_cond=args["tc"], return_dict=False
+                    )[0]
+                    sync()
+                    return out
+
+                first, times, out = _timed(unet_call, spec["unet_repeats"])
+                entry.update(unet_first_s=first, unet_s=times)
+                np.save(
+                    os.path.join(spec["out"], f"torch_unet_{g}.npy"),
+                    out.float().cpu().numpy().transpose(0, 2, 3, 1),
+                )
+        result["cases"].append(entry)
+    if spec["unet_timing"] and not spec["unet_only"]:
+        z = torch.from_numpy(data_latents(spec, np).transpose(0, 3, 1, 2)).to(device, dtype)
+
+        def decode():
+            out = pipe.vae.decode(z, return_dict=False)[0]
+            sync()
+            return out
+
+        with torch.inference_mode():
+            first, times, _ = _timed(decode, spec["unet_repeats"])
+        result.update(vae_decode_first_s=first, vae_decode_s=times)
+    result["peak_rss_gib"] = peak_rss_gib()
+    result["base_rss_gib"] = base_rss
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The parent: inputs, workers, comparison, table
+# --------------------------------------------------------------------------------------------
+
+
+def run_worker(side: str, spec: dict, devices: int) -> dict:
+    env = dict(os.environ)
+    if side == "jax":
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+        if devices > 1:
+            flags.append(f"--xla_force_host_platform_device_count={devices}")
+        env["XLA_FLAGS"] = " ".join(flags)
+        if spec["device"] != "auto":
+            env["JAX_PLATFORMS"] = spec["device"]
+    spec_path = os.path.join(spec["out"], f"spec_{side}_{devices}.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", side, spec_path],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        raise SystemExit(f"{side} worker failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - start
+    result["xla_flags"] = env.get("XLA_FLAGS", "") if side == "jax" else None
+    return result
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "torch", "diffusers", "transformers", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def compare(out_dir: str, what: str, g: float, sides: list[str]) -> dict | None:
+    import numpy as np
+
+    paths = {s: os.path.join(out_dir, f"{s}_{what}_{g}.npy") for s in ("jax", "torch")}
+    if not all(os.path.exists(p) for p in paths.values()) or len(sides) < 2:
+        return None
+    a, b = np.load(paths["jax"]).astype(np.float64), np.load(paths["torch"]).astype(np.float64)
+    if a.shape != b.shape:
+        return {"shape_mismatch": [list(a.shape), list(b.shape)]}
+    return {
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "max_abs_ref": float(np.abs(b).max()),
+        "rel_diff": float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)),
+    }
+
+
+def fmt(x: float | None, unit: str = "", digits: int = 2) -> str:
+    if x is None or x != x:
+        return "-"
+    return f"{x:.{digits}f}{unit}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="diffusers-layout pipeline folder (default: build one)")
+    parser.add_argument("--save-model", help="build the random model into this folder and keep it")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--latent", type=int, default=32, help="low-res latent side (out: 2x)")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[0.0, 7.5])
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls after the first")
+    parser.add_argument("--unet-repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu, gpu, tpu (JAX) / cuda (torch)")
+    parser.add_argument("--unet-only", action="store_true", help="one UNet call per side")
+    parser.add_argument("--no-unet-timing", action="store_true", help="skip the UNet-alone part")
+    parser.add_argument("--sides", nargs="+", choices=("jax", "torch"), default=["jax", "torch"])
+    parser.add_argument(
+        "--devices", type=int, nargs="+", default=[1], help="JAX host device counts (CPU)"
+    )
+    parser.add_argument("--compilation-cache", help="JAX persistent compilation cache folder")
+    parser.add_argument("--json", default="bench_pipeline.json")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        side, spec_path = args.worker
+        with open(spec_path) as f:
+            spec = json.load(f)
+        result = (worker_jax if side == "jax" else worker_torch)(spec)
+        print(json.dumps(result))
+        return
+
+    import numpy as np
+
+    load_before = loadavg()
+    work = tempfile.mkdtemp(prefix="bench-pipeline-")
+    model = args.model or args.save_model
+    build_s = None
+    if model is None or not os.path.exists(os.path.join(model, "model_index.json")):
+        model = model or os.path.join(work, "model")
+        print(f"building the published configs with random weights in {model} ...", flush=True)
+        start = time.perf_counter()
+        # a subprocess, so that the torch models do not count in this process's memory
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {ROOT!r}); "
+                "from benchmarks.bench_pipeline import build_model_folder as b; "
+                f"b({model!r})",
+            ],
+            check=True,
+        )
+        build_s = time.perf_counter() - start
+
+    rng = np.random.RandomState(0)
+    side = args.latent
+    low = rng.randn(args.batch, side, side, 4).astype(np.float32)
+    noise = rng.randn(args.batch, 2 * side, 2 * side, 4).astype(np.float32)
+    inputs = os.path.join(work, "inputs.npz")
+    np.savez(inputs, low=low, noise=noise)
+    spec = {
+        "model": os.path.abspath(model),
+        "inputs": inputs,
+        "out": work,
+        "batch": args.batch,
+        "latent": side,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "unet_repeats": args.unet_repeats,
+        "dtype": args.dtype,
+        "device": args.device,
+        "unet_only": args.unet_only,
+        "unet_timing": args.unet_only or not args.no_unet_timing,
+        "cases": [{"guidance": g} for g in args.guidance],
+        "compilation_cache": args.compilation_cache,
+    }
+    results: dict = {}
+    if "torch" in args.sides:
+        print("torch ...", flush=True)
+        results["torch"] = run_worker("torch", spec, 1)
+    for n in args.devices if "jax" in args.sides else []:
+        print(f"jax, {n} device(s) ...", flush=True)
+        results[f"jax{n}"] = run_worker("jax", spec, n)
+        if n == args.devices[0]:
+            # comparisons use the first device count's outputs
+            for g in args.guidance:
+                for what in ("images", "latents", "unet"):
+                    src = os.path.join(work, f"jax_{what}_{g}.npy")
+                    if os.path.exists(src):
+                        os.replace(src, os.path.join(work, f"jaxkeep_{what}_{g}.npy"))
+    for g in args.guidance:
+        for what in ("images", "latents", "unet"):
+            src = os.path.join(work, f"jaxkeep_{what}_{g}.npy")
+            if os.path.exists(src):
+                os.replace(src, os.path.join(work, f"jax_{what}_{g}.npy"))
+    load_after = loadavg()
+
+    # ---- summary ----
+    out_side = 2 * side
+    rows_out = []
+    for i, g in enumerate(args.guidance):
+        rows = args.batch * (2 if g > 1 else 1)
+        tflop_unet = unet_tflop(rows, out_side)
+        tflop_vae = vae_decode_tflop(args.batch, out_side)
+        row: dict = {
+            "guidance": g,
+            "cfg": g > 1,
+            "unet_rows": rows,
+            "unet_tflop": tflop_unet,
+            "vae_decode_tflop": tflop_vae,
+        }
+        for name, res in results.items():
+            c = res["cases"][i]
+            r: dict = {}
+            if "times_s" in c:
+                t = median(c["times_s"])
+                r.update(
+                    times_s=c["times_s"],
+                    first_s=c["first_s"],
+                    start_to_first_output_s=c.get("start_to_first_output_s"),
+                    compile_s=c.get("compile_s"),
+                    median_s=t,
+                    images_per_s=args.batch / t,
+                    pipeline_tflops=(tflop_unet * args.steps + tflop_vae) / t,
+                )
+            if "unet_s" in c:
+                u = median(c["unet_s"])
+                r.update(
+                    unet_times_s=c["unet_s"],
+                    unet_first_s=c["unet_first_s"],
+                    unet_median_s=u,
+                    unet_tflops=tflop_unet / u,
+                )
+            row[name] = r
+        jax_name = f"jax{args.devices[0]}"
+        if "torch" in results and jax_name in results:
+            for key in ("median_s", "unet_median_s"):
+                if key in row[jax_name] and key in row["torch"]:
+                    row[f"ratio_{key}"] = row[jax_name][key] / row["torch"][key]
+        row["agreement"] = {
+            what: compare(work, what, g, args.sides) for what in ("images", "latents", "unet")
+        }
+        rows_out.append(row)
+
+    report = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "cpu": cpu_model(),
+        "cores": cores(),
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "workload": {
+            "batch": args.batch,
+            "low_res_latents": [side, side],
+            "latents": [out_side, out_side],
+            "pixels": [8 * out_side, 8 * out_side],
+            "steps": args.steps,
+            "dtype": args.dtype,
+            "device": args.device,
+            "unet_only": args.unet_only,
+            "model": args.model or "random weights, published configs",
+            "build_s": build_s,
+        },
+        "processes": {
+            name: {k: v for k, v in res.items() if k != "cases"} for name, res in results.items()
+        },
+        "cases": rows_out,
+    }
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+
+    v = report["versions"]
+    print(
+        f"\n{report['date']}  {report['cpu']}, {report['cores']} cores; jax {v['jax']} "
+        f"(jaxlib {v['jaxlib']}), flax {v['flax']}, torch {v['torch']}, diffusers "
+        f"{v['diffusers']}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
+    )
+    print(
+        f"workload: batch {args.batch}, {side}x{side} -> {out_side}x{out_side} latents "
+        f"({8 * out_side} px), {args.steps} steps, {args.dtype}, {args.device}"
+    )
+    print(
+        f"analytic work: UNet {unet_tflop(1, out_side):.3f} TFLOP per image per step (x2 under "
+        f"CFG), VAE decode {vae_decode_tflop(1, out_side):.3f} TFLOP per image; TF/s below = "
+        "(steps x UNet + VAE decode) / median time"
+    )
+    head = (
+        f"{'case':<10}{'side':<8}{'first s':>9}{'compile s':>10}{'median s':>10}{'img/s':>8}"
+        f"{'TF/s':>7}{'UNet s':>9}{'UNet TF/s':>10}{'peak GiB':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for row in rows_out:
+        case = f"g={row['guidance']:g}" + (" CFG" if row["cfg"] else "")
+        for name, res in results.items():
+            r = row[name]
+            print(
+                f"{case:<10}{name:<8}{fmt(r.get('first_s'), '', 1):>9}"
+                f"{fmt(r.get('compile_s'), '', 1):>10}{fmt(r.get('median_s'), '', 2):>10}"
+                f"{fmt(r.get('images_per_s'), '', 3):>8}{fmt(r.get('pipeline_tflops'), '', 3):>7}"
+                f"{fmt(r.get('unet_median_s'), '', 3):>9}"
+                f"{fmt(r.get('unet_tflops'), '', 3):>10}{fmt(res['peak_rss_gib'], '', 2):>9}"
+            )
+        ratios = [
+            f"{label} {row[key]:.3f}"
+            for key, label in (("ratio_median_s", "pipeline"), ("ratio_unet_median_s", "UNet"))
+            if key in row
+        ]
+        if ratios:
+            print(f"{'':<10}port/torch time: " + ", ".join(ratios))
+        for what, cmp in row["agreement"].items():
+            if cmp and "max_abs_diff" in cmp:
+                print(
+                    f"{'':<10}max |port - torch| {what}: {cmp['max_abs_diff']:.2e} "
+                    f"(max |torch| {cmp['max_abs_ref']:.2e})"
+                )
+    for name, res in results.items():
+        if res.get("vae_decode_s"):
+            t = median(res["vae_decode_s"])
+            tf = vae_decode_tflop(args.batch, out_side)
+            print(f"VAE decode alone ({name}): median {t:.2f} s, {tf / t:.3f} TFLOP/s")
+    print(f"\nJSON: {os.path.abspath(args.json)}")
+    shutil.rmtree(work, ignore_errors=True)  # inputs, outputs and a model built here
+
+
+if __name__ == "__main__":
+    main()
