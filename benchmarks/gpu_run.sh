@@ -44,8 +44,8 @@ python -m pytest -m cuda -v -rs -s tests/test_cuda.py --junitxml="$OUT/cuda-test
 
 if [ -f benchmarks/bench_pipeline.py ]; then
     # batch 8, 64x64 -> 128x128 latents, 20 steps, classifier-free guidance, bfloat16
-    python benchmarks/bench_pipeline.py --batch 8 --latent-size 64 --steps 20 \
-        --guidance-scale 6.0 --dtype bfloat16 --json "$OUT/bench_pipeline.json" 2>&1 \
+    python benchmarks/bench_pipeline.py --device gpu --batch 8 --latent 64 --steps 20 \
+        --guidance 6.0 --dtype bfloat16 --json "$OUT/bench_pipeline.json" 2>&1 \
         | tee "$OUT/bench_pipeline.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else

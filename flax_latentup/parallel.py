@@ -89,14 +89,26 @@ def sharded_upscale(
     mesh: Mesh | None = None,
 ) -> dict[str, np.ndarray]:
     """Run the core with ``jit`` over ``mesh`` (default: all local devices), batch split on
-    ``"data"``, parameters replicated. Returns host arrays with the padding removed."""
+    ``"data"``, parameters replicated (pass them already replicated, e.g. from
+    :func:`replicate_on_mesh`, to skip the copy). Returns host arrays, padding removed."""
     mesh = mesh if mesh is not None else make_mesh()
     batch, n = _pad_batch(batch, mesh.size)
-    replicated = NamedSharding(mesh, P())
-    params = jax.device_put(params, replicated)
+    params = replicate_on_mesh(params, mesh)
     program = _sharded_program(graphdefs, _parallel_options(options), mesh, tuple(sorted(batch)))
     out = program(params, {k: jnp.asarray(v) for k, v in batch.items()})
     return {k: np.asarray(v)[:n] for k, v in out.items()}
+
+
+def replicate_on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """``tree`` with every leaf replicated over ``mesh`` (no copy for leaves already so)."""
+    replicated = NamedSharding(mesh, P())
+
+    def one(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(replicated, x.ndim):
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(one, tree)
 
 
 def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:

@@ -442,6 +442,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         self._programs.clear()
         self._encode_prompt_fn = None
         self._vae_fp32 = None
+        self._replicated: dict[Any, Any] = {}
 
     @property
     def dtype(self):
@@ -822,7 +823,11 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                 )
             else:
                 mesh = mesh if mesh is not None else parallel.make_mesh(device_list)
-                out = parallel.sharded_upscale(self.graphdefs, self.params, batch, options, mesh)
+                params = self._replicated.get(mesh)
+                if params is None:  # copied to the devices once per mesh, then reused
+                    params = parallel.replicate_on_mesh(self.params, mesh)
+                    self._replicated = {mesh: params}
+                out = parallel.sharded_upscale(self.graphdefs, params, batch, options, mesh)
         else:
             out = self._run(options, batch, schedule, callback, show_bar)
 
