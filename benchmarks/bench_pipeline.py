@@ -7,8 +7,11 @@ diffusers pipeline folder, and loaded from that folder by both sides: diffusers'
 ``--model DIR`` loads an existing diffusers-layout folder instead (e.g. the hub's files).
 
 Both sides get the same low-res latents, the same initial noise, prompt, steps and guidance.
-Each side runs in its own subprocess (separate peak memory, no shared thread pools) and
-reports: the first call (the port compiles there), the median of ``--repeats`` further calls,
+Each side runs in its own subprocess (separate peak memory, no shared thread pools). The two
+processes run side by side but take turns: each timed call of one side is followed by one of
+the other, so a machine whose speed drifts during the run (other load, clock changes) slows
+both sides alike instead of whichever happened to run second (``--sequential`` runs one
+whole side after the other instead). Each side reports: the first call (the port compiles there), the median of ``--repeats`` further calls,
 one UNet call on its own (per step), the achieved FLOP/s against the analytic count (0.32
 TFLOP per image per UNet call at 64x64 latents, scaled by area, x2 rows under CFG) and the
 peak RSS. The outputs are compared: a fast wrong answer is not a result.
@@ -157,12 +160,58 @@ def build_model_folder(folder: str, seed: int = 0) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+class Baton:
+    """Turn-taking between the two worker processes, through files in a shared folder.
+
+    ``turn`` holds the name of the side allowed to run; ``done-<side>`` marks a side that
+    has finished (or failed), after which the other runs on alone. A worker holds the turn
+    from its start (loading and compiling included) and hands it over after each timed call.
+    """
+
+    def __init__(self, folder: str | None, me: str, other: str):
+        self.folder, self.me, self.other = folder, me, other
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def _write_turn(self, side: str) -> None:
+        tmp = self._path(f"turn.{self.me}.tmp")
+        with open(tmp, "w") as f:
+            f.write(side)
+        os.replace(tmp, self._path("turn"))
+
+    def _mine(self) -> bool:
+        if os.path.exists(self._path(f"done-{self.other}")):
+            return True
+        with open(self._path("turn")) as f:
+            return f.read() == self.me
+
+    def wait(self) -> None:
+        while self.folder and not self._mine():
+            time.sleep(0.02)
+
+    def hand_over(self) -> None:
+        """Let the other side run one call (if it is still running), then wait for the turn."""
+        if self.folder and not os.path.exists(self._path(f"done-{self.other}")):
+            self._write_turn(self.other)
+            self.wait()
+
+    def finish(self) -> None:
+        if self.folder:
+            open(self._path(f"done-{self.me}"), "w").close()
+            self._write_turn(self.other)
+
+
+BATON = Baton(None, "", "")
+
+
 def _timed(fn, repeats: int) -> tuple[float, list[float], object]:
     start = time.perf_counter()
     out = fn()
     first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
+        BATON.hand_over()
         start = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - start)
@@ -181,6 +230,7 @@ def worker_jax(spec: dict) -> dict:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
     from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
+    from flax_latentup.models.conv import using_winograd_kernels, winograd_kernels
 
     compile_events: list[float] = []
 
@@ -212,10 +262,20 @@ def worker_jax(spec: dict) -> dict:
 
     pipe._finish_images = keep_latents  # the final latents too, for the comparison
     graphdef, state = nnx.split(pipe.unet)
+    # One UNet call as the sampling loop makes it: the pipeline transforms the Winograd
+    # kernels once for its weights and keeps them (flax_latentup.models.conv), so here once,
+    # outside the timed calls; the transform's own time is reported as winograd_kernels_s.
+    kernels_fn = jax.jit(lambda state: winograd_kernels(nnx.merge(graphdef, state)))
+    kernels_fn = kernels_fn.lower(state).compile()
+    start = time.perf_counter()
+    jax.block_until_ready(kernels_fn(state))  # dropped: the pipeline keeps its own copy
+    result["winograd_kernels_s"] = time.perf_counter() - start
 
     @jax.jit
-    def unet_call(state, x, t, ctx, tc):
-        return nnx.merge(graphdef, state)(x, t, ctx, tc)
+    def unet_call(state, kernels, x, t, ctx, tc):
+        unet = nnx.merge(graphdef, state)
+        with using_winograd_kernels(unet, kernels):
+            return unet(x, t, ctx, tc)
 
     for case in spec["cases"]:
         g = case["guidance"]
@@ -249,7 +309,9 @@ def worker_jax(spec: dict) -> dict:
             args = [jnp.asarray(unet[k]).astype(dtype) for k in ("x", "t", "ctx", "tc")]
             compile_events.clear()
             first, times, out = _timed(
-                lambda args=args: unet_call(state, *args).block_until_ready(),
+                lambda args=args: unet_call(
+                    state, pipe._unet_winograd_kernels(), *args
+                ).block_until_ready(),
                 spec["unet_repeats"],
             )
             entry.update(unet_first_s=first, unet_compile_s=sum(compile_events), unet_s=times)
@@ -382,7 +444,7 @@ def worker_torch(spec: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def run_worker(side: str, spec: dict, devices: int) -> dict:
+def start_worker(side: str, spec: dict, devices: int) -> tuple[subprocess.Popen, dict]:
     env = dict(os.environ)
     if side == "jax":
         flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
@@ -394,19 +456,54 @@ def run_worker(side: str, spec: dict, devices: int) -> dict:
     spec_path = os.path.join(spec["out"], f"spec_{side}_{devices}.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
-    start = time.perf_counter()
-    proc = subprocess.run(
+    out = open(os.path.join(spec["out"], f"out_{side}_{devices}.txt"), "w+")
+    err = open(os.path.join(spec["out"], f"err_{side}_{devices}.txt"), "w+")
+    proc = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "--worker", side, spec_path],
         env=env,
-        capture_output=True,
+        stdout=out,
+        stderr=err,
         text=True,
     )
-    if proc.returncode:
-        raise SystemExit(f"{side} worker failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["process_s"] = time.perf_counter() - start
-    result["xla_flags"] = env.get("XLA_FLAGS", "") if side == "jax" else None
-    return result
+    meta = {
+        "side": side,
+        "start": time.perf_counter(),
+        "out": out,
+        "err": err,
+        "xla_flags": env.get("XLA_FLAGS", "") if side == "jax" else None,
+    }
+    return proc, meta
+
+
+def collect_workers(workers: list[tuple[subprocess.Popen, dict]]) -> list[dict]:
+    """Wait for every worker; if one fails, stop the others and report its error output."""
+    ended: dict[int, float] = {}
+    while len(ended) < len(workers):
+        for i, (proc, meta) in enumerate(workers):
+            if i in ended or proc.poll() is None:
+                continue
+            ended[i] = time.perf_counter() - meta["start"]
+            if proc.returncode:
+                for other, _ in workers:
+                    if other.poll() is None:
+                        other.kill()
+                meta["err"].seek(0)
+                raise SystemExit(f"{meta['side']} worker failed:\n{meta['err'].read()[-4000:]}")
+        time.sleep(0.1)
+    results = []
+    for i, (_, meta) in enumerate(workers):
+        meta["out"].seek(0)
+        result = json.loads(meta["out"].read().strip().splitlines()[-1])
+        result["process_s"] = ended[i]
+        result["xla_flags"] = meta["xla_flags"]
+        results.append(result)
+        meta["out"].close()
+        meta["err"].close()
+    return results
+
+
+def run_worker(side: str, spec: dict, devices: int) -> dict:
+    return collect_workers([start_worker(side, spec, devices)])[0]
 
 
 def versions() -> dict:
@@ -461,6 +558,11 @@ def main() -> None:
     parser.add_argument(
         "--devices", type=int, nargs="+", default=[1], help="JAX host device counts (CPU)"
     )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="run the sides one after the other instead of taking turns call by call",
+    )
     parser.add_argument("--compilation-cache", help="JAX persistent compilation cache folder")
     parser.add_argument("--json", default="bench_pipeline.json")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -470,7 +572,13 @@ def main() -> None:
         side, spec_path = args.worker
         with open(spec_path) as f:
             spec = json.load(f)
-        result = (worker_jax if side == "jax" else worker_torch)(spec)
+        global BATON
+        BATON = Baton(spec.get("baton"), side, "torch" if side == "jax" else "jax")
+        BATON.wait()
+        try:
+            result = (worker_jax if side == "jax" else worker_torch)(spec)
+        finally:
+            BATON.finish()
         print(json.dumps(result))
         return
 
@@ -520,19 +628,38 @@ def main() -> None:
         "compilation_cache": args.compilation_cache,
     }
     results: dict = {}
-    if "torch" in args.sides:
+    jax_counts = list(args.devices) if "jax" in args.sides else []
+
+    def keep_first_outputs() -> None:
+        """Comparisons use the first device count's outputs: set them aside from later runs."""
+        for g in args.guidance:
+            for what in ("images", "latents", "unet"):
+                src = os.path.join(work, f"jax_{what}_{g}.npy")
+                if os.path.exists(src):
+                    os.replace(src, os.path.join(work, f"jaxkeep_{what}_{g}.npy"))
+
+    if "torch" in args.sides and jax_counts and not args.sequential:
+        n = jax_counts.pop(0)
+        print(f"torch and jax ({n} device(s)), taking turns ...", flush=True)
+        baton = os.path.join(work, "baton")
+        os.makedirs(baton)
+        with open(os.path.join(baton, "turn"), "w") as f:
+            f.write("torch")
+        paired = dict(spec, baton=baton)
+        torch_res, jax_res = collect_workers(
+            [start_worker("torch", paired, 1), start_worker("jax", paired, n)]
+        )
+        results["torch"], results[f"jax{n}"] = torch_res, jax_res
+        results["torch"]["interleaved"] = results[f"jax{n}"]["interleaved"] = True
+        keep_first_outputs()
+    elif "torch" in args.sides:
         print("torch ...", flush=True)
         results["torch"] = run_worker("torch", spec, 1)
-    for n in args.devices if "jax" in args.sides else []:
+    for n in jax_counts:
         print(f"jax, {n} device(s) ...", flush=True)
         results[f"jax{n}"] = run_worker("jax", spec, n)
         if n == args.devices[0]:
-            # comparisons use the first device count's outputs
-            for g in args.guidance:
-                for what in ("images", "latents", "unet"):
-                    src = os.path.join(work, f"jax_{what}_{g}.npy")
-                    if os.path.exists(src):
-                        os.replace(src, os.path.join(work, f"jaxkeep_{what}_{g}.npy"))
+            keep_first_outputs()
     for g in args.guidance:
         for what in ("images", "latents", "unet"):
             src = os.path.join(work, f"jaxkeep_{what}_{g}.npy")
@@ -664,6 +791,11 @@ def main() -> None:
             t = median(res["vae_decode_s"])
             tf = vae_decode_tflop(args.batch, out_side)
             print(f"VAE decode alone ({name}): median {t:.2f} s, {tf / t:.3f} TFLOP/s")
+        if res.get("winograd_kernels_s") is not None:
+            print(
+                f"UNet Winograd kernel transform ({name}): {res['winograd_kernels_s']:.2f} s, "
+                "once per loaded pipeline, in its first call (not in 'UNet s')"
+            )
     print(f"\nJSON: {os.path.abspath(args.json)}")
     shutil.rmtree(work, ignore_errors=True)  # inputs, outputs and a model built here
 

@@ -8,6 +8,7 @@ from flax_latentup.configs import (
 )
 from flax_latentup.hub import HubError
 from flax_latentup.models.clip import CLIPTextOutput, FlaxCLIPTextModel
+from flax_latentup.models.conv import conv_config
 from flax_latentup.models.layers import attention, attention_config
 from flax_latentup.models.unet import FlaxUNet2DConditionModel
 from flax_latentup.models.vae import (
@@ -36,6 +37,7 @@ __all__ = [
     "WeightsError",
     "attention",
     "attention_config",
+    "conv_config",
     "nonfinite_images",
     "__version__",
 ]

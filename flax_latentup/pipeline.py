@@ -28,6 +28,11 @@ from flax import nnx
 from flax_latentup import hub
 from flax_latentup.models.base import read_json, write_json_atomic
 from flax_latentup.models.clip import FlaxCLIPTextModel
+from flax_latentup.models.conv import (
+    current_conv_implementation,
+    using_winograd_kernels,
+    winograd_kernels,
+)
 from flax_latentup.models.unet import FlaxUNet2DConditionModel
 from flax_latentup.models.vae import FlaxAutoencoderKL
 from flax_latentup.sampling import (
@@ -105,7 +110,9 @@ def upscale_core(
 ) -> dict[str, Array]:
     """Upscale one batch; a pure function of ``(params, batch)`` given the static options.
 
-    ``params``: ``{"text_encoder", "vae", "unet"}`` NNX states. ``batch`` (leading axis B on
+    ``params``: ``{"text_encoder", "vae", "unet"}`` NNX states, and optionally
+    ``"unet_winograd"``: :func:`~flax_latentup.models.conv.winograd_kernels` of the UNet
+    (computed here when absent). ``batch`` (leading axis B on
     every per-image entry):
 
     - text: ``ids [B, L]`` (+ ``negative_ids [B, L]`` under CFG), or ``prompt_embeds [B, L, D]``
@@ -199,7 +206,14 @@ def upscale_core(
                     lambda: None,
                 )
 
-    latents = euler_sample(denoiser, x, batch["sigmas"], on_step=on_step)
+    # Convolutions that run as Winograd get their transformed kernels once, ahead of the loop,
+    # rather than at every step (flax_latentup.models.conv); the pipeline passes them in,
+    # computed once for its weights.
+    kernels = params.get("unet_winograd")
+    if kernels is None:
+        kernels = winograd_kernels(unet)
+    with using_winograd_kernels(unet, kernels):
+        latents = euler_sample(denoiser, x, batch["sigmas"], on_step=on_step)
     out = {"latents": latents}
     if options.decode:
         decoded = vae.decode((latents / vae.config.scaling_factor).astype(vae.dtype))
@@ -443,6 +457,19 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         self._encode_prompt_fn = None
         self._vae_fp32 = None
         self._replicated: dict[Any, Any] = {}
+        self._winograd: dict[Any, Any] = {}
+
+    def _unet_winograd_kernels(self) -> dict:
+        """The UNet's Winograd-transformed kernels under the current convolution settings,
+        computed on the first call and kept (a pure function of the weights, ~16/9 of the
+        wide 3x3 kernels' size): every later call skips the transform."""
+        key = current_conv_implementation()
+        kernels = self._winograd.get(key)
+        if kernels is None:
+            graphdef = self.graphdefs.unet
+            fn = jax.jit(lambda state: winograd_kernels(nnx.merge(graphdef, state)))
+            kernels = self._winograd[key] = fn(self.params["unet"])
+        return kernels
 
     @property
     def dtype(self):
@@ -879,7 +906,8 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             bar = tqdm(total=schedule.num_inference_steps, **cfg)
         self._hooks = {"bar": bar, "callback": callback}
         try:
-            out = program(self.params, jax.tree.map(jnp.asarray, batch))
+            params = dict(self.params, unet_winograd=self._unet_winograd_kernels())
+            out = program(params, jax.tree.map(jnp.asarray, batch))
             out = jax.block_until_ready(out)
             jax.effects_barrier()
         finally:

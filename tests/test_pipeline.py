@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
+from flax_latentup.models.conv import conv_config
 from tests import helpers
 
 TOL = 1e-3  # max abs difference of float32 images in [0, 1] after a whole sampled run
@@ -100,6 +101,32 @@ def test_parity_hub_scheduler(torch_pipe, flax_pipe, case):
     want = run_torch(torch_pipe, prompt, low, noise, **kw)
     got = run_flax(flax_pipe, prompt, low, noise, **kw)
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("implementation", ["fast", "xla"])
+def test_parity_with_each_convolution_implementation(torch_pipe, pipe_dir, implementation):
+    """The rewritten convolutions forced on everywhere (Winograd kernels transformed once,
+    ahead of the sampling loop), and XLA's own convolutions everywhere: both match."""
+    fp = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(pipe_dir)
+    fp.set_progress_bar_config(disable=True)
+    low, noise = inputs(1, seed=21)
+    kw = dict(num_inference_steps=3, guidance_scale=6.0)
+    want = run_torch(torch_pipe, "a photo of the cat", low, noise, **kw)
+    with conv_config(implementation):
+        got = run_flax(fp, "a photo of the cat", low, noise, **kw)
+    assert_close(got, want)
+
+
+def test_winograd_kernels_computed_once_per_setting(pipe_dir):
+    fp = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(pipe_dir)
+    with conv_config("fast"):
+        kernels = fp._unet_winograd_kernels()
+        assert kernels and fp._unet_winograd_kernels() is kernels  # kept, not recomputed
+    with conv_config("xla"):
+        assert fp._unet_winograd_kernels() == {}
+    fp._refresh_params()
+    with conv_config("fast"):
+        assert fp._unet_winograd_kernels() is not kernels  # params split again: recomputed
 
 
 def test_parity_fast_test_scheduler(tokenizer_dir, tmp_path):

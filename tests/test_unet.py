@@ -19,6 +19,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from flax_latentup import ConfigError, FlaxUNet2DConditionModel, UNet2DConditionConfig, WeightsError
+from flax_latentup.models.conv import conv_config
 from flax_latentup.models.layers import k_downsample_2d, k_upsample_2d
 from tests import helpers
 
@@ -85,6 +86,20 @@ def test_small_config_parity(request, which, size):
     assert err <= 1e-4, (
         f"{which} {size}: max abs error {err:.3g} > 1e-4 (output scale {np.abs(ref).max():.3g})"
     )
+
+
+@pytest.mark.parametrize("implementation", ["fast", "xla"])
+def test_parity_with_each_convolution_implementation(tiny_unet, implementation):
+    """Winograd / product forms forced on (whatever the channel counts), and XLA's own
+    convolutions forced on: both match diffusers."""
+    torch_model, folder = tiny_unet
+    inputs = helpers.unet_inputs(helpers.TINY_UNET, batch=2, height=16, width=24, seed=4)
+    ref = helpers.torch_unet_output(torch_model, inputs)
+    with conv_config(implementation):
+        run, state = jitted(FlaxUNet2DConditionModel.from_pretrained(folder))
+        got = run(state, **to_flax(inputs))
+    err = max_err(got, ref)
+    assert err <= 1e-4, f"{implementation}: max abs error {err:.3g} > 1e-4"
 
 
 def test_scalar_timestep_broadcasts(tiny_unet, tiny_flax):
@@ -298,7 +313,7 @@ def test_sizes_diffusers_cannot_run(tiny_unet, tiny_flax, size):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [(2, 2), (4, 6), (16, 24)])
+@pytest.mark.parametrize("size", [(2, 2), (4, 6), (16, 24), (5, 7), (3, 3)])
 def test_k_resamplers_match_diffusers(size):
     from diffusers.models.downsampling import KDownsample2D
     from diffusers.models.upsampling import KUpsample2D

@@ -26,6 +26,7 @@ from flax_latentup import (
     nonfinite_images,
 )
 from flax_latentup.models import layers
+from flax_latentup.models.conv import conv_config
 from flax_latentup.models.vae import _run
 from tests import helpers
 
@@ -96,6 +97,23 @@ def assert_parity(torch_model, flax_model, x, z, *, enc_tol, dec_tol):
 def test_tiny_parity(tiny_vae, vae):
     model, _ = tiny_vae
     assert_parity(model, vae, pictures(2, 16, 24), latents(2, 12, 10), enc_tol=1e-4, dec_tol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["fast", "xla"])
+def test_parity_with_each_convolution_implementation(tiny_vae, implementation):
+    """Winograd, product and polyphase-upsampling forms forced on, and XLA's own
+    convolutions forced on: both match diffusers, untiled and tiled."""
+    model, folder = tiny_vae
+    with conv_config(implementation):
+        flax_model = FlaxAutoencoderKL.from_pretrained(folder)
+        assert_parity(
+            model, flax_model, pictures(1, 16, 24), latents(1, 12, 10), enc_tol=1e-4, dec_tol=1e-4
+        )
+        z = latents(1, 20, 28)
+        with torch_tiling(model, TILE):
+            ref = torch_decode(model, z)
+        err = max_err(flax_model.decode(z, tiled=True, tile_sample_size=TILE), ref)
+        assert err <= 1e-3, f"{implementation} tiled decode: max abs error {err:.3g} > 1e-3"
 
 
 def test_tiny_variant_parity(tmp_path):

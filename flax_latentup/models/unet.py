@@ -19,6 +19,7 @@ from flax import nnx
 
 from flax_latentup.configs import AttentionPlan, BlockPlan, ResnetPlan, UNet2DConditionConfig
 from flax_latentup.models.base import PretrainedModel
+from flax_latentup.models.conv import Conv
 from flax_latentup.models.layers import (
     AdaGroupNorm,
     LayerNorm,
@@ -39,9 +40,9 @@ def _linear(d_in: int, d_out: int, *, rngs, dtype, param_dtype, use_bias=True) -
     )
 
 
-def _conv(c_in: int, c_out: int, k: int, *, rngs, dtype, param_dtype, use_bias=True) -> nnx.Conv:
+def _conv(c_in: int, c_out: int, k: int, *, rngs, dtype, param_dtype, use_bias=True) -> Conv:
     p = (k - 1) // 2
-    return nnx.Conv(
+    return Conv(
         c_in,
         c_out,
         kernel_size=(k, k),

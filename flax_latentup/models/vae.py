@@ -26,6 +26,11 @@ from flax import nnx, struct
 
 from flax_latentup.configs import AutoencoderKLConfig
 from flax_latentup.models.base import PretrainedModel
+from flax_latentup.models.conv import (
+    Conv,
+    upsample2x_conv3x3,
+    use_polyphase_upsample,
+)
 from flax_latentup.models.layers import (
     GroupNorm,
     attention,
@@ -149,7 +154,7 @@ def _zero_outside(x: Array, valid: _Valid | None) -> Array:
 
 
 def _conv(cin: int, cout: int, kernel: int, *, stride: int = 1, padding, rngs, dtype, param_dtype):
-    return nnx.Conv(
+    return Conv(
         cin,
         cout,
         kernel_size=(kernel, kernel),
@@ -281,6 +286,13 @@ class Upsample2D(nnx.Module):
 
     def __call__(self, x: Array, valid: _Valid | None = None) -> Array:  # [B, H, W, C]
         b, h, w, c = x.shape
+        if use_polyphase_upsample(x.dtype):
+            # The same operator without the 4x larger repeated map (flax_latentup.models.conv);
+            # zeroing outside the valid part commutes with the repeat.
+            conv = self.conv
+            x = _zero_outside(x, valid).astype(conv.dtype or x.dtype)
+            y = upsample2x_conv3x3(x, conv.kernel[...].astype(x.dtype), precision=conv.precision)
+            return y + conv.bias[...].astype(y.dtype)
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
         x = x.reshape(b, 2 * h, 2 * w, c)
         return self.conv(_zero_outside(x, None if valid is None else valid.doubled()))
