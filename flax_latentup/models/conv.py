@@ -1,19 +1,28 @@
-"""3x3 convolutions: XLA's own, or Winograd F(2x2, 3x3) where that is faster.
+"""Convolutions: XLA's own, or rewritten forms where those are faster (CPU, float32).
 
-Every ``nnx.Conv`` of the UNet and the VAE is built with :func:`conv_general_dilated` as
-its convolution. It calls ``jax.lax.conv_general_dilated`` unchanged, except for the one case
-that holds most of the models' arithmetic: a dense 3x3 convolution with stride 1 and
-one pixel of zero padding, in float32, on the CPU backend, with enough channels. That case
-runs as a Winograd F(2x2, 3x3) convolution (Lavin & Gray, 2016): each 2x2 block of outputs
-is computed from a 4x4 block of inputs with 16 channel-mixing matrix products instead of 36,
-so the multiply count drops by 2.25x for some elementwise work before and after. On XLA:CPU
-the 16 products run as ordinary matrix multiplies, which reach a higher fraction of the
-machine's peak than XLA's direct convolution; ``benchmarks/bench_conv.py`` measures both and
-the rule :func:`use_winograd` applies is taken from its numbers. The result equals the direct
-convolution up to float32 rounding (the transforms only add, subtract and halve).
+The UNet's and the VAE's convolutions are :class:`Conv` modules (``nnx.Conv`` with the same
+parameters) whose convolution is :func:`conv_general_dilated`. It calls
+``jax.lax.conv_general_dilated`` unchanged except in the cases that hold most of the models'
+arithmetic, which on the CPU backend in float32 run as:
 
-:func:`conv_config` overrides the choice (``"xla"`` or ``"winograd"``) inside a ``with``
-block; it is read when a function is traced, like :func:`~.layers.attention_config`.
+- dense 3x3, stride-1, zero-padded convolutions with wide channels: Winograd F(2x2, 3x3)
+  (Lavin & Gray, 2016). Each 2x2 block of outputs comes from a 4x4 block of inputs through 16
+  channel-mixing matrix products instead of 36 (2.25x fewer multiplies) plus elementwise
+  transforms that only add, subtract and halve; on XLA:CPU the 16 products are ordinary
+  matrix multiplies, which reach a higher fraction of the machine's peak than XLA's direct
+  convolution does;
+- 1x1 convolutions: a matrix product over the channels;
+- nearest-neighbour 2x upsampling followed by a 3x3 convolution (the VAE's upsamplers):
+  :func:`upsample2x_conv3x3`, four phases computed on the low-res map.
+
+``benchmarks/bench_conv.py`` measures every form against XLA's and torch's at the models'
+shapes; the rule :func:`use_winograd` applies comes from those numbers. Results equal the
+direct form up to float32 rounding. The kernel transform of a Winograd convolution can be done
+once for many calls: :func:`winograd_kernels` and :func:`using_winograd_kernels` (the
+pipeline does this for the UNet, whose kernels would otherwise be transformed at every step).
+
+:func:`conv_config` overrides the choice (``"xla"``, ``"fast"`` or automatic) inside a
+``with`` block; it is read when a function is traced, like :func:`~.layers.attention_config`.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ _PREPARED: dict[int, list[Array]] = {}
 
 @contextlib.contextmanager
 def conv_config(implementation: str | None = None) -> Iterator[None]:
-    """Force how eligible 3x3 convolutions run inside the ``with`` block (read at trace time).
+    """Choose how convolutions run inside the ``with`` block (read at trace time).
 
     ``implementation``: ``"xla"`` (always ``jax.lax.conv_general_dilated``), ``"fast"`` (the
     rewritten forms wherever they apply, on any backend and dtype: for tests and
@@ -209,10 +218,6 @@ def _is_zero_padding(padding) -> bool:
     return all(int(a) == 0 and int(b) == 0 for a, b in padding)
 
 
-def _ones_or_none(v) -> bool:
-    return v is None or all(int(s) == 1 for s in v)
-
-
 def conv_general_dilated(
     lhs: Array,
     rhs: Array,
@@ -235,9 +240,9 @@ def conv_general_dilated(
     eligible = (
         _is_nhwc_hwio(lhs, rhs, dimension_numbers)
         and tuple(rhs.shape[:2]) == (3, 3)
-        and _ones_or_none(window_strides)
-        and _ones_or_none(lhs_dilation)
-        and _ones_or_none(rhs_dilation)
+        and _unit(window_strides)
+        and _unit(lhs_dilation)
+        and _unit(rhs_dilation)
         and feature_group_count == 1
         and batch_group_count == 1
         and preferred_element_type is None
@@ -253,8 +258,8 @@ def conv_general_dilated(
     pointwise = (
         _is_nhwc_hwio(lhs, rhs, dimension_numbers)
         and tuple(rhs.shape[:2]) == (1, 1)
-        and _ones_or_none(window_strides)
-        and _ones_or_none(lhs_dilation)
+        and _unit(window_strides)
+        and _unit(lhs_dilation)
         and feature_group_count == 1
         and batch_group_count == 1
         and preferred_element_type is None
