@@ -458,6 +458,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         self._vae_fp32 = None
         self._replicated: dict[Any, Any] = {}
         self._winograd: dict[Any, Any] = {}
+        self._on_device: dict[Any, Any] = {}
 
     def _unet_winograd_kernels(self) -> dict:
         """The UNet's Winograd-transformed kernels under the current convolution settings,
@@ -856,7 +857,9 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                     self._replicated = {mesh: params}
                 out = parallel.sharded_upscale(self.graphdefs, params, batch, options, mesh)
         else:
-            out = self._run(options, batch, schedule, callback, show_bar)
+            # one device: the one asked for (by `devices` or `mesh`), else JAX's default
+            device = device_list[0] if (devices is not None or mesh is not None) else None
+            out = self._run(options, batch, schedule, callback, show_bar, device)
 
         if output_type == "latent":
             images: Any = np.array(out["latents"])
@@ -896,7 +899,15 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                 images[bad] = self._decode(self._vae_fp32, latents[bad])
         return images
 
-    def _run(self, options: CoreOptions, batch: dict[str, Any], schedule, callback, show_bar):
+    def _run(
+        self,
+        options: CoreOptions,
+        batch: dict[str, Any],
+        schedule,
+        callback,
+        show_bar,
+        device: Any = None,
+    ):
         from tqdm.auto import tqdm
 
         program = self._program(options)
@@ -907,7 +918,14 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         self._hooks = {"bar": bar, "callback": callback}
         try:
             params = dict(self.params, unet_winograd=self._unet_winograd_kernels())
-            out = program(params, jax.tree.map(jnp.asarray, batch))
+            inputs = jax.tree.map(jnp.asarray, batch)
+            if device is not None:  # the program runs where its inputs are
+                placed = self._on_device.get(device)
+                if placed is None:  # copied once per device, then reused
+                    placed = jax.device_put(params, device)
+                    self._on_device = {device: placed}
+                params, inputs = placed, jax.device_put(inputs, device)
+            out = program(params, inputs)
             out = jax.block_until_ready(out)
             jax.effects_barrier()
         finally:

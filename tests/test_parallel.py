@@ -57,6 +57,15 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     for i in (0, 4, 7):
         res[f"alone{{i}}"] = pipe(prompt=prompts[i], image=low[i:i+1], devices=jax.devices()[:1],
                                  **{{**kw, "rng": [jax.random.fold_in(key, i)]}}).images
+    # one device that is not the default one: the program runs there
+    seen = {{}}
+    finish = pipe._finish_images
+    def spy(out):
+        seen["devices"] = sorted(str(d) for d in out["latents"].devices())
+        return finish(out)
+    pipe._finish_images = spy
+    res["device3"] = pipe(prompt=prompts[:2], image=low[:2], devices=[jax.devices()[3]], **kw).images
+    assert seen["devices"] == [str(jax.devices()[3])], seen
     np.savez({str(out_file)!r}, **res)
     print("ok")
     """
@@ -73,6 +82,7 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
         err = np.max(np.abs(res[f"alone{i}"][0] - res["single8"][i]))
         assert err <= 1e-5, f"image {i} alone differs from its batched run by {err:.3g}"
     np.testing.assert_allclose(res["single5"], res["single8"][:5], atol=1e-5)
+    np.testing.assert_allclose(res["device3"], res["single8"][:2], atol=1e-5)
 
 
 def test_process_share_covers_the_list():
