@@ -121,36 +121,21 @@ def median(xs: list[float]) -> float:
 
 def build_model_folder(folder: str, seed: int = 0) -> None:
     """Write a diffusers pipeline folder with the published configs and seeded random weights."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionLatentUpscalePipeline,
-        UNet2DConditionModel,
-    )
-
     from tests.helpers import (
-        HUB_SCHEDULER,
         SD_KL_F8_VAE,
         SD_X2_UNET,
         VIT_L14_TEXT,
-        load_tokenizer,
-        make_clip_text_model,
-        randomize_,
+        make_torch_pipeline,
         write_clip_tokenizer,
     )
 
-    torch.manual_seed(seed)
-    unet = randomize_(UNet2DConditionModel(**SD_X2_UNET).eval(), seed + 1)
-    vae = randomize_(AutoencoderKL(**SD_KL_F8_VAE).eval(), seed + 2, scale=0.05)
-    text_encoder = make_clip_text_model(seed + 3, **VIT_L14_TEXT)
     with tempfile.TemporaryDirectory() as tok:
-        pipe = StableDiffusionLatentUpscalePipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=load_tokenizer(write_clip_tokenizer(tok)),
-            unet=unet,
-            scheduler=EulerDiscreteScheduler(**HUB_SCHEDULER),
+        pipe = make_torch_pipeline(
+            seed,
+            tokenizer_dir=write_clip_tokenizer(tok),
+            unet=SD_X2_UNET,
+            vae=SD_KL_F8_VAE,
+            text=VIT_L14_TEXT,
         )
         pipe.save_pretrained(folder, safe_serialization=True)
 

@@ -920,10 +920,11 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             params = dict(self.params, unet_winograd=self._unet_winograd_kernels())
             inputs = jax.tree.map(jnp.asarray, batch)
             if device is not None:  # the program runs where its inputs are
-                placed = self._on_device.get(device)
+                key = (device, current_conv_implementation())  # the kernels follow the setting
+                placed = self._on_device.get(key)
                 if placed is None:  # copied once per device, then reused
                     placed = jax.device_put(params, device)
-                    self._on_device = {device: placed}
+                    self._on_device = {key: placed}
                 params, inputs = placed, jax.device_put(inputs, device)
             out = program(params, inputs)
             out = jax.block_until_ready(out)

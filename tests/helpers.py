@@ -342,9 +342,17 @@ PIPE_VAE = dict(
 
 
 def make_torch_pipeline(
-    seed: int = 0, scheduler: dict | None = None, tokenizer_dir: str | None = None
+    seed: int = 0,
+    scheduler: dict | None = None,
+    tokenizer_dir: str | None = None,
+    *,
+    unet: dict | None = None,
+    vae: dict | None = None,
+    text: dict | None = None,
 ):
-    """A tiny seeded ``StableDiffusionLatentUpscalePipeline`` (every weight randomised)."""
+    """A seeded ``StableDiffusionLatentUpscalePipeline`` (every weight randomised), tiny by
+    default; ``unet``, ``vae``, ``text``: other diffusers/transformers configs (e.g. the
+    published ones, ``SD_X2_UNET``, ``SD_KL_F8_VAE``, ``VIT_L14_TEXT``)."""
     import tempfile
 
     from diffusers import (
@@ -355,16 +363,16 @@ def make_torch_pipeline(
     )
 
     torch.manual_seed(seed)
-    unet = randomize_(UNet2DConditionModel(**PIPE_UNET).eval(), seed + 1)
-    vae = randomize_(AutoencoderKL(**PIPE_VAE).eval(), seed + 2, scale=0.05)
-    text_encoder = make_clip_text_model(seed + 3, eos_token_id=2, **TINY_CLIP)
+    unet_model = randomize_(UNet2DConditionModel(**(unet or PIPE_UNET)).eval(), seed + 1)
+    vae_model = randomize_(AutoencoderKL(**(vae or PIPE_VAE)).eval(), seed + 2, scale=0.05)
+    text_encoder = make_clip_text_model(seed + 3, **(text or dict(TINY_CLIP, eos_token_id=2)))
     if tokenizer_dir is None:
         tokenizer_dir = write_clip_tokenizer(tempfile.mkdtemp(prefix="tok-"))
     pipe = StableDiffusionLatentUpscalePipeline(
-        vae=vae,
+        vae=vae_model,
         text_encoder=text_encoder,
         tokenizer=load_tokenizer(tokenizer_dir),
-        unet=unet,
+        unet=unet_model,
         scheduler=EulerDiscreteScheduler(**(scheduler or HUB_SCHEDULER)),
     )
     pipe.set_progress_bar_config(disable=True)

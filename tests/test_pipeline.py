@@ -60,6 +60,19 @@ def run_flax(pipe, prompt, low, noise, **kw):
     return pipe(prompt=prompt, image=low, latents=noise, output_type="np", **kw).images
 
 
+def two_step_call(seed: int) -> dict:
+    """Arguments of a short, guidance-free call on one random input."""
+    low, noise = inputs(1, seed=seed)
+    return dict(
+        prompt="x",
+        image=low,
+        latents=noise,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        output_type="np",
+    )
+
+
 def assert_close(got, want, tol=TOL):
     assert got.shape == want.shape, (got.shape, want.shape)
     err = float(np.max(np.abs(got - want)))
@@ -300,15 +313,7 @@ def test_save_and_reload(flax_pipe, tmp_path):
         assert os.path.isfile(tmp_path / "flax" / part / "flax_model.safetensors")
     again = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(tmp_path / "flax"))
     again.set_progress_bar_config(disable=True)
-    low, noise = inputs(1, seed=70)
-    kw = dict(
-        prompt="x",
-        image=low,
-        latents=noise,
-        num_inference_steps=2,
-        guidance_scale=0.0,
-        output_type="np",
-    )
+    kw = two_step_call(seed=70)
     np.testing.assert_array_equal(flax_pipe(**kw).images, again(**kw).images)
     assert again.scheduler_config == flax_pipe.scheduler_config
 
@@ -422,15 +427,7 @@ def test_hub_cache_is_used(pipe_dir, tmp_path, monkeypatch):
 
 def test_vae_tiling_in_pipeline(flax_pipe):
     """Tiled decode through the pipeline: 16-px tiles on a 128-px output really tile."""
-    low, noise = inputs(1, seed=80)
-    kw = dict(
-        prompt="x",
-        image=low,
-        latents=noise,
-        num_inference_steps=2,
-        guidance_scale=0.0,
-        output_type="np",
-    )
+    kw = two_step_call(seed=80)
     whole = flax_pipe(**kw).images
     flax_pipe.enable_vae_tiling(tile_sample_size=64)
     try:

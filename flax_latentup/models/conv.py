@@ -237,36 +237,29 @@ def conv_general_dilated(
     Takes the same arguments (``nnx.Conv(conv_general_dilated=...)`` passes them); anything
     other than an eligible 3x3 convolution goes to XLA unchanged.
     """
-    eligible = (
+    # What both rewritten forms need: a plain dense NHWC/HWIO convolution with unit strides.
+    plain = (
         _is_nhwc_hwio(lhs, rhs, dimension_numbers)
-        and tuple(rhs.shape[:2]) == (3, 3)
         and _unit(window_strides)
         and _unit(lhs_dilation)
-        and _unit(rhs_dilation)
         and feature_group_count == 1
         and batch_group_count == 1
         and preferred_element_type is None
         and kwargs.get("out_sharding") is None
-        and _is_one_pixel_padding(padding)
         and lhs.dtype == rhs.dtype
     )
     choice = _SETTINGS.implementation
+    eligible = (
+        plain
+        and tuple(rhs.shape[:2]) == (3, 3)
+        and _unit(rhs_dilation)
+        and _is_one_pixel_padding(padding)
+    )
     if eligible and (
         choice == "fast" or (choice is None and use_winograd(lhs.shape, rhs.shape, lhs.dtype))
     ):
         return winograd_conv3x3(lhs, rhs, precision=precision)
-    pointwise = (
-        _is_nhwc_hwio(lhs, rhs, dimension_numbers)
-        and tuple(rhs.shape[:2]) == (1, 1)
-        and _unit(window_strides)
-        and _unit(lhs_dilation)
-        and feature_group_count == 1
-        and batch_group_count == 1
-        and preferred_element_type is None
-        and kwargs.get("out_sharding") is None
-        and _is_zero_padding(padding)
-        and lhs.dtype == rhs.dtype
-    )
+    pointwise = plain and tuple(rhs.shape[:2]) == (1, 1) and _is_zero_padding(padding)
     if pointwise and (choice == "fast" or (choice is None and _cpu_float32(lhs.dtype))):
         # A 1x1 convolution is a matrix product over the channels; XLA:CPU runs the product
         # ~1.2-2x faster than the same work as a convolution (benchmarks/bench_conv.py).

@@ -134,44 +134,6 @@ class LayerNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
-def _group_moments(
-    x: Array, num_groups: int, eps: float, mask: Array | None
-) -> tuple[Array, Array]:
-    """Per-channel float32 ``(mean, 1/std)`` of the groups of ``x: [B, ..., C]``, each
-    ``[B, 1, ..., 1, C]`` (a group's values repeated over its channels)."""
-    b, c = x.shape[0], x.shape[-1]
-    if c % num_groups:
-        raise ValueError(f"channels ({c}) must be divisible by num_groups ({num_groups})")
-    per = c // num_groups
-    x32 = x.astype(jnp.float32).reshape(b, -1, num_groups, per)
-    if mask is None:
-        mean = jnp.mean(x32, axis=(1, 3), keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=(1, 3), keepdims=True)
-    else:
-        m = mask.reshape(mask.shape[0], -1, 1, 1)
-        count = jnp.sum(m, axis=1, keepdims=True, dtype=jnp.float32) * per
-        mean = jnp.sum(jnp.where(m, x32, 0.0), axis=(1, 3), keepdims=True) / count
-        centred = jnp.where(m, x32 - mean, 0.0)
-        var = jnp.sum(jnp.square(centred), axis=(1, 3), keepdims=True) / count
-    shape = (b,) + (1,) * (x.ndim - 2) + (c,)
-
-    def per_channel(v: Array) -> Array:  # [B, 1, G, 1] -> [B, 1.., C]
-        return jnp.broadcast_to(v, (b, 1, num_groups, per)).reshape(shape)
-
-    return per_channel(mean), per_channel(jax.lax.rsqrt(var + eps))
-
-
-def group_norm_stats(x: Array, num_groups: int, eps: float, mask: Array | None = None) -> Array:
-    """Normalise ``x: [B, ..., C]`` over its spatial axes and channel groups (no affine).
-
-    Returns float32; groups are contiguous runs of ``C // num_groups`` channels, as in torch.
-    ``mask`` (bool, ``[1 or B, ..., 1]``, the spatial shape of ``x``) restricts the statistics
-    to the positions where it is true, as if the others were not there; their outputs are
-    meaningless.
-    """
-    return group_norm_affine(x, num_groups, eps, mask=mask)
-
-
 def group_norm_affine(
     x: Array,
     num_groups: int,
@@ -180,17 +142,44 @@ def group_norm_affine(
     shift: Array | None = None,
     mask: Array | None = None,
 ) -> Array:
-    """``(x - mean) / std * scale + shift`` per group, in float32 (see :func:`group_norm_stats`).
+    """``(x - mean) / std * scale + shift`` over the spatial axes and channel groups of
+    ``x: [B, ..., C]``, in float32 (returned as float32).
 
-    ``scale`` and ``shift`` broadcast against ``[B, 1, ..., 1, C]`` (per channel, optionally
-    per example). The group statistics are expanded to per-channel vectors and folded with
-    ``scale`` before touching the feature map, so the full-size work is one subtract, one
-    multiply and one add per element, with channel-wise operands only: XLA fuses that with the
-    activation that follows into a single pass over the map.
+    Groups are contiguous runs of ``C // num_groups`` channels, as in torch. ``scale`` and
+    ``shift`` (optional) broadcast against ``[B, 1, ..., 1, C]``: per channel, optionally per
+    example. ``mask`` (bool, ``[1 or B, ..., 1]``, the spatial shape of ``x``) restricts the
+    statistics to the positions where it is true, as if the others were not there; their
+    outputs are meaningless.
+
+    The group statistics are expanded to per-channel vectors and folded with ``scale`` before
+    touching the feature map, so the full-size work is one subtract, one multiply and one add
+    per element with channel-wise operands: XLA fuses that with the activation that follows
+    into a single pass over the map.
     """
-    mean, rstd = _group_moments(x, num_groups, eps, mask)
-    gain = rstd if scale is None else rstd * scale.astype(jnp.float32)
-    y = (x.astype(jnp.float32) - mean) * gain
+    b, c = x.shape[0], x.shape[-1]
+    if c % num_groups:
+        raise ValueError(f"channels ({c}) must be divisible by num_groups ({num_groups})")
+    per = c // num_groups
+    x32 = x.astype(jnp.float32)
+    grouped = x32.reshape(b, -1, num_groups, per)
+    if mask is None:
+        mean = jnp.mean(grouped, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(grouped - mean), axis=(1, 3), keepdims=True)
+    else:
+        m = mask.reshape(mask.shape[0], -1, 1, 1)
+        count = jnp.sum(m, axis=1, keepdims=True, dtype=jnp.float32) * per
+        mean = jnp.sum(jnp.where(m, grouped, 0.0), axis=(1, 3), keepdims=True) / count
+        centred = jnp.where(m, grouped - mean, 0.0)
+        var = jnp.sum(jnp.square(centred), axis=(1, 3), keepdims=True) / count
+    shape = (b,) + (1,) * (x.ndim - 2) + (c,)
+
+    def per_channel(v: Array) -> Array:  # [B, 1, G, 1] -> [B, 1, ..., 1, C]
+        return jnp.broadcast_to(v, (b, 1, num_groups, per)).reshape(shape)
+
+    gain = per_channel(jax.lax.rsqrt(var + eps))
+    if scale is not None:
+        gain = gain * scale.astype(jnp.float32)
+    y = (x32 - per_channel(mean)) * gain
     return y if shift is None else y + shift.astype(jnp.float32)
 
 
@@ -223,7 +212,7 @@ class GroupNorm(nnx.Module):
             self.bias = None
 
     def __call__(self, x: Array, mask: Array | None = None) -> Array:  # [B, ..., C]
-        """``mask``: optional bool ``[1 or B, ..., 1]``, see :func:`group_norm_stats`."""
+        """``mask``: optional bool ``[1 or B, ..., 1]``, see :func:`group_norm_affine`."""
         scale = None if self.scale is None else self.scale[...]
         shift = None if self.bias is None else self.bias[...]
         y = group_norm_affine(x, self.num_groups, self.eps, scale, shift, mask)

@@ -285,7 +285,6 @@ class Upsample2D(nnx.Module):
         )
 
     def __call__(self, x: Array, valid: _Valid | None = None) -> Array:  # [B, H, W, C]
-        b, h, w, c = x.shape
         if use_polyphase_upsample(x.dtype):
             # The same operator without the 4x larger repeated map (flax_latentup.models.conv);
             # zeroing outside the valid part commutes with the repeat.
@@ -293,6 +292,7 @@ class Upsample2D(nnx.Module):
             x = _zero_outside(x, valid).astype(conv.dtype or x.dtype)
             y = upsample2x_conv3x3(x, conv.kernel[...].astype(x.dtype), precision=conv.precision)
             return y + conv.bias[...].astype(y.dtype)
+        b, h, w, c = x.shape
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
         x = x.reshape(b, 2 * h, 2 * w, c)
         return self.conv(_zero_outside(x, None if valid is None else valid.doubled()))
