@@ -20,7 +20,13 @@ peak RSS. The outputs are compared: a fast wrong answer is not a result.
     python benchmarks/bench_pipeline.py --unet-only           # one UNet call, port vs torch
     python benchmarks/bench_pipeline.py --devices 1 2 --batch 2 --sides jax
     python benchmarks/bench_pipeline.py --device gpu --batch 8 --latent 64 --steps 20 \\
-        --dtype bfloat16 --guidance 0 7.5
+        --dtype bfloat16 --torch-dtype float16 --torch eager compile --guidance 7.5
+    python benchmarks/bench_pipeline.py --tiny --steps 1 --repeats 1   # checks the script
+
+torch runs as diffusers users run it at their fastest: eager (its default attention, SDPA), and
+with ``--torch ... compile`` also ``torch.compile`` of the UNet and the VAE decoder (the first
+torch variant takes turns with the port; further ones run on their own afterwards). On a GPU
+the UNet's TFLOP/s are also given as a fraction of the device's bfloat16 peak.
 
 Writes a table to stdout and everything to ``--json`` (default ``bench_pipeline.json``).
 """
@@ -119,8 +125,9 @@ def median(xs: list[float]) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def build_model_folder(folder: str, seed: int = 0) -> None:
-    """Write a diffusers pipeline folder with the published configs and seeded random weights."""
+def build_model_folder(folder: str, seed: int = 0, tiny: bool = False) -> None:
+    """Write a diffusers pipeline folder with seeded random weights: the published configs, or
+    with ``tiny`` the test suite's small ones (a quick check of the script itself)."""
     from tests.helpers import (
         SD_KL_F8_VAE,
         SD_X2_UNET,
@@ -129,14 +136,9 @@ def build_model_folder(folder: str, seed: int = 0) -> None:
         write_clip_tokenizer,
     )
 
+    configs = {} if tiny else dict(unet=SD_X2_UNET, vae=SD_KL_F8_VAE, text=VIT_L14_TEXT)
     with tempfile.TemporaryDirectory() as tok:
-        pipe = make_torch_pipeline(
-            seed,
-            tokenizer_dir=write_clip_tokenizer(tok),
-            unet=SD_X2_UNET,
-            vae=SD_KL_F8_VAE,
-            text=VIT_L14_TEXT,
-        )
+        pipe = make_torch_pipeline(seed, tokenizer_dir=write_clip_tokenizer(tok), **configs)
         pipe.save_pretrained(folder, safe_serialization=True)
 
 
@@ -204,6 +206,14 @@ def _timed(fn, repeats: int) -> tuple[float, list[float], object]:
 
 
 def worker_jax(spec: dict) -> dict:
+    from flax_latentup.models.layers import attention_config
+
+    # the whole worker under one attention setting (read when the programs are traced)
+    with attention_config(implementation=spec.get("attention")):
+        return _worker_jax(spec)
+
+
+def _worker_jax(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -234,6 +244,8 @@ def worker_jax(spec: dict) -> dict:
     result: dict = {
         "side": "jax",
         "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
+        "attention": spec.get("attention") or "auto",
         "load_s": load_s,
         "cases": [],
     }
@@ -312,6 +324,9 @@ def worker_jax(spec: dict) -> dict:
         result.update(vae_decode_first_s=first, vae_decode_s=times)
     result["peak_rss_gib"] = peak_rss_gib()
     result["base_rss_gib"] = base_rss
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        result["device_peak_gib"] = stats["peak_bytes_in_use"] / 2**30
     return result
 
 
@@ -335,6 +350,27 @@ def data_unet(spec: dict, case: dict, config, np) -> dict:
     }
 
 
+TORCH_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def compile_torch_pipeline(pipe, mode: str) -> None:
+    """torch.compile the UNet and the VAE decoder the way diffusers' speed guide does:
+    channels-last weights, 1x1 convs as matrix products, coordinate-descent tuning, one
+    static graph each (``dynamic=False``: the CFG and non-CFG batch sizes each get their own
+    specialised graph rather than one symbolic-shape graph)."""
+    import torch
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True
+    inductor.coordinate_descent_tuning = True
+    inductor.epilogue_fusion = False
+    inductor.coordinate_descent_check_all_directions = True
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
+    pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True, dynamic=False)
+    pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, fullgraph=True, dynamic=False)
+
+
 def worker_torch(spec: dict) -> dict:
     import numpy as np
     import torch
@@ -342,21 +378,34 @@ def worker_torch(spec: dict) -> dict:
 
     torch.set_num_threads(cores())
     device = {"cpu": "cpu", "gpu": "cuda"}.get(spec["device"], spec["device"])
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
+    dtype = getattr(torch, spec["torch_dtype"])
+    name = spec["name"]
+    if device == "cuda":
+        # fastest cuDNN conv algorithms for these shapes; TF32 where float32 is asked for
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     base_rss = peak_rss_gib()
     start = time.perf_counter()
     pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(spec["model"], torch_dtype=dtype)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    processors = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})
+    if spec["variant"] == "compile":
+        compile_torch_pipeline(pipe, spec["compile_mode"])
     load_s = time.perf_counter() - start
     data = np.load(spec["inputs"])
     low = torch.from_numpy(data["low"].transpose(0, 3, 1, 2)).to(device, dtype)
     noise = torch.from_numpy(data["noise"].transpose(0, 3, 1, 2)).to(device, dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     result: dict = {
-        "side": "torch",
+        "side": name,
+        "variant": spec["variant"],
+        "compile_mode": spec["compile_mode"] if spec["variant"] == "compile" else None,
+        "dtype": spec["torch_dtype"],
+        "attention_processors": processors,
         "threads": torch.get_num_threads(),
         "device": device,
+        "device_kind": torch.cuda.get_device_name() if device == "cuda" else cpu_model(),
         "load_s": load_s,
         "cases": [],
     }
@@ -386,9 +435,11 @@ def worker_torch(spec: dict) -> dict:
 
                 first, times, images = _timed(call, spec["repeats"])
                 entry.update(first_s=first, times_s=times)
-                np.save(os.path.join(spec["out"], f"torch_images_{g}.npy"), images)
+                if spec["variant"] == "compile":  # torch compiles inside its first call
+                    entry["compile_s"] = first - median(times)
+                np.save(os.path.join(spec["out"], f"{name}_images_{g}.npy"), images)
                 lat = stash["latents"].float().cpu().numpy().transpose(0, 2, 3, 1)
-                np.save(os.path.join(spec["out"], f"torch_latents_{g}.npy"), lat)
+                np.save(os.path.join(spec["out"], f"{name}_latents_{g}.npy"), lat)
             if spec["unet_timing"]:
                 unet = data_unet(spec, case, pipe.unet.config, np)
                 args = {k: torch.from_numpy(v).to(device, dtype) for k, v in unet.items()}
@@ -404,7 +455,7 @@ def worker_torch(spec: dict) -> dict:
                 first, times, out = _timed(unet_call, spec["unet_repeats"])
                 entry.update(unet_first_s=first, unet_s=times)
                 np.save(
-                    os.path.join(spec["out"], f"torch_unet_{g}.npy"),
+                    os.path.join(spec["out"], f"{name}_unet_{g}.npy"),
                     out.float().cpu().numpy().transpose(0, 2, 3, 1),
                 )
         result["cases"].append(entry)
@@ -421,6 +472,8 @@ def worker_torch(spec: dict) -> dict:
         result.update(vae_decode_first_s=first, vae_decode_s=times)
     result["peak_rss_gib"] = peak_rss_gib()
     result["base_rss_gib"] = base_rss
+    if device == "cuda":
+        result["device_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return result
 
 
@@ -430,6 +483,8 @@ def worker_torch(spec: dict) -> dict:
 
 
 def start_worker(side: str, spec: dict, devices: int) -> tuple[subprocess.Popen, dict]:
+    """Start one worker process: ``side`` is "jax" or "torch" (``spec["name"]`` tells the torch
+    variant); JAX gets ``devices`` host devices."""
     env = dict(os.environ)
     if side == "jax":
         flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
@@ -438,11 +493,12 @@ def start_worker(side: str, spec: dict, devices: int) -> tuple[subprocess.Popen,
         env["XLA_FLAGS"] = " ".join(flags)
         if spec["device"] != "auto":
             env["JAX_PLATFORMS"] = spec["device"]
-    spec_path = os.path.join(spec["out"], f"spec_{side}_{devices}.json")
+    tag = f"{spec.get('name', side)}_{devices}"
+    spec_path = os.path.join(spec["out"], f"spec_{tag}.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
-    out = open(os.path.join(spec["out"], f"out_{side}_{devices}.txt"), "w+")
-    err = open(os.path.join(spec["out"], f"err_{side}_{devices}.txt"), "w+")
+    out = open(os.path.join(spec["out"], f"out_{tag}.txt"), "w+")
+    err = open(os.path.join(spec["out"], f"err_{tag}.txt"), "w+")
     proc = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "--worker", side, spec_path],
         env=env,
@@ -451,7 +507,7 @@ def start_worker(side: str, spec: dict, devices: int) -> tuple[subprocess.Popen,
         text=True,
     )
     meta = {
-        "side": side,
+        "side": spec.get("name", side),
         "start": time.perf_counter(),
         "out": out,
         "err": err,
@@ -503,20 +559,54 @@ def versions() -> dict:
     return out
 
 
-def compare(out_dir: str, what: str, g: float, sides: list[str]) -> dict | None:
+def compare(out_dir: str, what: str, g: float, name: str, ref: str) -> dict | None:
+    """How far ``name``'s saved output is from ``ref``'s (None where either is missing)."""
     import numpy as np
 
-    paths = {s: os.path.join(out_dir, f"{s}_{what}_{g}.npy") for s in ("jax", "torch")}
-    if not all(os.path.exists(p) for p in paths.values()) or len(sides) < 2:
+    paths = [os.path.join(out_dir, f"{n}_{what}_{g}.npy") for n in (name, ref)]
+    if not all(os.path.exists(p) for p in paths):
         return None
-    a, b = np.load(paths["jax"]).astype(np.float64), np.load(paths["torch"]).astype(np.float64)
+    a, b = (np.load(p).astype(np.float64) for p in paths)
     if a.shape != b.shape:
         return {"shape_mismatch": [list(a.shape), list(b.shape)]}
+    finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
+    d = np.abs(a - b)
     return {
-        "max_abs_diff": float(np.abs(a - b).max()),
+        "finite": finite,
+        "max_abs_diff": float(d.max()),
+        "mean_abs_diff": float(d.mean()),
         "max_abs_ref": float(np.abs(b).max()),
-        "rel_diff": float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)),
+        "rel_diff": float(d.max() / max(np.abs(b).max(), 1e-12)),
     }
+
+
+# dense bfloat16 matrix-unit peaks (TFLOP/s, no sparsity), from the makers' data sheets; the
+# first name contained in the device's name wins, so the more specific names come first
+BF16_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("GH200", 989.4),
+    ("H200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("TPU v6 lite", 918.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0),
+    ("TPU v4", 275.0),
+)
+
+
+def bf16_peak_tflops(device_kind: str | None) -> float | None:
+    """The bfloat16 peak of a known accelerator, by name (None for CPUs and unknown ones)."""
+    for name, peak in BF16_PEAK_TFLOPS:
+        if device_kind and name.lower() in device_kind.lower():
+            return peak
+    return None
 
 
 def fmt(x: float | None, unit: str = "", digits: int = 2) -> str:
@@ -535,7 +625,32 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, nargs="+", default=[0.0, 7.5])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls after the first")
     parser.add_argument("--unet-repeats", type=int, default=5)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="the port's dtype"
+    )
+    parser.add_argument(
+        "--torch-dtype",
+        choices=TORCH_DTYPES,
+        help="torch's dtype (default: --dtype; on GPUs torch is at its fastest in float16)",
+    )
+    parser.add_argument(
+        "--torch",
+        nargs="+",
+        choices=("eager", "compile"),
+        default=["eager"],
+        dest="torch_variants",
+        help="torch variants: eager (SDPA attention) and/or torch.compile of UNet and VAE decoder",
+    )
+    parser.add_argument(
+        "--torch-compile-mode",
+        default="max-autotune",
+        help="torch.compile mode (default, reduce-overhead, max-autotune, ...)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's bfloat16 peak, TFLOP/s (default: known accelerators by name)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, gpu, tpu (JAX) / cuda (torch)")
     parser.add_argument("--unet-only", action="store_true", help="one UNet call per side")
     parser.add_argument("--no-unet-timing", action="store_true", help="skip the UNet-alone part")
@@ -548,7 +663,15 @@ def main() -> None:
         action="store_true",
         help="run the sides one after the other instead of taking turns call by call",
     )
+    parser.add_argument(
+        "--attention",
+        choices=("xla", "chunked", "cudnn"),
+        help="the port's attention everywhere (default: chosen per layer, cuDNN where it fits)",
+    )
     parser.add_argument("--compilation-cache", help="JAX persistent compilation cache folder")
+    parser.add_argument(
+        "--tiny", action="store_true", help="the test suite's tiny configs (checks the script)"
+    )
     parser.add_argument("--json", default="bench_pipeline.json")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -575,7 +698,8 @@ def main() -> None:
     build_s = None
     if model is None or not os.path.exists(os.path.join(model, "model_index.json")):
         model = model or os.path.join(work, "model")
-        print(f"building the published configs with random weights in {model} ...", flush=True)
+        which = "tiny test" if args.tiny else "published"
+        print(f"building the {which} configs with random weights in {model} ...", flush=True)
         start = time.perf_counter()
         # a subprocess, so that the torch models do not count in this process's memory
         subprocess.run(
@@ -584,7 +708,7 @@ def main() -> None:
                 "-c",
                 f"import sys; sys.path.insert(0, {ROOT!r}); "
                 "from benchmarks.bench_pipeline import build_model_folder as b; "
-                f"b({model!r})",
+                f"b({model!r}, tiny={args.tiny!r})",
             ],
             check=True,
         )
@@ -606,6 +730,9 @@ def main() -> None:
         "repeats": args.repeats,
         "unet_repeats": args.unet_repeats,
         "dtype": args.dtype,
+        "torch_dtype": args.torch_dtype or args.dtype,
+        "compile_mode": args.torch_compile_mode,
+        "attention": args.attention,
         "device": args.device,
         "unet_only": args.unet_only,
         "unet_timing": args.unet_only or not args.no_unet_timing,
@@ -614,6 +741,11 @@ def main() -> None:
     }
     results: dict = {}
     jax_counts = list(args.devices) if "jax" in args.sides else []
+    torch_runs = []  # (results name, worker spec)
+    if "torch" in args.sides:
+        for variant in dict.fromkeys(args.torch_variants):
+            name = "torch" if variant == "eager" else f"torch_{variant}"
+            torch_runs.append((name, dict(spec, name=name, variant=variant)))
 
     def keep_first_outputs() -> None:
         """Comparisons use the first device count's outputs: set them aside from later runs."""
@@ -623,26 +755,30 @@ def main() -> None:
                 if os.path.exists(src):
                     os.replace(src, os.path.join(work, f"jaxkeep_{what}_{g}.npy"))
 
-    if "torch" in args.sides and jax_counts and not args.sequential:
+    if torch_runs and jax_counts and not args.sequential:
+        # the port and the first torch variant take turns; further variants run on their own
         n = jax_counts.pop(0)
-        print(f"torch and jax ({n} device(s)), taking turns ...", flush=True)
+        name, torch_spec = torch_runs.pop(0)
+        print(f"{name} and jax ({n} device(s)), taking turns ...", flush=True)
         baton = os.path.join(work, "baton")
         os.makedirs(baton)
         with open(os.path.join(baton, "turn"), "w") as f:
             f.write("torch")
-        paired = dict(spec, baton=baton)
         torch_res, jax_res = collect_workers(
-            [start_worker("torch", paired, 1), start_worker("jax", paired, n)]
+            [
+                start_worker("torch", dict(torch_spec, baton=baton), 1),
+                start_worker("jax", dict(spec, name="jax", baton=baton), n),
+            ]
         )
-        results["torch"], results[f"jax{n}"] = torch_res, jax_res
-        results["torch"]["interleaved"] = results[f"jax{n}"]["interleaved"] = True
+        results[name], results[f"jax{n}"] = torch_res, jax_res
+        results[name]["interleaved"] = results[f"jax{n}"]["interleaved"] = True
         keep_first_outputs()
-    elif "torch" in args.sides:
-        print("torch ...", flush=True)
-        results["torch"] = run_worker("torch", spec, 1)
+    for name, torch_spec in torch_runs:
+        print(f"{name} ...", flush=True)
+        results[name] = run_worker("torch", torch_spec, 1)
     for n in jax_counts:
         print(f"jax, {n} device(s) ...", flush=True)
-        results[f"jax{n}"] = run_worker("jax", spec, n)
+        results[f"jax{n}"] = run_worker("jax", dict(spec, name="jax"), n)
         if n == args.devices[0]:
             keep_first_outputs()
     for g in args.guidance:
@@ -654,11 +790,18 @@ def main() -> None:
 
     # ---- summary ----
     out_side = 2 * side
+    jax_name = f"jax{args.devices[0]}"
+    torch_names = [n for n in results if n.startswith("torch")]
+    peaks = {
+        name: args.peak_tflops or bf16_peak_tflops(res.get("device_kind"))
+        for name, res in results.items()
+    }
     rows_out = []
     for i, g in enumerate(args.guidance):
         rows = args.batch * (2 if g > 1 else 1)
-        tflop_unet = unet_tflop(rows, out_side)
-        tflop_vae = vae_decode_tflop(args.batch, out_side)
+        # the analytic counts are for the published configs: none for --tiny
+        tflop_unet = None if args.tiny else unet_tflop(rows, out_side)
+        tflop_vae = None if args.tiny else vae_decode_tflop(args.batch, out_side)
         row: dict = {
             "guidance": g,
             "cfg": g > 1,
@@ -678,7 +821,9 @@ def main() -> None:
                     compile_s=c.get("compile_s"),
                     median_s=t,
                     images_per_s=args.batch / t,
-                    pipeline_tflops=(tflop_unet * args.steps + tflop_vae) / t,
+                    pipeline_tflops=None
+                    if args.tiny
+                    else (tflop_unet * args.steps + tflop_vae) / t,
                 )
             if "unet_s" in c:
                 u = median(c["unet_s"])
@@ -686,17 +831,24 @@ def main() -> None:
                     unet_times_s=c["unet_s"],
                     unet_first_s=c["unet_first_s"],
                     unet_median_s=u,
-                    unet_tflops=tflop_unet / u,
+                    unet_tflops=None if args.tiny else tflop_unet / u,
                 )
+                if r["unet_tflops"] is not None and peaks[name]:
+                    r["unet_peak_fraction"] = r["unet_tflops"] / peaks[name]
             row[name] = r
-        jax_name = f"jax{args.devices[0]}"
-        if "torch" in results and jax_name in results:
-            for key in ("median_s", "unet_median_s"):
-                if key in row[jax_name] and key in row["torch"]:
-                    row[f"ratio_{key}"] = row[jax_name][key] / row["torch"][key]
-        row["agreement"] = {
-            what: compare(work, what, g, args.sides) for what in ("images", "latents", "unet")
-        }
+        # time ratios (port / torch: below 1 is faster) and agreement, per torch variant
+        row["ratios"], row["agreement"] = {}, {}
+        for tname in torch_names:
+            if jax_name not in results:
+                break
+            row["ratios"][tname] = {
+                key: row[jax_name][key] / row[tname][key]
+                for key in ("median_s", "unet_median_s")
+                if key in row[jax_name] and key in row[tname]
+            }
+            row["agreement"][tname] = {
+                what: compare(work, what, g, "jax", tname) for what in ("images", "latents", "unet")
+            }
         rows_out.append(row)
 
     report = {
@@ -713,11 +865,18 @@ def main() -> None:
             "pixels": [8 * out_side, 8 * out_side],
             "steps": args.steps,
             "dtype": args.dtype,
+            "torch_dtype": spec["torch_dtype"],
+            "torch_variants": torch_names,
+            "torch_compile_mode": args.torch_compile_mode
+            if "compile" in args.torch_variants
+            else None,
             "device": args.device,
             "unet_only": args.unet_only,
-            "model": args.model or "random weights, published configs",
+            "model": args.model
+            or f"random weights, {'tiny test' if args.tiny else 'published'} configs",
             "build_s": build_s,
         },
+        "bf16_peak_tflops": peaks,
         "processes": {
             name: {k: v for k, v in res.items() if k != "cases"} for name, res in results.items()
         },
@@ -732,18 +891,24 @@ def main() -> None:
         f"(jaxlib {v['jaxlib']}), flax {v['flax']}, torch {v['torch']}, diffusers "
         f"{v['diffusers']}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after"
     )
+    kinds = sorted({str(res.get("device_kind")) for res in results.values()})
     print(
         f"workload: batch {args.batch}, {side}x{side} -> {out_side}x{out_side} latents "
-        f"({8 * out_side} px), {args.steps} steps, {args.dtype}, {args.device}"
+        f"({8 * out_side} px), {args.steps} steps; port {args.dtype}, torch "
+        f"{spec['torch_dtype']} ({', '.join(torch_names) or 'not run'}); {args.device}: "
+        + ", ".join(kinds)
     )
-    print(
-        f"analytic work: UNet {unet_tflop(1, out_side):.3f} TFLOP per image per step (x2 under "
-        f"CFG), VAE decode {vae_decode_tflop(1, out_side):.3f} TFLOP per image; TF/s below = "
-        "(steps x UNet + VAE decode) / median time"
-    )
+    if not args.tiny:
+        print(
+            f"analytic work: UNet {unet_tflop(1, out_side):.3f} TFLOP per image per step (x2 "
+            f"under CFG), VAE decode {vae_decode_tflop(1, out_side):.3f} TFLOP per image; "
+            "TF/s below = (steps x UNet + VAE decode) / median time"
+        )
+    width = max([len(n) for n in results] + [8]) + 2
     head = (
-        f"{'case':<10}{'side':<8}{'first s':>9}{'compile s':>10}{'median s':>10}{'img/s':>8}"
-        f"{'TF/s':>7}{'UNet s':>9}{'UNet TF/s':>10}{'peak GiB':>9}"
+        f"{'case':<10}{'side':<{width}}{'first s':>9}{'compile s':>10}{'median s':>10}"
+        f"{'img/s':>8}{'TF/s':>7}{'UNet s':>9}{'UNet TF/s':>10}{'of peak':>8}{'RSS GiB':>8}"
+        f"{'dev GiB':>8}"
     )
     print(head)
     print("-" * len(head))
@@ -751,36 +916,46 @@ def main() -> None:
         case = f"g={row['guidance']:g}" + (" CFG" if row["cfg"] else "")
         for name, res in results.items():
             r = row[name]
+            frac = r.get("unet_peak_fraction")
             print(
-                f"{case:<10}{name:<8}{fmt(r.get('first_s'), '', 1):>9}"
-                f"{fmt(r.get('compile_s'), '', 1):>10}{fmt(r.get('median_s'), '', 2):>10}"
-                f"{fmt(r.get('images_per_s'), '', 3):>8}{fmt(r.get('pipeline_tflops'), '', 3):>7}"
-                f"{fmt(r.get('unet_median_s'), '', 3):>9}"
-                f"{fmt(r.get('unet_tflops'), '', 3):>10}{fmt(res['peak_rss_gib'], '', 2):>9}"
+                f"{case:<10}{name:<{width}}{fmt(r.get('first_s'), '', 1):>9}"
+                f"{fmt(r.get('compile_s'), '', 1):>10}{fmt(r.get('median_s'), '', 3):>10}"
+                f"{fmt(r.get('images_per_s'), '', 3):>8}{fmt(r.get('pipeline_tflops'), '', 1):>7}"
+                f"{fmt(r.get('unet_median_s'), '', 4):>9}{fmt(r.get('unet_tflops'), '', 1):>10}"
+                f"{fmt(frac and 100 * frac, '%', 1):>8}{fmt(res['peak_rss_gib'], '', 2):>8}"
+                f"{fmt(res.get('device_peak_gib'), '', 2):>8}"
             )
-        ratios = [
-            f"{label} {row[key]:.3f}"
-            for key, label in (("ratio_median_s", "pipeline"), ("ratio_unet_median_s", "UNet"))
-            if key in row
-        ]
-        if ratios:
-            print(f"{'':<10}port/torch time: " + ", ".join(ratios))
-        for what, cmp in row["agreement"].items():
-            if cmp and "max_abs_diff" in cmp:
-                print(
-                    f"{'':<10}max |port - torch| {what}: {cmp['max_abs_diff']:.2e} "
-                    f"(max |torch| {cmp['max_abs_ref']:.2e})"
-                )
+        for tname, ratio in row["ratios"].items():
+            parts = [
+                f"{label} {ratio[key]:.3f} ({1 / ratio[key]:.2f}x)"
+                for key, label in (("median_s", "pipeline"), ("unet_median_s", "UNet"))
+                if key in ratio
+            ]
+            if parts:
+                print(f"{'':<10}port/{tname} time (speed-up): " + ", ".join(parts))
+        for tname, agreement in row["agreement"].items():
+            for what, cmp in agreement.items():
+                if cmp and "max_abs_diff" in cmp:
+                    print(
+                        f"{'':<10}|port - {tname}| {what}: max {cmp['max_abs_diff']:.2e}, mean "
+                        f"{cmp['mean_abs_diff']:.2e} (max |{tname}| {cmp['max_abs_ref']:.2e})"
+                        + ("" if cmp["finite"] else "  NOT FINITE")
+                    )
     for name, res in results.items():
         if res.get("vae_decode_s"):
             t = median(res["vae_decode_s"])
-            tf = vae_decode_tflop(args.batch, out_side)
-            print(f"VAE decode alone ({name}): median {t:.2f} s, {tf / t:.3f} TFLOP/s")
+            tf = None if args.tiny else vae_decode_tflop(args.batch, out_side)
+            print(
+                f"VAE decode alone ({name}): median {t:.3f} s"
+                + (f", {tf / t:.2f} TFLOP/s" if tf else "")
+            )
         if res.get("winograd_kernels_s") is not None:
             print(
                 f"UNet Winograd kernel transform ({name}): {res['winograd_kernels_s']:.2f} s, "
                 "once per loaded pipeline, in its first call (not in 'UNet s')"
             )
+        if res.get("attention_processors"):
+            print(f"{name}: attention {', '.join(res['attention_processors'])}")
     print(f"\nJSON: {os.path.abspath(args.json)}")
     shutil.rmtree(work, ignore_errors=True)  # inputs, outputs and a model built here
 

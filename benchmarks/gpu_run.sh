@@ -1,56 +1,141 @@
 #!/usr/bin/env bash
-# One call on a CUDA GPU machine: the torch-vs-JAX CUDA tests, then the pipeline benchmark.
+# The CUDA checks and GPU benchmarks, on a machine with one NVIDIA GPU, torch and JAX (CUDA).
 #
-# The GPU machine has torch and JAX (CUDA) but no diffusers and no network, so carry the
-# diffusers wheel in .whl/ (pure Python, any platform):
+#   bash benchmarks/gpu_run.sh [STEP ...]          (default steps: env tests bench)
 #
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform any \
-#       -d .whl diffusers==0.42.1
+# Steps (each one fits in a 10-minute call on an H100). Logs and JSON are written to a work
+# folder and packed into $OUT/gpu_run.tar.gz after every step (so that a run cut short still
+# returns what it finished), with the key lines in $OUT/summary.txt.
+#   env      nvidia-smi, the versions of torch / JAX / flax / diffusers, the devices both see
+#   tests    tests/test_cuda.py: torch on CUDA vs the port on the GPU, full-size configs
+#            (each model float32, the whole pipeline 256 -> 512 px in float32 and bfloat16)
+#   bench    batch 8, 64x64 -> 128x128 latents (512 -> 1024 px), 20 steps, CFG: the port in
+#            bfloat16 against torch float16 eager (SDPA) and torch.compile, same inputs
+#   flags    one UNet call of the port under several XLA GPU flag sets and attention choices
 #
-# (`--platform manylinux2014_x86_64` also finds the py3-none-any wheel.) Add any other
-# missing pure-Python dependency the same way. Then, from the repository root:
+# Settings (environment): OUT (default ./out), PYTHON (default python3), FLAX_LATENTUP_REAL_MODEL
+# (a diffusers-layout sd-x2-latent-upscaler folder: the tests also run on its weights and the
+# benchmark uses it), TORCH_COMPILE_MODE (default max-autotune; "default" compiles faster),
+# BENCH_ARGS (more bench_pipeline.py arguments), BENCH_MODEL (where the random full-size model
+# folder is built and kept, default /tmp/flax_latentup_bench_model), STEP_TIMEOUT (seconds per
+# step, default 570).
 #
-#   bash benchmarks/gpu_run.sh                 # logs and results under $OUT (default ./out)
-#   FLAX_LATENTUP_REAL_MODEL=/path/to/sd-x2-latent-upscaler bash benchmarks/gpu_run.sh
+# The GPU machine has no diffusers and no network: carry the wheels it lacks in .whl/ (pure
+# Python). From the repository root, once:
 #
-# JAX runs on the GPU because this script sets JAX_PLATFORMS=cuda (tests/conftest.py only
-# sets "cpu" when the variable is unset), without preallocating GPU memory, so torch and JAX
-# share the device inside one pytest process.
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl \
+#       diffusers==0.42.1 importlib_metadata
+#
+# JAX runs on the GPU because this script sets JAX_PLATFORMS=cuda (tests/conftest.py only sets
+# "cpu" when the variable is unset), without preallocating GPU memory, so torch and JAX share
+# the device inside one pytest process.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./out}"
+LOGS="$(mktemp -d -t flax-latentup-gpu-XXXXXX)"
+PYTHON="${PYTHON:-python3}"
+STEP_TIMEOUT="${STEP_TIMEOUT:-570}"
+MODEL_DIR="${FLAX_LATENTUP_REAL_MODEL:-${BENCH_MODEL:-/tmp/flax_latentup_bench_model}}"
 mkdir -p "$OUT"
 
 export JAX_PLATFORMS=cuda
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PYTHONUNBUFFERED=1
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 
 if compgen -G ".whl/*.whl" > /dev/null; then
-    python -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl \
-        > "$OUT/pip.log" 2>&1 || { echo "wheel install failed, see $OUT/pip.log"; exit 1; }
+    "$PYTHON" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl > "$LOGS/pip.log" 2>&1 \
+        || { echo "wheel install failed:"; tail -20 "$LOGS/pip.log"; exit 1; }
     export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
-{
-    nvidia-smi || true
-    python -c "import torch, jax; print('torch', torch.__version__, torch.cuda.is_available()); print('jax', jax.__version__, jax.devices())"
-} 2>&1 | tee "$OUT/env.log"
+# bench_pipeline.py with the benchmark's workload; $1: name of the JSON/log, then arguments
+# shellcheck disable=SC2086
+bench() {
+    local name="$1"
+    shift
+    timeout "$STEP_TIMEOUT" "$PYTHON" benchmarks/bench_pipeline.py --device gpu \
+        --model "$MODEL_DIR" --save-model "$MODEL_DIR" --batch 8 --latent 64 --steps 20 \
+        --guidance 7.5 --json "$LOGS/$name.json" "$@" ${BENCH_ARGS:-} 2>&1 | tee "$LOGS/$name.log"
+    return "${PIPESTATUS[0]}"
+}
+
+step_env() {
+    {
+        nvidia-smi || true
+        "$PYTHON" - <<'EOF'
+import importlib.metadata as md
+for name in ("torch", "jax", "jaxlib", "flax", "diffusers", "transformers", "numpy"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "not installed")
+import jax, torch
+print("torch sees", torch.cuda.is_available() and torch.cuda.get_device_name())
+print("jax sees", jax.devices())
+EOF
+    } 2>&1 | tee "$LOGS/env.log"
+}
+
+step_tests() {
+    timeout "$STEP_TIMEOUT" "$PYTHON" -m pytest -m cuda -v -rs -s tests/test_cuda.py \
+        --junitxml="$LOGS/cuda-tests.xml" 2>&1 | tee "$LOGS/cuda-tests.log"
+    return "${PIPESTATUS[0]}"
+}
+
+step_bench() {
+    bench bench_pipeline --dtype bfloat16 --torch-dtype float16 --torch eager compile \
+        --torch-compile-mode "${TORCH_COMPILE_MODE:-max-autotune}" --repeats 3 --unet-repeats 5
+}
+
+step_flags() {
+    # the port's UNet alone (bf16, batch 8 under CFG = 16 rows at 128x128 latents) under each
+    # setting; every run compiles anew, so the sets are few
+    local status=0 i=0 flags
+    local sets=(
+        ""
+        "--xla_gpu_enable_triton_gemm=false"
+        "--xla_gpu_enable_command_buffer="
+        "--xla_gpu_exhaustive_tiling_search=true"
+    )
+    for flags in "${sets[@]}"; do
+        echo "=== XLA_FLAGS='$flags'" | tee -a "$LOGS/flags.log"
+        XLA_FLAGS="$flags" bench "flags_$i" --sides jax --unet-only --dtype bfloat16 \
+            --unet-repeats 10 | grep -E "^g=" | tee -a "$LOGS/flags.log"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+        i=$((i + 1))
+    done
+    echo "=== attention: XLA everywhere (no cuDNN)" | tee -a "$LOGS/flags.log"
+    bench flags_xla_attention --sides jax --unet-only --dtype bfloat16 --unet-repeats 10 \
+        --attention xla | grep -E "^g=" | tee -a "$LOGS/flags.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    return "$status"
+}
+
+# pack the logs after each step: the files that come back are these two
+pack() {
+    tar czf "$OUT/gpu_run.tar.gz" -C "$LOGS" . 2> /dev/null
+    (cd "$LOGS" && grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|max abs|mean abs|max \|err\||^g=|speed-up|port - |TFLOP|=== " \
+        ./*.log) > "$OUT/summary.txt" 2> /dev/null || true
+}
 
 status=0
-python -m pytest -m cuda -v -rs -s tests/test_cuda.py --junitxml="$OUT/cuda-tests.xml" 2>&1 \
-    | tee "$OUT/cuda-tests.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-if [ -f benchmarks/bench_pipeline.py ]; then
-    # batch 8, 64x64 -> 128x128 latents, 20 steps, classifier-free guidance, bfloat16
-    python benchmarks/bench_pipeline.py --device gpu --batch 8 --latent 64 --steps 20 \
-        --guidance 6.0 --dtype bfloat16 --json "$OUT/bench_pipeline.json" 2>&1 \
-        | tee "$OUT/bench_pipeline.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-else
-    echo "benchmarks/bench_pipeline.py not present: benchmark skipped" | tee "$OUT/bench_pipeline.log"
-fi
-
-echo "results in $OUT (exit status $status)"
+steps=("$@")
+[ "${#steps[@]}" -gt 0 ] || steps=(env tests bench)
+for step in "${steps[@]}"; do
+    case "$step" in
+        env | tests | bench | flags) ;;
+        *) echo "unknown step '$step' (expected env, tests, bench or flags)"; exit 2 ;;
+    esac
+done
+for step in "${steps[@]}"; do
+    echo "### $step"
+    "step_$step" || { echo "### $step failed"; status=1; }
+    pack
+done
+echo "results in $OUT/gpu_run.tar.gz and $OUT/summary.txt (exit status $status)"
 exit "$status"

@@ -10,6 +10,7 @@ the exit code is 1 when anything failed, 2 for bad usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -135,13 +136,38 @@ def check_output_dir(outdir: str, inputs: Sequence[str], recursive: bool) -> Non
         os.makedirs(outdir, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=outdir)
         os.close(fd)
-        os.remove(probe)
+        with contextlib.suppress(FileNotFoundError):  # another process may have cleaned it
+            os.remove(probe)
     except OSError as e:
         raise UsageError(f"output folder {outdir!r} is not writable: {e}") from None
 
 
-def remove_stale_temporaries(outdir: str) -> int:
-    """Delete temporary files a killed run left behind; returns how many."""
+def report_path_for(path: str, process: tuple[int, int]) -> str:
+    """The report path of this process: ``path`` itself for a single process, else with
+    ``.process-I-of-N`` before the extension (each process reports its own share)."""
+    index, count = process
+    if count == 1:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.process-{index}-of-{count}{ext}"
+
+
+def remove_stale_temporaries(outdir: str, process: tuple[int, int] = (0, 1)) -> int:
+    """Delete temporary files a killed run left behind; returns how many.
+
+    ``process``: ``(index, count)`` of this process among those sharing the output folder
+    (``--distributed``): the first one cleans, and all wait for it before any writes, so that no
+    process deletes another's file in flight. The others report 0."""
+    index, count = process
+    n = _remove_temporaries(outdir) if index == 0 else 0
+    if count > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("flax-latentup: stale temporaries removed")
+    return n
+
+
+def _remove_temporaries(outdir: str) -> int:
     n = 0
     for root, _, files in os.walk(outdir):
         for f in files:
@@ -368,10 +394,14 @@ def run_upscale(args: argparse.Namespace) -> int:
     items = collect_inputs(args.input, args.recursive)
     check_output_dir(args.output, args.input, args.recursive)
     model_dir = resolve_model(args.model)
+    process = (0, 1)  # (index, count) among the processes sharing the work
     if args.distributed:
+        import jax
+
         from flax_latentup import parallel
 
         parallel.initialize_distributed()
+        process = (jax.process_index(), jax.process_count())
         items = parallel.process_share(items)
     cache = None if args.no_compile_cache else (args.compile_cache or default_cache_dir())
     if cache:
@@ -384,7 +414,7 @@ def run_upscale(args: argparse.Namespace) -> int:
 
     from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
 
-    stale = remove_stale_temporaries(args.output)
+    stale = remove_stale_temporaries(args.output, process)
     started = time.perf_counter()
     report: dict[str, Any] = {
         "version": __version__,
@@ -398,6 +428,7 @@ def run_upscale(args: argparse.Namespace) -> int:
             "tile": args.tile,
             "ext": args.ext,
         },
+        "process": {"index": process[0], "count": process[1]},
         "done": [],
         "skipped": [],
         "failed": [],
@@ -508,11 +539,18 @@ def run_upscale(args: argparse.Namespace) -> int:
         else 0.0,
         "compile_cache": cache,
     }
-    report_path = args.report or os.path.join(args.output, REPORT_NAME)
-    tmp = report_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, report_path)
+    report_path = report_path_for(args.report or os.path.join(args.output, REPORT_NAME), process)
+    folder = os.path.dirname(report_path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, report_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
 
     print(
         f"done {done}, skipped {len(report['skipped'])}, failed {len(report['failed'])} "

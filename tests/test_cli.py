@@ -229,3 +229,61 @@ def test_version_and_convert_help(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     assert "Convert a torch" in capsys.readouterr().out
+
+
+def test_distributed_processes_share_one_output_folder(flax_pipe_dir, tmp_path):
+    """``--distributed``: two processes upscale their shares into one output folder. A killed
+    run's temporary is removed once (by the first process, before either writes), each process
+    writes its own report, the shares cover the inputs once, and the pictures are those of a
+    single-process run."""
+    import socket
+
+    src = make_folder(str(tmp_path / "in"), n=5, corrupt=False, odd=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".flax-latentup-tmp-killed.png").write_bytes(b"half a picture")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "import sys; from flax_latentup.cli import main; sys.exit(main())"
+    argv = ["upscale", "-i", src, "-o", str(out), "-r", "-n", flax_pipe_dir, *COMMON]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, *argv, "--distributed"],
+            env=dict(
+                os.environ,
+                PYTHONPATH=ROOT,
+                JAX_PLATFORMS="cpu",
+                FLAX_LATENTUP_COORDINATOR=f"127.0.0.1:{port}",
+                FLAX_LATENTUP_NUM_PROCESSES="2",
+                FLAX_LATENTUP_PROCESS_ID=str(i),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    names = ["img0.png", "img1.png", "img2.png", "img3.png", "sub/img4.png"]
+    assert outputs(out) == names
+    assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".flax-latentup-tmp-")]
+    assert not (out / "flax-latentup-report.json").exists()
+    reports = []
+    for i in range(2):
+        with open(out / f"flax-latentup-report.process-{i}-of-2.json") as f:
+            reports.append(json.load(f))
+        assert reports[i]["process"] == {"index": i, "count": 2}
+        assert reports[i]["failed"] == [] and reports[i]["skipped"] == []
+    assert [r["stale_temporaries_removed"] for r in reports] == [1, 0]
+    shares = [[os.path.relpath(d["output"], out) for d in r["done"]] for r in reports]
+    assert [len(s) for s in shares] == [3, 2] and sorted(shares[0] + shares[1]) == names
+
+    single = tmp_path / "single"
+    assert run_cli("-i", src, "-o", single, "-r", "-n", flax_pipe_dir, *COMMON) == 0
+    for name in names:
+        with PIL.Image.open(out / name) as a, PIL.Image.open(single / name) as b:
+            diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()
+        assert diff <= 1, f"{name}: the distributed run differs from one process by {diff} levels"

@@ -27,7 +27,10 @@ import torch
 from tests import helpers
 
 REAL_MODEL = os.environ.get("FLAX_LATENTUP_REAL_MODEL")
-REL_TOL = 1e-3  # max |err| / max |ref|, float32 models
+# max |err| / max |ref| of a whole float32 model: both sides compute in float32 without TF32,
+# so they differ by float32 rounding in another order (the same comparisons on the CPU: 1e-6
+# to 4e-6)
+REL_TOL = 1e-4
 
 
 def _cuda_skip_reason() -> str | None:
@@ -199,13 +202,18 @@ def test_clip_float32(weights, tmp_path, tokenizer):
 # --------------------------------------------------------------------------------------------
 
 STEPS = 10
-# float32: both sides compute in float32; after 10 Euler steps through the full UNet and the
-# VAE decode, pixel differences stay at the float32 rounding level amplified by the sampler.
-PIPE_TOL_FP32 = 5e-3  # max abs pixel error, pictures in [0, 1]
-# bfloat16 (8-bit mantissa, relative rounding 2^-8 = 0.4 % per operation) against the float32
-# reference: the errors of ~30 layers and 10 steps add up, so single pixels can move by several
-# levels; the mean stays small.
-PIPE_MEAN_TOL_BF16 = 0.02  # mean abs pixel error (about 5 / 255)
+# float32: both sides compute in float32 without TF32, so they differ only in the order of
+# float32 operations; after 10 Euler steps through the full UNet and the VAE decode a whole
+# sampled image stays within 1e-3 (pictures in [0, 1]).
+PIPE_TOL_FP32 = 1e-3  # max abs pixel error
+# bfloat16 (8-bit mantissa: 2^-8 = 0.4 % rounding per operation) cannot match a float32
+# reference pixel for pixel; what it must do is lose no more than torch itself loses in
+# bfloat16 on the same run. The bound: the port's mean abs pixel error against torch float32
+# at most twice torch bfloat16's own (the two round in different places; the port also keeps
+# its latents and sampler update in float32, torch casts them back to bfloat16 every step),
+# and at most 0.01 (2.5 / 255) in any case.
+BF16_VS_TORCH_BF16 = 2.0
+PIPE_MEAN_TOL_BF16 = 0.01
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +237,8 @@ def pipeline_folder(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def pipeline_case(pipeline_folder):
-    """Inputs (the 32x32 latents of a 256 px picture, the noise) and diffusers' float32 output."""
+    """Inputs (the 32x32 latents of a 256 px picture, the noise), diffusers' float32 output and
+    how far its bfloat16 output is from that."""
     from diffusers import StableDiffusionLatentUpscalePipeline
 
     rng = np.random.default_rng(7)
@@ -241,21 +250,28 @@ def pipeline_case(pipeline_folder):
         num_inference_steps=STEPS,
         guidance_scale=6.0,
     )
-    pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(
-        pipeline_folder, torch_dtype=torch.float32
-    ).to("cuda")
-    pipe.set_progress_bar_config(disable=True)
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    out = {}
     try:
-        with torch.no_grad():
-            ref = pipe(image=nchw(low), latents=nchw(noise), output_type="np", **kw).images
+        for dtype in (torch.float32, torch.bfloat16):
+            pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(
+                pipeline_folder, torch_dtype=dtype
+            ).to("cuda")
+            pipe.set_progress_bar_config(disable=True)
+            with torch.no_grad():
+                out[dtype] = pipe(
+                    image=nchw(low).to(dtype), latents=nchw(noise).to(dtype), output_type="np", **kw
+                ).images.astype(np.float64)
+            del pipe
+            torch.cuda.empty_cache()
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-    del pipe
-    torch.cuda.empty_cache()
-    assert ref.shape == (1, 512, 512, 3)
-    return dict(low=low, noise=noise, kw=kw, ref=ref)
+    ref, ref_bf16 = out[torch.float32], out[torch.bfloat16]
+    assert ref.shape == ref_bf16.shape == (1, 512, 512, 3)
+    torch_bf16_err = np.abs(ref_bf16 - ref).mean()
+    print(f"torch bfloat16 vs torch float32: mean abs pixel error {torch_bf16_err:.3g}")
+    return dict(low=low, noise=noise, kw=kw, ref=ref, torch_bf16_err=torch_bf16_err)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -279,8 +295,9 @@ def test_pipeline_256_to_512(pipeline_folder, pipeline_case, dtype):
             f"sides float32 without TF32; {STEPS} Euler steps amplify rounding differences)"
         )
     else:
-        assert err.mean() <= PIPE_MEAN_TOL_BF16, (
+        bound = min(BF16_VS_TORCH_BF16 * c["torch_bf16_err"], PIPE_MEAN_TOL_BF16)
+        assert err.mean() <= bound, (
             f"bfloat16 pipeline vs float32 diffusers: mean abs pixel error {err.mean():.3g} > "
-            f"{PIPE_MEAN_TOL_BF16} (bf16 rounds at 2^-8 per op; {STEPS} steps through the full "
-            "UNet add those up, so the mean, not single pixels, is bounded)"
+            f"{bound:.3g} = min({BF16_VS_TORCH_BF16} x torch bfloat16's own error "
+            f"{c['torch_bf16_err']:.3g}, {PIPE_MEAN_TOL_BF16})"
         )
