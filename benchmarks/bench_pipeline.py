@@ -516,20 +516,37 @@ def start_worker(side: str, spec: dict, devices: int) -> tuple[subprocess.Popen,
     return proc, meta
 
 
-def collect_workers(workers: list[tuple[subprocess.Popen, dict]]) -> list[dict]:
-    """Wait for every worker; if one fails, stop the others and report its error output."""
+class WorkerFailed(Exception):
+    pass
+
+
+def collect_workers(
+    workers: list[tuple[subprocess.Popen, dict]], timeout: float | None = None
+) -> list[dict]:
+    """Wait for every worker. If one fails, or any is still running ``timeout`` seconds after
+    its start, stop them all and raise :class:`WorkerFailed` with the reason."""
+
+    def stop_all() -> None:
+        for other, _ in workers:
+            if other.poll() is None:
+                other.kill()
+                other.wait()
+
     ended: dict[int, float] = {}
     while len(ended) < len(workers):
         for i, (proc, meta) in enumerate(workers):
-            if i in ended or proc.poll() is None:
+            if i in ended:
+                continue
+            if proc.poll() is None:
+                if timeout is not None and time.perf_counter() - meta["start"] > timeout:
+                    stop_all()
+                    raise WorkerFailed(f"{meta['side']} worker still running after {timeout:g} s")
                 continue
             ended[i] = time.perf_counter() - meta["start"]
             if proc.returncode:
-                for other, _ in workers:
-                    if other.poll() is None:
-                        other.kill()
+                stop_all()
                 meta["err"].seek(0)
-                raise SystemExit(f"{meta['side']} worker failed:\n{meta['err'].read()[-4000:]}")
+                raise WorkerFailed(f"{meta['side']} worker failed:\n{meta['err'].read()[-4000:]}")
         time.sleep(0.1)
     results = []
     for i, (_, meta) in enumerate(workers):
@@ -543,8 +560,8 @@ def collect_workers(workers: list[tuple[subprocess.Popen, dict]]) -> list[dict]:
     return results
 
 
-def run_worker(side: str, spec: dict, devices: int) -> dict:
-    return collect_workers([start_worker(side, spec, devices)])[0]
+def run_worker(side: str, spec: dict, devices: int, timeout: float | None = None) -> dict:
+    return collect_workers([start_worker(side, spec, devices)], timeout)[0]
 
 
 def versions() -> dict:
@@ -645,6 +662,11 @@ def main() -> None:
         "--torch-compile-mode",
         default="max-autotune",
         help="torch.compile mode (default, reduce-overhead, max-autotune, ...)",
+    )
+    parser.add_argument(
+        "--compile-timeout",
+        type=float,
+        help="seconds after which the torch.compile variant is given up (reported as missing)",
     )
     parser.add_argument(
         "--peak-tflops",
@@ -764,21 +786,35 @@ def main() -> None:
         os.makedirs(baton)
         with open(os.path.join(baton, "turn"), "w") as f:
             f.write("torch")
-        torch_res, jax_res = collect_workers(
-            [
-                start_worker("torch", dict(torch_spec, baton=baton), 1),
-                start_worker("jax", dict(spec, name="jax", baton=baton), n),
-            ]
-        )
+        try:
+            torch_res, jax_res = collect_workers(
+                [
+                    start_worker("torch", dict(torch_spec, baton=baton), 1),
+                    start_worker("jax", dict(spec, name="jax", baton=baton), n),
+                ]
+            )
+        except WorkerFailed as e:
+            raise SystemExit(str(e)) from None
         results[name], results[f"jax{n}"] = torch_res, jax_res
         results[name]["interleaved"] = results[f"jax{n}"]["interleaved"] = True
         keep_first_outputs()
+    failed: dict[str, str] = {}
     for name, torch_spec in torch_runs:
         print(f"{name} ...", flush=True)
-        results[name] = run_worker("torch", torch_spec, 1)
+        timeout = args.compile_timeout if torch_spec["variant"] == "compile" else None
+        try:
+            results[name] = run_worker("torch", torch_spec, 1, timeout)
+        except WorkerFailed as e:
+            if not results:  # nothing to report without it
+                raise SystemExit(str(e)) from None
+            failed[name] = str(e)
+            print(f"{name}: {e}", flush=True)
     for n in jax_counts:
         print(f"jax, {n} device(s) ...", flush=True)
-        results[f"jax{n}"] = run_worker("jax", dict(spec, name="jax"), n)
+        try:
+            results[f"jax{n}"] = run_worker("jax", dict(spec, name="jax"), n)
+        except WorkerFailed as e:
+            raise SystemExit(str(e)) from None
         if n == args.devices[0]:
             keep_first_outputs()
     for g in args.guidance:
@@ -877,6 +913,7 @@ def main() -> None:
             "build_s": build_s,
         },
         "bf16_peak_tflops": peaks,
+        "failed": failed,
         "processes": {
             name: {k: v for k, v in res.items() if k != "cases"} for name, res in results.items()
         },
@@ -956,6 +993,8 @@ def main() -> None:
             )
         if res.get("attention_processors"):
             print(f"{name}: attention {', '.join(res['attention_processors'])}")
+    for name, reason in failed.items():
+        print(f"{name}: no results ({reason.splitlines()[0]})")
     print(f"\nJSON: {os.path.abspath(args.json)}")
     shutil.rmtree(work, ignore_errors=True)  # inputs, outputs and a model built here
 

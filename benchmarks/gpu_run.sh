@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_run.sh [STEP ...]          (default steps: env tests bench)
 #
-# Steps (each one fits in a 10-minute call on an H100). Logs and JSON are written to a work
+# Where one command may run 10 minutes at most, give the steps over three commands:
+# `env tests`, then `bench`, then `flags` (each fits in 10 minutes on an H100). Logs and JSON are written to a work
 # folder and packed into $OUT/gpu_run.tar.gz after every step (so that a run cut short still
 # returns what it finished), with the key lines in $OUT/summary.txt.
 #   env      nvidia-smi, the versions of torch / JAX / flax / diffusers, the devices both see
@@ -16,6 +17,7 @@
 # Settings (environment): OUT (default ./out), PYTHON (default python3), FLAX_LATENTUP_REAL_MODEL
 # (a diffusers-layout sd-x2-latent-upscaler folder: the tests also run on its weights and the
 # benchmark uses it), TORCH_COMPILE_MODE (default max-autotune; "default" compiles faster),
+# TORCH_COMPILE_TIMEOUT (seconds before the torch.compile variant is given up, default 330),
 # BENCH_ARGS (more bench_pipeline.py arguments), BENCH_MODEL (where the random full-size model
 # folder is built and kept, default /tmp/flax_latentup_bench_model), STEP_TIMEOUT (seconds per
 # step, default 570).
@@ -34,6 +36,14 @@
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
+steps=("$@")
+[ "${#steps[@]}" -gt 0 ] || steps=(env tests bench)
+for step in "${steps[@]}"; do
+    case "$step" in
+        env | tests | bench | flags) ;;
+        *) echo "unknown step '$step' (expected env, tests, bench or flags)"; exit 2 ;;
+    esac
+done
 OUT="${OUT:-./out}"
 LOGS="$(mktemp -d -t flax-latentup-gpu-XXXXXX)"
 PYTHON="${PYTHON:-python3}"
@@ -89,7 +99,8 @@ step_tests() {
 
 step_bench() {
     bench bench_pipeline --dtype bfloat16 --torch-dtype float16 --torch eager compile \
-        --torch-compile-mode "${TORCH_COMPILE_MODE:-max-autotune}" --repeats 3 --unet-repeats 5
+        --torch-compile-mode "${TORCH_COMPILE_MODE:-max-autotune}" \
+        --compile-timeout "${TORCH_COMPILE_TIMEOUT:-330}" --repeats 3 --unet-repeats 5
 }
 
 step_flags() {
@@ -124,14 +135,6 @@ pack() {
 }
 
 status=0
-steps=("$@")
-[ "${#steps[@]}" -gt 0 ] || steps=(env tests bench)
-for step in "${steps[@]}"; do
-    case "$step" in
-        env | tests | bench | flags) ;;
-        *) echo "unknown step '$step' (expected env, tests, bench or flags)"; exit 2 ;;
-    esac
-done
 for step in "${steps[@]}"; do
     echo "### $step"
     "step_$step" || { echo "### $step failed"; status=1; }

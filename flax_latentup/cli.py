@@ -152,15 +152,14 @@ def report_path_for(path: str, process: tuple[int, int]) -> str:
     return f"{stem}.process-{index}-of-{count}{ext}"
 
 
-def remove_stale_temporaries(outdir: str, process: tuple[int, int] = (0, 1)) -> int:
-    """Delete temporary files a killed run left behind; returns how many.
+def remove_stale_temporaries(outdir: str, process_count: int = 1) -> int:
+    """Delete temporary files a killed run left behind; returns how many this process removed.
 
-    ``process``: ``(index, count)`` of this process among those sharing the output folder
-    (``--distributed``): the first one cleans, and all wait for it before any writes, so that no
-    process deletes another's file in flight. The others report 0."""
-    index, count = process
-    n = _remove_temporaries(outdir) if index == 0 else 0
-    if count > 1:
+    With several processes (``--distributed``, ``process_count > 1``) each cleans its output
+    folder, shared or not, and all wait until every one has cleaned before any of them writes,
+    so that no process deletes a file another one has in flight."""
+    n = _remove_temporaries(outdir)
+    if process_count > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("flax-latentup: stale temporaries removed")
@@ -414,7 +413,7 @@ def run_upscale(args: argparse.Namespace) -> int:
 
     from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
 
-    stale = remove_stale_temporaries(args.output, process)
+    stale = remove_stale_temporaries(args.output, process[1])
     started = time.perf_counter()
     report: dict[str, Any] = {
         "version": __version__,

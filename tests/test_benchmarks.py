@@ -60,3 +60,18 @@ def test_bench_pipeline_tiny(tmp_path):
         assert agreement["images"]["max_abs_diff"] <= 1e-3, agreement["images"]
         assert agreement["latents"]["max_abs_diff"] <= 1e-3 * agreement["latents"]["max_abs_ref"]
         assert agreement["unet"]["rel_diff"] <= 1e-5, agreement["unet"]
+
+
+def test_gpu_run_script_parses_and_rejects_unknown_steps(tmp_path):
+    script = os.path.join(ROOT, "benchmarks", "gpu_run.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    proc = subprocess.run(
+        ["bash", script, "env", "benchmark"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OUT=str(tmp_path / "out")),
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "unknown step 'benchmark'" in proc.stdout
+    assert not (tmp_path / "out").exists(), "nothing runs or is written before the steps check"

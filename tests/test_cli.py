@@ -233,8 +233,8 @@ def test_version_and_convert_help(capsys):
 
 def test_distributed_processes_share_one_output_folder(flax_pipe_dir, tmp_path):
     """``--distributed``: two processes upscale their shares into one output folder. A killed
-    run's temporary is removed once (by the first process, before either writes), each process
-    writes its own report, the shares cover the inputs once, and the pictures are those of a
+    run's temporary is removed (once, before either process writes), each process writes its
+    own report, the shares cover the inputs once, and the pictures are those of a
     single-process run."""
     import socket
 
@@ -277,7 +277,7 @@ def test_distributed_processes_share_one_output_folder(flax_pipe_dir, tmp_path):
             reports.append(json.load(f))
         assert reports[i]["process"] == {"index": i, "count": 2}
         assert reports[i]["failed"] == [] and reports[i]["skipped"] == []
-    assert [r["stale_temporaries_removed"] for r in reports] == [1, 0]
+    assert sum(r["stale_temporaries_removed"] for r in reports) == 1
     shares = [[os.path.relpath(d["output"], out) for d in r["done"]] for r in reports]
     assert [len(s) for s in shares] == [3, 2] and sorted(shares[0] + shares[1]) == names
 
