@@ -234,6 +234,37 @@ def test_chunked_attention_equals_full(with_mask):
         assert max_err(full, attention(q, k, v, implementation="xla")) > 1e-3
 
 
+class _FakeGpu:
+    def __init__(self, compute_capability: str):
+        self.compute_capability = compute_capability
+
+
+@pytest.mark.parametrize(
+    "capability, head_dim, dtype, expected",
+    [
+        ("9.0", 64, jnp.bfloat16, "cudnn"),  # H100: the UNet's and CLIP's heads
+        ("9.0", 256, jnp.float16, "cudnn"),
+        ("9.0", 512, jnp.bfloat16, "xla"),  # the VAE's single 512-wide head
+        ("9.0", 60, jnp.bfloat16, "xla"),  # not a multiple of 8
+        ("9.0", 64, jnp.float32, "xla"),
+        ("8.0", 128, jnp.bfloat16, "cudnn"),  # A100
+        ("8.9", 256, jnp.bfloat16, "xla"),  # L4: 128 at most before Hopper
+        ("7.5", 64, jnp.float16, "xla"),  # T4: no fused cuDNN attention
+        ("gfx90a", 64, jnp.bfloat16, "xla"),  # a ROCm GPU
+    ],
+)
+def test_cudnn_attention_only_where_the_gpu_takes_it(
+    monkeypatch, capability, head_dim, dtype, expected
+):
+    """The automatic choice asks for cuDNN's fused attention only on GPUs and shapes it
+    supports (jax.nn.dot_product_attention raises on the others)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [_FakeGpu(capability)])
+    q = jax.ShapeDtypeStruct((2, 77, 4, head_dim), dtype)
+    assert layers.choose_attention_implementation(q, q) == expected
+    assert layers.choose_attention_implementation(q, q, masked=True) == "xla"
+
+
 def test_vae_chunked_attention_equals_full(vae):
     z = latents(1, 12, 10)
     with attention_config("xla"):

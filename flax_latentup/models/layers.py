@@ -247,8 +247,9 @@ def attention_config(
     """Override how :func:`attention` runs inside the ``with`` block (read at trace time).
 
     ``implementation``: ``"xla"`` (full score matrix), ``"chunked"`` (queries in chunks of
-    ``query_chunk_size``: memory linear in the sequence), ``"cudnn"`` (fused kernel, GPU,
-    fp16/bf16, head_dim <= 256) or ``None`` for the automatic choice. Functions already
+    ``query_chunk_size``: memory linear in the sequence), ``"cudnn"`` (fused kernel, NVIDIA
+    GPUs of compute capability >= 8.0, fp16/bf16, head_dim a multiple of 8 up to
+    :func:`cudnn_attention_max_head_dim`) or ``None`` for the automatic choice. Functions already
     compiled keep the choice they were traced with.
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
@@ -271,11 +272,30 @@ def attention_config(
         _SETTINGS.max_score_bytes = old.max_score_bytes
 
 
-def _cudnn_ok(q: Array, k: Array) -> bool:
+def cudnn_attention_max_head_dim() -> int | None:
+    """The largest head dim cuDNN's fused (flash) attention takes on this backend's GPUs: 256 on
+    Hopper and later (compute capability >= 9.0), 128 on Ampere/Ada (>= 8.0), ``None`` where it
+    is not available (not an NVIDIA GPU, or an older one such as the T4, 7.5)."""
     if jax.default_backend() != "gpu":
+        return None
+    capability = getattr(jax.local_devices()[0], "compute_capability", None)
+    try:
+        major, minor = (int(x) for x in str(capability).split(".")[:2])
+    except ValueError:  # a ROCm device names its architecture instead (e.g. "gfx90a")
+        return None
+    if (major, minor) < (8, 0):
+        return None
+    return 256 if major >= 9 else 128
+
+
+def _cudnn_ok(q: Array, k: Array) -> bool:
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
         return False
     d = q.shape[-1]
-    return q.dtype in (jnp.bfloat16, jnp.float16) and d <= 256 and d % 8 == 0 and k.shape[-1] == d
+    if d % 8 or k.shape[-1] != d:
+        return False
+    limit = cudnn_attention_max_head_dim()
+    return limit is not None and d <= limit
 
 
 def _mask_keys(s: Array, key_mask: Array | None) -> Array:
