@@ -40,9 +40,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=1000, help="total optimizer steps")
     p.add_argument("--learning-rate", type=float, default=1e-5)
+    p.add_argument(
+        "--lr-schedule",
+        choices=("constant", "linear", "cosine"),
+        default="constant",
+        help="after the warm-up: constant, or down to 0 at --steps (linear / half cosine)",
+    )
+    p.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up from 0")
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="<= 0: no clipping")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="the EMA's weight, at most")
+    p.add_argument(
+        "--no-ema-warmup",
+        action="store_true",
+        help="EMA weight --ema-decay from the first step (default: min(decay, k / (9 + k)))",
+    )
     p.add_argument("--sigma-loc", type=float, default=-1.2, help="mean of log sigma")
     p.add_argument("--sigma-scale", type=float, default=1.2, help="std of log sigma")
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="P(caption -> '')")
@@ -105,6 +117,23 @@ def prune(output: str, keep: int) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:  # the settings are checked before the model loads
+        config = TrainConfig(
+            learning_rate=args.learning_rate,
+            lr_schedule=args.lr_schedule,
+            lr_warmup_steps=args.lr_warmup_steps,
+            total_steps=args.steps,
+            weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+            ema_decay=args.ema_decay,
+            ema_warmup=not args.no_ema_warmup,
+            sigma_loc=args.sigma_loc,
+            sigma_scale=args.sigma_scale,
+            cfg_dropout=args.cfg_dropout,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        raise SystemExit(f"bad training settings: {e}") from None
     paths = list_pictures(args.data)
     pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(args.model)
     f = pipe.vae.config.downsample_factor
@@ -121,16 +150,6 @@ def main(argv=None) -> int:
     row = {c: i for i, c in enumerate(unique)}
     uncond = (context[row[""]], pooled[row[""]])
 
-    config = TrainConfig(
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
-        ema_decay=args.ema_decay,
-        sigma_loc=args.sigma_loc,
-        sigma_scale=args.sigma_scale,
-        cfg_dropout=args.cfg_dropout,
-        seed=args.seed,
-    )
     trainer = Trainer(pipe.unet, uncond, config, remat=args.remat)
     last = None if args.no_resume else latest_checkpoint(args.output)
     if last is not None:

@@ -61,6 +61,7 @@ Array = jax.Array
 UNetFn = Callable[[Array, Array, Array, Array], Array]
 
 NOISE_EMBED_DIM = 128  # the noise-level part of timestep_cond
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -77,9 +78,15 @@ class TrainConfig:
     ``noise_aug_level``: std of the noise added to the low-res latents (0: none, as the
     pipeline samples); a nonzero level needs ``noise_aug_embed_weight`` (64 floats, see the
     module docstring). ``max_grad_norm``: clip by global norm (``None``: no clipping).
-    ``ema_decay``: weight of the old EMA in each update. ``seed``: with the step number it
-    determines every random draw of a step, so a resumed run draws what an uninterrupted one
-    would.
+    ``ema_decay``: weight of the old EMA in each update, at most; with ``ema_warmup`` (the
+    default, as diffusers' ``EMAModel``) the weight of update ``k`` (1, 2, ...) is
+    ``min(ema_decay, k / (9 + k))`` and 0 for the first, so the EMA follows the weights closely
+    early on and averages over more steps as training goes.
+    ``lr_schedule``: ``"constant"``, ``"linear"`` (down to 0 at ``total_steps``) or
+    ``"cosine"`` (half a cosine down to 0 at ``total_steps``), after ``lr_warmup_steps`` of
+    linear warm-up from 0 (diffusers' ``get_scheduler`` schedules of those names).
+    ``seed``: with the step number it determines every random draw of a step, so a resumed
+    run draws what an uninterrupted one would.
     """
 
     learning_rate: float = 1e-5
@@ -89,6 +96,10 @@ class TrainConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    total_steps: int | None = None
     sigma_loc: float = -1.2
     sigma_scale: float = 1.2
     cfg_dropout: float = 0.1
@@ -101,6 +112,20 @@ class TrainConfig:
             raise ValueError(f"cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        if self.lr_schedule != "constant" and (
+            self.total_steps is None or self.total_steps <= self.lr_warmup_steps
+        ):
+            raise ValueError(
+                f"lr_schedule {self.lr_schedule!r} decays to 0 at total_steps, which must be "
+                f"given and exceed lr_warmup_steps ({self.lr_warmup_steps}); got "
+                f"{self.total_steps}"
+            )
         if self.sigma_scale < 0:
             raise ValueError(f"sigma_scale must be >= 0, got {self.sigma_scale}")
         if self.noise_aug_level < 0:
@@ -119,10 +144,40 @@ class TrainConfig:
                 "(what the pipeline samples with)."
             )
 
-    def optimizer(self) -> optax.GradientTransformation:
-        """Gradient clipping (if any), then AdamW."""
-        adamw = optax.adamw(
+    def learning_rate_schedule(self) -> optax.Schedule:
+        """The learning rate of the update after ``count`` updates (count = 0, 1, ...)."""
+        peak, warmup, kind, total = (
             self.learning_rate,
+            self.lr_warmup_steps,
+            self.lr_schedule,
+            self.total_steps,
+        )
+
+        def schedule(count):
+            count = jnp.asarray(count, jnp.float32)
+            if kind == "constant":
+                after = jnp.float32(1.0)
+            else:
+                progress = jnp.clip((count - warmup) / (total - warmup), 0.0, 1.0)
+                after = (
+                    1.0 - progress if kind == "linear" else 0.5 * (1 + jnp.cos(jnp.pi * progress))
+                )
+            factor = jnp.where(count < warmup, count / max(warmup, 1), after)
+            return peak * factor
+
+        return schedule
+
+    def ema_decay_at(self, count: Array) -> Array:
+        """The EMA weight of the update after ``count`` updates (see ``ema_warmup``)."""
+        if not self.ema_warmup:
+            return jnp.float32(self.ema_decay)
+        k = jnp.asarray(count, jnp.float32) + 1.0
+        return jnp.where(k <= 1.0, 0.0, jnp.minimum(self.ema_decay, k / (9.0 + k)))
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """Gradient clipping (if any), then AdamW under :meth:`learning_rate_schedule`."""
+        adamw = optax.adamw(
+            self.learning_rate_schedule(),
             b1=self.adam_b1,
             b2=self.adam_b2,
             eps=self.adam_eps,
@@ -391,9 +446,13 @@ class Trainer:
         (loss, _), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, batch, draws)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        d = self.config.ema_decay
-        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema, params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        d = self.config.ema_decay_at(state.step)
+        ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema, params)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": self.config.learning_rate_schedule()(state.step),
+        }
         new = TrainState(step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
         return new, metrics
 

@@ -225,6 +225,40 @@ def test_finetune_loss_goes_down(setup):
     assert after_ema < before
 
 
+def test_steps_follow_the_schedules(setup):
+    """Warm-up: the first update has learning rate 0 (the weights stay as they are), the second
+    a nonzero one; the EMA's first update copies the weights, its second averages."""
+    base, batch = setup
+    config = TrainConfig(
+        learning_rate=1e-3,
+        lr_schedule="linear",
+        lr_warmup_steps=2,
+        total_steps=10,
+        ema_decay=0.9,
+        cfg_dropout=0.1,
+        seed=4,
+    )
+    trainer = Trainer(base.unet(base.init_state()), base.uncond, config)
+    state = trainer.init_state()
+    p0 = jax.device_get(state.params)  # host copies: a step donates the state it is given
+    state, m1 = trainer.step(state, batch)
+    p1, e1 = jax.device_get(state.params), jax.device_get(state.ema)
+    state, m2 = trainer.step(state, batch)
+    p2, e2 = jax.device_get(state.params), jax.device_get(state.ema)
+    assert float(m1["learning_rate"]) == 0.0 and float(m2["learning_rate"]) == pytest.approx(5e-4)
+    same = jax.tree.map(lambda a, b: bool(np.all(a == b)), p0, p1)
+    assert all(jax.tree.leaves(same)), "an update at learning rate 0 changed the weights"
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p1, p2)
+    assert max(jax.tree.leaves(moved)) > 0
+    # EMA: update 1 has weight 0 (a copy), update 2 weight 2 / 11
+    assert all(jax.tree.leaves(jax.tree.map(lambda e, p: bool(np.all(e == p)), e1, p1)))
+    d = 2 / 11
+    err = jax.tree.map(
+        lambda e, old, p: float(np.max(np.abs(e - (d * old + (1 - d) * p)))), e2, e1, p2
+    )
+    assert max(jax.tree.leaves(err)) <= 1e-6
+
+
 def test_resume_is_bitwise_identical(setup, tmp_path):
     trainer, batch = setup
     state = trainer.init_state()
@@ -276,3 +310,83 @@ def test_example_draws_depend_on_seed_and_step_only(tmp_path):
     assert a.shape == (2, 32, 32, 3) and a.min() >= -1 and a.max() <= 1
     np.testing.assert_array_equal(a, b)
     assert idx_a == idx_b and not np.array_equal(a, c)
+
+
+def test_example_checks_schedule_before_loading(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("finetune", "examples/finetune.py")
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    argv = ["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data")]
+    argv += ["--output", str(tmp_path / "run"), "--steps", "1000"]
+    with pytest.raises(SystemExit, match="bad training settings: lr_schedule 'cosine'"):
+        finetune.main(argv + ["--lr-schedule", "cosine", "--lr-warmup-steps", "1000"])
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate schedules and the EMA's warm-up, against diffusers' own
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, diffusers_name, warmup",
+    [
+        ("constant", "constant", 0),
+        ("constant", "constant_with_warmup", 7),
+        ("linear", "linear", 5),
+        ("cosine", "cosine", 5),
+        ("cosine", "cosine", 0),
+    ],
+)
+def test_learning_rate_schedules_match_diffusers(kind, diffusers_name, warmup):
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    total = 30
+    config = TrainConfig(
+        learning_rate=2e-4,
+        lr_schedule=kind,
+        lr_warmup_steps=warmup,
+        total_steps=None if kind == "constant" else total,
+    )
+    ours = config.learning_rate_schedule()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    ref = get_scheduler(diffusers_name, opt, num_warmup_steps=warmup, num_training_steps=total)
+    for count in range(total + 1):  # the learning rate of the update after `count` updates
+        want = opt.param_groups[0]["lr"]
+        got = float(ours(count))
+        assert abs(got - want) <= 1e-6 * 2e-4, f"{kind}, update {count}: {got} vs {want}"
+        opt.step()
+        ref.step()
+    if kind != "constant":  # past total_steps the rate stays at 0 (diffusers' cosine rises again)
+        assert float(ours(total + 5)) == 0.0
+
+
+def test_ema_warmup_matches_diffusers_ema_model():
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    ref = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=0.999)
+    warm = TrainConfig(ema_decay=0.999)
+    flat = TrainConfig(ema_decay=0.999, ema_warmup=False)
+    for count in range(0, 20000, 7):
+        want = ref.get_decay(count + 1)  # diffusers counts the update being made from 1
+        assert abs(float(warm.ema_decay_at(jnp.int32(count))) - want) <= 1e-7, count
+        assert float(flat.ema_decay_at(jnp.int32(count))) == np.float32(0.999)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(lr_schedule="step"), "lr_schedule must be one of"),
+        (dict(lr_warmup_steps=-1), "lr_warmup_steps must be >= 0"),
+        (dict(lr_schedule="cosine"), "decays to 0 at total_steps"),
+        (dict(lr_schedule="linear", lr_warmup_steps=10, total_steps=10), "exceed lr_warmup_steps"),
+        (dict(total_steps=0), "total_steps must be >= 1"),
+    ],
+)
+def test_schedule_settings_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
