@@ -34,7 +34,7 @@ def test_bench_pipeline_tiny(tmp_path):
         "--steps", "2",
         "--repeats", "1",
         "--unet-repeats", "1",
-        "--guidance", "0", "6",
+        "--guidance", "6",
         "--json", str(out),
     ]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -46,8 +46,8 @@ def test_bench_pipeline_tiny(tmp_path):
     assert report["processes"]["torch"]["interleaved"]
     assert report["workload"]["torch_variants"] == ["torch"]
     assert report["workload"]["pixels"] == [512, 512]
-    for case, g in zip(report["cases"], (0.0, 6.0), strict=True):
-        assert case["guidance"] == g and case["unet_rows"] == (2 if g > 1 else 1)
+    for case, g in zip(report["cases"], (6.0,), strict=True):
+        assert case["guidance"] == g and case["unet_rows"] == 2  # classifier-free guidance
         for side in ("torch", "jax1"):
             assert len(case[side]["times_s"]) == 1 and case[side]["median_s"] > 0
             assert case[side]["unet_median_s"] > 0

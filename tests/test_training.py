@@ -191,7 +191,10 @@ def setup():
     batch["context"] = rng.randn(B, L, D).astype(np.float32)
     batch["pooled"] = rng.randn(B, D).astype(np.float32)
     uncond = (rng.randn(L, D).astype(np.float32), rng.randn(D).astype(np.float32))
-    config = TrainConfig(learning_rate=1e-3, ema_decay=0.9, cfg_dropout=0.1, seed=4)
+    # two warm-up steps, then constant (test_steps_follow_the_schedules checks the warm-up)
+    config = TrainConfig(
+        learning_rate=1e-3, lr_warmup_steps=2, ema_decay=0.9, cfg_dropout=0.1, seed=4
+    )
     return Trainer(unet, uncond, config), batch
 
 
@@ -227,18 +230,8 @@ def test_finetune_loss_goes_down(setup):
 
 def test_steps_follow_the_schedules(setup):
     """Warm-up: the first update has learning rate 0 (the weights stay as they are), the second
-    a nonzero one; the EMA's first update copies the weights, its second averages."""
-    base, batch = setup
-    config = TrainConfig(
-        learning_rate=1e-3,
-        lr_schedule="linear",
-        lr_warmup_steps=2,
-        total_steps=10,
-        ema_decay=0.9,
-        cfg_dropout=0.1,
-        seed=4,
-    )
-    trainer = Trainer(base.unet(base.init_state()), base.uncond, config)
+    half the peak; the EMA's first update copies the weights, its second averages."""
+    trainer, batch = setup
     state = trainer.init_state()
     p0 = jax.device_get(state.params)  # host copies: a step donates the state it is given
     state, m1 = trainer.step(state, batch)
