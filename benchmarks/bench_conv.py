@@ -113,7 +113,7 @@ def measure(kind: str, n: int, side: int, cin: int, cout: int, repeats: int) -> 
     if kind == "3x3":
         auto = "winograd" if C.use_winograd(x.shape, k.shape, jnp.float32) else "xla"
     else:
-        auto = "ours" if jax.default_backend() == "cpu" else "xla"
+        auto = "ours" if C._rewrite_chosen(jnp.float32) else "xla"
     return dict(
         kind=kind,
         batch=n,

@@ -126,23 +126,17 @@ def _winograd_ready(module: nnx.Module) -> bool:
     """Whether ``module`` is a :class:`Conv` whose calls run as Winograd under the settings."""
     if not isinstance(module, Conv) or module.kernel is None:
         return False
-    k = module.kernel[...]
-    if (
-        k.ndim != 4
-        or tuple(k.shape[:2]) != (3, 3)
-        or not _unit(module.strides)
-        or not _unit(module.input_dilation)
-        or not _unit(module.kernel_dilation)
-        or module.feature_group_count != 1
-        or not _is_one_pixel_padding(module.padding)
-        or getattr(module, "mask", None) is not None
-    ):
+    if getattr(module, "mask", None) is not None:
         return False
-    dtype = module.dtype or k.dtype
-    choice = _SETTINGS.implementation
-    return choice == "fast" or (
-        choice is None and use_winograd((1, 1, 1, k.shape[2]), k.shape, dtype)
-    )
+    k = module.kernel[...]
+    return _winograd_form(
+        k.shape,
+        module.strides,
+        module.input_dilation,
+        module.kernel_dilation,
+        module.feature_group_count,
+        module.padding,
+    ) and _winograd_chosen(k.shape, module.dtype or k.dtype)
 
 
 def winograd_kernels(model: nnx.Module) -> dict[tuple, list[Array]]:
@@ -176,11 +170,39 @@ def using_winograd_kernels(model: nnx.Module, kernels: dict[tuple, list[Array]])
             _PREPARED.pop(i, None)
 
 
+def _rewrite_chosen(dtype) -> bool:
+    """The rule for the rewritten forms other than Winograd (1x1 as a product, the four-phase
+    upsampling): with ``"fast"`` always, automatically on the CPU backend in float32."""
+    choice = _SETTINGS.implementation
+    return choice == "fast" or (choice is None and _cpu_float32(dtype))
+
+
+def _winograd_chosen(kernel_shape: Sequence[int], dtype) -> bool:
+    """The rule for Winograd: with ``"fast"`` always, automatically as :func:`use_winograd`."""
+    choice = _SETTINGS.implementation
+    return choice == "fast" or (choice is None and use_winograd((), kernel_shape, dtype))
+
+
+def _winograd_form(
+    kernel_shape: Sequence[int], strides, lhs_dilation, rhs_dilation, feature_group_count, padding
+) -> bool:
+    """Whether a convolution is the one Winograd F(2x2, 3x3) computes here: dense, 3x3, unit
+    strides and dilations, one pixel of zero padding on every side."""
+    return (
+        len(kernel_shape) == 4
+        and tuple(kernel_shape[:2]) == (3, 3)
+        and _unit(strides)
+        and _unit(lhs_dilation)
+        and _unit(rhs_dilation)
+        and feature_group_count == 1
+        and _is_one_pixel_padding(padding)
+    )
+
+
 def use_polyphase_upsample(dtype) -> bool:
     """Whether :func:`upsample2x_conv3x3` replaces "repeat pixels, then convolve" (read at
     trace time): with ``"fast"`` always, automatically on the CPU backend in float32."""
-    choice = _SETTINGS.implementation
-    return choice == "fast" or (choice is None and _cpu_float32(dtype))
+    return _rewrite_chosen(dtype)
 
 
 def _unit(v) -> bool:
@@ -248,19 +270,13 @@ def conv_general_dilated(
         and kwargs.get("out_sharding") is None
         and lhs.dtype == rhs.dtype
     )
-    choice = _SETTINGS.implementation
-    eligible = (
-        plain
-        and tuple(rhs.shape[:2]) == (3, 3)
-        and _unit(rhs_dilation)
-        and _is_one_pixel_padding(padding)
+    winograd = plain and _winograd_form(
+        rhs.shape, window_strides, lhs_dilation, rhs_dilation, feature_group_count, padding
     )
-    if eligible and (
-        choice == "fast" or (choice is None and use_winograd(lhs.shape, rhs.shape, lhs.dtype))
-    ):
+    if winograd and _winograd_chosen(rhs.shape, lhs.dtype):
         return winograd_conv3x3(lhs, rhs, precision=precision)
     pointwise = plain and tuple(rhs.shape[:2]) == (1, 1) and _is_zero_padding(padding)
-    if pointwise and (choice == "fast" or (choice is None and _cpu_float32(lhs.dtype))):
+    if pointwise and _rewrite_chosen(lhs.dtype):
         # A 1x1 convolution is a matrix product over the channels; XLA:CPU runs the product
         # ~1.2-2x faster than the same work as a convolution (benchmarks/bench_conv.py).
         return jnp.einsum("nhwi,io->nhwo", lhs, rhs[0, 0], precision=precision)
