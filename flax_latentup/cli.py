@@ -10,6 +10,8 @@ the exit code is 1 when anything failed, 2 for bad usage.
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import glob
@@ -28,7 +30,7 @@ from flax_latentup import __version__
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 LATENT_EXTS = (".npy",)
 OUT_EXTS = ("png", "jpg", "webp")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MODEL = "stabilityai/sd-x2-latent-upscaler"
 REPORT_NAME = "flax-latentup-report.json"
 TMP_PREFIX = ".flax-latentup-tmp-"
@@ -53,6 +55,8 @@ class Item:
     prompt: str | None = None
     seed: int = 0
     note: str | None = None
+    kind: str = ""  # "pixels" or "latents", from the file's header
+    shape: tuple[int, ...] = ()  # the array's shape once fitted
 
 
 def default_cache_dir() -> str:
@@ -203,30 +207,61 @@ def atomic_save(image, path: str, ext: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _latent_shape(shape: tuple[int, ...], dtype, nchw: bool, latent_channels: int):
+    """The ``[h, w, C]`` shape of latents stored with ``shape``/``dtype``; ValueError if unusable."""
+    import numpy as np
+
+    if len(shape) == 4:
+        if shape[0] != 1:
+            raise ValueError(f"latents file holds a batch of {shape[0]}; expected one")
+        shape = shape[1:]
+    if len(shape) != 3:
+        raise ValueError(
+            f"latents must be [h, w, {latent_channels}] or [1, h, w, {latent_channels}], "
+            f"got {tuple(shape)}"
+        )
+    stored = tuple(shape)
+    if nchw:
+        shape = (shape[1], shape[2], shape[0])
+    if shape[-1] != latent_channels:
+        hint = " (saved from torch? pass --nchw)" if stored[0] == latent_channels else ""
+        raise ValueError(
+            f"latents must have {latent_channels} channels last, got shape {stored}{hint}"
+        )
+    if not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"latents must be floating-point values, got {np.dtype(dtype).name}")
+    return tuple(int(v) for v in shape)
+
+
+def probe_input(path: str, nchw: bool, latent_channels: int = 4) -> tuple[str, tuple[int, ...]]:
+    """``(kind, shape)`` of an input from its header only (the pixels are not decoded):
+    ``("pixels", (H, W, 3))`` or ``("latents", (h, w, C))``. Raises for unreadable files."""
+    import numpy as np
+
+    if path.lower().endswith(LATENT_EXTS):
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        return "latents", _latent_shape(arr.shape, arr.dtype, nchw, latent_channels)
+    import PIL.Image
+
+    with PIL.Image.open(path) as im:
+        w, h = im.size
+    return "pixels", (h, w, 3)
+
+
 def read_input(path: str, nchw: bool, latent_channels: int = 4):
     """(array, kind) for a picture (uint8 HWC) or latents (float32 HWC)."""
     import numpy as np
 
     if path.lower().endswith(LATENT_EXTS):
         arr = np.load(path, allow_pickle=False)
+        _latent_shape(arr.shape, arr.dtype, nchw, latent_channels)
         if arr.ndim == 4:
-            if arr.shape[0] != 1:
-                raise ValueError(f"latents file holds a batch of {arr.shape[0]}; expected one")
             arr = arr[0]
-        if arr.ndim != 3:
-            raise ValueError(
-                f"latents must be [h, w, {latent_channels}] or [1, h, w, {latent_channels}], got {arr.shape}"
-            )
         if nchw:
             arr = arr.transpose(1, 2, 0)
-        if arr.shape[-1] != latent_channels:
-            hint = " (saved from torch? pass --nchw)" if arr.shape[0] == latent_channels else ""
-            raise ValueError(
-                f"latents must have {latent_channels} channels last, got shape {arr.shape}{hint}"
-            )
-        if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
-            raise ValueError("latents must be finite floating-point values")
-        return arr.astype(np.float32), "latents"
+        if not np.isfinite(arr).all():
+            raise ValueError("latents contain NaN or infinite values")
+        return np.ascontiguousarray(arr, dtype=np.float32), "latents"
     import PIL.Image
 
     with PIL.Image.open(path) as im:
@@ -234,22 +269,27 @@ def read_input(path: str, nchw: bool, latent_channels: int = 4):
         return np.asarray(im.convert("RGB"), dtype=np.uint8), "pixels"
 
 
-def fit_size(arr, kind: str):
-    """``(array, note)``: pictures whose sides are not multiples of 32 are resized down to the
-    nearest multiples (bicubic, as diffusers' image processor resizes to its multiple);
-    latents must already fit. Raises ValueError for what cannot be used."""
-    import numpy as np
-
-    h, w = arr.shape[:2]
+def fitted_size(h: int, w: int, kind: str) -> tuple[int, int]:
+    """The size an input of ``h`` x ``w`` is upscaled at: pictures whose sides are not
+    multiples of 32 go down to the nearest multiples (bicubic, as diffusers' image processor
+    resizes to its multiple); latents must already fit. ValueError for what cannot be used."""
     if kind == "latents":
         if h % 4 or w % 4 or h < 8 or w < 8:
             raise ValueError(
                 f"latents size {w}x{h} is not supported: sides must be multiples of 4, at least 8"
             )
-        return arr, None
+        return h, w
     if h < 64 or w < 64:
         raise ValueError(f"picture size {w}x{h} is too small: sides must be at least 64")
-    nh, nw = h // 32 * 32, w // 32 * 32
+    return h // 32 * 32, w // 32 * 32
+
+
+def fit_size(arr, kind: str):
+    """``(array, note)``: ``arr`` brought to :func:`fitted_size` (the note says how)."""
+    import numpy as np
+
+    h, w = arr.shape[:2]
+    nh, nw = fitted_size(h, w, kind)
     if (nh, nw) == (h, w):
         return arr, None
     import PIL.Image
@@ -300,9 +340,17 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
         help="base seed; each image's seed derives from it and its path",
     )
     p.add_argument(
-        "--batch-size", type=int, default=1, help="images per device call (default: %(default)s)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per call, split over this host's devices (default: one per device)",
     )
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="compute dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU)",
+    )
     p.add_argument(
         "--fp32",
         action="store_const",
@@ -348,7 +396,7 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
 def validate_upscale_args(args: argparse.Namespace) -> None:
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not math.isfinite(args.guidance) or args.guidance < 0:
         raise UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}")
@@ -387,6 +435,78 @@ def _batches(items: list[Item], size: int) -> Iterable[list[Item]]:
         yield items[i : i + size]
 
 
+def resolve_dtype(name: str, platform: str) -> str:
+    """The compute dtype for ``--dtype name`` on a backend ``platform`` ("cpu", "gpu", "tpu").
+
+    ``auto`` is bfloat16 on accelerators (their matrix units' fast type, and the VAE does not
+    overflow in it as it can in float16) and float32 on CPUs (no bfloat16 speed-up there)."""
+    if name != "auto":
+        return name
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def plan_batch(requested: int | None, n_devices: int) -> tuple[int, str | None]:
+    """``(images per call, note)`` for ``--batch-size requested`` over ``n_devices`` local
+    devices: one image per device by default. A size that does not divide over the devices is
+    kept (the calls are padded with copies) and the note says what that costs."""
+    size = requested or n_devices
+    if size % n_devices == 0:
+        return size, None
+    padded = -(-size // n_devices) * n_devices
+    return size, (
+        f"--batch-size {size} does not divide over {n_devices} devices: each call computes "
+        f"{padded} images (padded with copies); a multiple of {n_devices} wastes nothing"
+    )
+
+
+def scan_inputs(items: list[Item], nchw: bool, prompt: str) -> tuple[dict, list[dict]]:
+    """Group ``items`` by (kind, fitted shape) from their headers only, so that memory does not
+    grow with the number of inputs; reads sidecar prompts. Returns ``(groups, failures)``."""
+    groups: dict[tuple, list[Item]] = {}
+    failed: list[dict] = []
+    for item in items:
+        try:
+            kind, shape = probe_input(item.src, nchw)
+        except Exception as e:  # unreadable or corrupt input: report and go on
+            failed.append({"input": item.src, "reason": f"cannot read: {e}"})
+            continue
+        h, w = shape[:2]
+        try:
+            nh, nw = fitted_size(h, w, kind)
+        except ValueError as e:
+            failed.append({"input": item.src, "reason": str(e)})
+            continue
+        item.kind, item.shape = kind, (nh, nw, shape[2])
+        item.note = None if (nh, nw) == (h, w) else f"resized from {w}x{h} to {nw}x{nh}"
+        sidecar = os.path.splitext(item.src)[0] + ".txt"
+        item.prompt = prompt
+        if os.path.isfile(sidecar):
+            with open(sidecar, encoding="utf-8") as f:
+                item.prompt = f.read().strip()
+        groups.setdefault((kind, item.shape), []).append(item)
+    return groups, failed
+
+
+def load_item(item: Item, nchw: bool):
+    """The fitted array of a scanned item; ValueError if it no longer matches its header."""
+    arr, kind = read_input(item.src, nchw)
+    arr, _ = fit_size(arr, kind)
+    if (kind, arr.shape) != (item.kind, item.shape):
+        raise ValueError(f"file changed while running: now {kind} of shape {arr.shape}")
+    return arr
+
+
+def _load_chunk(chunk: list[Item], nchw: bool) -> list[tuple[Item, Any]]:
+    """``(item, array or the exception that reading it raised)`` for each item."""
+    loaded = []
+    for item in chunk:
+        try:
+            loaded.append((item, load_item(item, nchw)))
+        except Exception as e:
+            loaded.append((item, e))
+    return loaded
+
+
 def run_upscale(args: argparse.Namespace) -> int:
     """The ``upscale`` command; returns the exit code."""
     validate_upscale_args(args)
@@ -413,6 +533,12 @@ def run_upscale(args: argparse.Namespace) -> int:
 
     from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
 
+    n_devices = jax.local_device_count()
+    batch_size, note = plan_batch(args.batch_size, n_devices)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    dtype = resolve_dtype(args.dtype, jax.default_backend())
+
     stale = remove_stale_temporaries(args.output, process[1])
     started = time.perf_counter()
     report: dict[str, Any] = {
@@ -422,8 +548,9 @@ def run_upscale(args: argparse.Namespace) -> int:
             "steps": args.steps,
             "guidance": args.guidance,
             "seed": args.seed,
-            "dtype": args.dtype,
-            "batch_size": args.batch_size,
+            "dtype": dtype,
+            "batch_size": batch_size,
+            "devices": n_devices,
             "tile": args.tile,
             "ext": args.ext,
         },
@@ -444,6 +571,10 @@ def run_upscale(args: argparse.Namespace) -> int:
         else:
             todo.append(item)
 
+    # Headers only: each size compiles once, and pixels are read one batch ahead.
+    groups, failed = scan_inputs(todo, args.nchw, args.prompt)
+    report["failed"] += failed
+
     compile_seconds = [0.0]
 
     def on_event(event: str, duration: float, **kw) -> None:
@@ -453,47 +584,62 @@ def run_upscale(args: argparse.Namespace) -> int:
     jax.monitoring.register_event_duration_secs_listener(on_event)
 
     pipe = None
-    if todo:
+    if groups:
         pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
-            model_dir, dtype=jnp.dtype(args.dtype)
+            model_dir, dtype=jnp.dtype(dtype)
         )
         pipe.set_progress_bar_config(disable=True)
         if args.tile:
             pipe.enable_vae_tiling()
     load_seconds = time.perf_counter() - started
 
-    # Read, check and group by (kind, size) so that each shape compiles once.
-    groups: dict[tuple, list[tuple[Item, Any]]] = {}
-    for item in todo:
-        try:
-            arr, kind = read_input(item.src, args.nchw)
-        except Exception as e:  # unreadable or corrupt input: report and go on
-            report["failed"].append({"input": item.src, "reason": f"cannot read: {e}"})
-            continue
-        try:
-            arr, note = fit_size(arr, kind)
-        except ValueError as e:
-            report["failed"].append({"input": item.src, "reason": str(e)})
-            continue
-        item.note = note
-        sidecar = os.path.splitext(item.src)[0] + ".txt"
-        item.prompt = args.prompt
-        if os.path.isfile(sidecar):
-            with open(sidecar, encoding="utf-8") as f:
-                item.prompt = f.read().strip()
-        groups.setdefault((kind, arr.shape), []).append((item, arr))
-
-    total = sum(len(g) for g in groups.values())
+    chunks = [c for members in groups.values() for c in _batches(members, batch_size)]
+    total = sum(len(c) for c in chunks)
     bar = tqdm(total=total, unit="img", disable=args.quiet or total == 0, dynamic_ncols=True)
     run_started = time.perf_counter()
-    for members in groups.values():
-        for chunk in _batches(members, args.batch_size):
-            n = len(chunk)
-            arrays = [a for _, a in chunk]
-            seeds = [it.seed for it, _ in chunk]
-            prompts = [it.prompt for it, _ in chunk]
+
+    def save(item: Item, image) -> dict:
+        atomic_save(image, item.out, args.ext)
+        entry = {"input": item.src, "output": item.out, "seed": item.seed}
+        if item.note:
+            entry["note"] = item.note
+        return entry
+
+    # The device works on one batch while a thread reads the next and others encode and write
+    # the previous ones; at most a few batches are held in memory at any time.
+    pending: collections.deque = collections.deque()  # (item, future of its save), in order
+
+    def finish(keep: int) -> None:
+        while len(pending) > keep:
+            item, future = pending.popleft()
+            try:
+                report["done"].append(future.result())
+            except Exception as e:  # a full disk, a vanished folder: report and go on
+                report["failed"].append(
+                    {"input": item.src, "reason": f"cannot write {item.out}: {e}"}
+                )
+            bar.update(1)
+
+    reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flax-latentup-read")
+    writer = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="flax-latentup-write")
+    try:
+        ahead = reader.submit(_load_chunk, chunks[0], args.nchw) if chunks else None
+        for i in range(len(chunks)):
+            loaded = ahead.result()
+            if i + 1 < len(chunks):
+                ahead = reader.submit(_load_chunk, chunks[i + 1], args.nchw)
+            good = [(it, a) for it, a in loaded if not isinstance(a, BaseException)]
+            for it, e in loaded:
+                if isinstance(e, BaseException):
+                    report["failed"].append({"input": it.src, "reason": f"cannot read: {e}"})
+                    bar.update(1)
+            if not good:
+                continue
+            arrays = [a for _, a in good]
+            seeds = [it.seed for it, _ in good]
+            prompts = [it.prompt for it, _ in good]
             # pad to the batch size so every batch of this group has one compiled shape
-            while len(arrays) < args.batch_size:
+            while len(arrays) < batch_size:
                 arrays.append(arrays[-1])
                 seeds.append(seeds[-1])
                 prompts.append(prompts[-1])
@@ -506,25 +652,23 @@ def run_upscale(args: argparse.Namespace) -> int:
                     negative_prompt=args.negative_prompt,
                     rng=seeds,
                     output_type="pil",
-                ).images[:n]
+                ).images[: len(good)]
             except Exception as e:
-                for it, _ in chunk:
+                for it, _ in good:
                     report["failed"].append({"input": it.src, "reason": f"upscaling failed: {e}"})
-                bar.update(n)
+                    bar.update(1)
                 continue
-            for (it, _), im in zip(chunk, images, strict=True):
-                try:
-                    atomic_save(im, it.out, args.ext)
-                    entry = {"input": it.src, "output": it.out, "seed": it.seed}
-                    if it.note:
-                        entry["note"] = it.note
-                    report["done"].append(entry)
-                except OSError as e:
-                    report["failed"].append(
-                        {"input": it.src, "reason": f"cannot write {it.out}: {e}"}
-                    )
-            bar.update(n)
-    bar.close()
+            del arrays
+            for (it, _), im in zip(good, images, strict=True):
+                pending.append((it, writer.submit(save, it, im)))
+            finish(keep=2 * batch_size)  # bounded: older writes must be done by now
+        finish(keep=0)
+    finally:
+        # An interrupted run leaves only whole files: queued writes are dropped, the ones
+        # under way finish their rename or remove their temporary.
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+        bar.close()
     run_seconds = time.perf_counter() - run_started
     done = len(report["done"])
     report["timing"] = {

@@ -287,3 +287,119 @@ def test_distributed_processes_share_one_output_folder(flax_pipe_dir, tmp_path):
         with PIL.Image.open(out / name) as a, PIL.Image.open(single / name) as b:
             diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()
         assert diff <= 1, f"{name}: the distributed run differs from one process by {diff} levels"
+
+
+def test_inputs_are_read_one_batch_ahead(flax_pipe_dir, tmp_path, monkeypatch):
+    """Sizes come from the files' headers; pixels are decoded a batch at a time, at most one
+    batch ahead of the device, so memory does not grow with the number of inputs."""
+    import flax_latentup.cli as cli
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+
+    src = make_folder(str(tmp_path / "in"), n=5, corrupt=False, odd=False)
+    events = []
+    read_input, call = cli.read_input, P.__call__
+
+    def spy_read(path, *a, **kw):
+        events.append("read")
+        return read_input(path, *a, **kw)
+
+    def spy_call(self, *a, **kw):
+        events.append("call")
+        return call(self, *a, **kw)
+
+    monkeypatch.setattr(cli, "read_input", spy_read)
+    monkeypatch.setattr(P, "__call__", spy_call)
+    out = tmp_path / "out"
+    assert run_cli("-i", src, "-o", out, "-r", "-n", flax_pipe_dir, *COMMON) == 0
+    assert len(outputs(out)) == 5 and events.count("call") == 5 and events.count("read") == 5
+    for k in range(5):  # before call k: batches 0..k, and at most batch k+1 read ahead
+        reads = events[: [i for i, e in enumerate(events) if e == "call"][k]].count("read")
+        assert k + 1 <= reads <= k + 2, f"{reads} pictures read before upscaling batch {k}"
+    report = read_report(out)
+    assert report["settings"]["dtype"] == "float32", "auto is float32 on the CPU"
+    assert report["settings"]["batch_size"] == 1 and report["settings"]["devices"] == 1
+
+
+def test_picture_corrupt_past_its_header(flax_pipe_dir, tmp_path):
+    """A picture whose header reads but whose pixels do not fails alone: the other pictures of
+    its batch are upscaled as they would be without it."""
+    src = tmp_path / "in"
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        write_png(str(src / f"{name}.png"), seed=seed)
+    data = (src / "b.png").read_bytes()
+    (src / "b.png").write_bytes(data[: len(data) // 2])  # truncated inside the pixel data
+    out = tmp_path / "out"
+    code = run_cli("-i", src, "-o", out, "-n", flax_pipe_dir, "--batch-size", "2", *COMMON)
+    assert code == 1
+    report = read_report(out)
+    assert [os.path.basename(f["input"]) for f in report["failed"]] == ["b.png"]
+    assert "cannot read" in report["failed"][0]["reason"]
+    assert outputs(out) == ["a.png", "c.png"]
+    (src / "b.png").unlink()
+    ref = tmp_path / "ref"
+    assert run_cli("-i", src, "-o", ref, "-n", flax_pipe_dir, "--batch-size", "2", *COMMON) == 0
+    for name in ("a.png", "c.png"):
+        with PIL.Image.open(out / name) as x, PIL.Image.open(ref / name) as y:
+            diff = np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max()
+        assert diff <= 1, f"{name} differs by {diff} levels when its batch-mate failed"
+
+
+def test_unwritable_output_is_reported_and_the_rest_written(flax_pipe_dir, tmp_path):
+    """A write that fails (here: a folder where a picture's sub-folder should go) is reported
+    for that picture; the others are written."""
+    src = make_folder(str(tmp_path / "in"), n=3, corrupt=False, odd=False)  # sub/img2.png
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").write_text("a file where the sub-folder should be")
+    code = run_cli("-i", src, "-o", out, "-r", "-n", flax_pipe_dir, *COMMON)
+    assert code == 1
+    report = read_report(out)
+    assert [os.path.basename(f["input"]) for f in report["failed"]] == ["img2.png"]
+    assert "cannot write" in report["failed"][0]["reason"]
+    assert outputs(out) == ["img0.png", "img1.png"]
+    assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".flax-latentup-tmp-")]
+
+
+def test_dtype_and_batch_defaults():
+    from flax_latentup.cli import plan_batch, resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("auto", "gpu") == "bfloat16"
+    assert resolve_dtype("auto", "tpu") == "bfloat16"
+    assert resolve_dtype("float16", "tpu") == "float16"
+    assert plan_batch(None, 1) == (1, None)
+    assert plan_batch(None, 8) == (8, None)
+    assert plan_batch(16, 8) == (16, None)
+    size, note = plan_batch(3, 2)
+    assert size == 3 and "computes 4 images" in note and "multiple of 2" in note
+
+
+def test_default_batch_is_one_image_per_device(flax_pipe_dir, tmp_path):
+    """With two devices the default batch is two, split over them; the pictures are those of a
+    one-device run."""
+    src = make_folder(str(tmp_path / "in"), n=3, corrupt=False, odd=False)
+    out = tmp_path / "two"
+    code = "import sys; from flax_latentup.cli import main; sys.exit(main())"
+    argv = ["upscale", "-i", src, "-o", str(out), "-r", "-n", flax_pipe_dir, *COMMON]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        env=dict(
+            os.environ,
+            PYTHONPATH=ROOT,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    settings = read_report(out)["settings"]
+    assert settings["batch_size"] == 2 and settings["devices"] == 2
+    one = tmp_path / "one"
+    assert run_cli("-i", src, "-o", one, "-r", "-n", flax_pipe_dir, *COMMON) == 0
+    assert outputs(out) == outputs(one) == ["img0.png", "img1.png", "sub/img2.png"]
+    for name in outputs(one):
+        with PIL.Image.open(out / name) as a, PIL.Image.open(one / name) as b:
+            diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()
+        assert diff <= 1, f"{name}: two devices differ from one by {diff} levels"
