@@ -566,7 +566,10 @@ def _load_leaves(template: Any, path: str) -> Any:
     leaves, treedef = jax.tree.flatten(template)
     if len(arrays) != len(leaves):
         raise ValueError(
-            f"{path} holds {len(arrays)} optimizer arrays, this optimizer has {len(leaves)}"
+            f"{path} holds {len(arrays)} optimizer arrays, this optimizer has {len(leaves)}: "
+            "it was written for another optimizer layout (earlier builds, with a constant "
+            "rate, kept no learning-rate schedule state). Its weights still load: start a new "
+            "run from the checkpoint's unet/ folder (FlaxUNet2DConditionModel.from_pretrained)"
         )
     out = []
     for i, want in enumerate(leaves):

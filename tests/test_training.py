@@ -8,10 +8,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from flax_latentup import AutoencoderKLConfig, FlaxAutoencoderKL, FlaxUNet2DConditionModel
+from flax_latentup import AutoencoderKLConfig, FlaxAutoencoderKL, FlaxUNet2DConditionModel, training
 from flax_latentup.configs import UNet2DConditionConfig
 from flax_latentup.sampling import noise_level_embedding as pipeline_noise_embedding
 from flax_latentup.training import (
@@ -280,6 +281,14 @@ def test_resume_is_bitwise_identical(setup, tmp_path):
     # the saved UNet loads as a plain model with the state's weights
     unet = FlaxUNet2DConditionModel.from_pretrained(os.path.join(path, "unet"))
     assert isinstance(unet, FlaxUNet2DConditionModel)
+
+    # an optimizer state of another layout (as written when the learning rate was a constant,
+    # which keeps no step count) is refused with what to do about it
+    params = jax.device_get(resumed.params)
+    constant = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    training._save_leaves(constant.init(params), os.path.join(path, "optimizer.safetensors"))
+    with pytest.raises(ValueError, match="another optimizer layout.*unet/ folder"):
+        trainer.load_checkpoint(path)
 
 
 def test_example_draws_depend_on_seed_and_step_only(tmp_path):
