@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -64,18 +64,29 @@ def _pad_batch(batch: dict[str, Any], multiple: int) -> tuple[dict[str, Any], in
     return out, n
 
 
-def _parallel_options(options: CoreOptions) -> CoreOptions:
-    # Host callbacks from inside a multi-device loop are not supported: run without them.
-    return dataclasses.replace(options, progress=False, callback=False)
+Hooks = tuple[Callable[..., None], Callable[..., None]]
+
+
+def _with_hooks(options: CoreOptions, hooks: Hooks | None) -> tuple[CoreOptions, Hooks | None]:
+    """Without host functions the program makes no host calls (and is shared more widely)."""
+    if hooks is None or not (options.progress or options.callback):
+        return dataclasses.replace(options, progress=False, callback=False), None
+    return options, hooks
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_program(graphdefs: GraphDefs, options: CoreOptions, mesh: Mesh, keys: tuple[str, ...]):
+def _sharded_program(
+    graphdefs: GraphDefs,
+    options: CoreOptions,
+    mesh: Mesh,
+    keys: tuple[str, ...],
+    hooks: Hooks | None = None,
+):
     replicated = NamedSharding(mesh, P())
     split = NamedSharding(mesh, P("data"))
     batch_shardings = {k: (replicated if k in SHARED_KEYS else split) for k in keys}
     return jax.jit(
-        functools.partial(upscale_core, graphdefs, options=options),
+        functools.partial(upscale_core, graphdefs, options=options, hooks=hooks, spmd=mesh),
         in_shardings=(replicated, batch_shardings),
         out_shardings=split,
     )
@@ -87,14 +98,20 @@ def sharded_upscale(
     batch: dict[str, Any],
     options: CoreOptions,
     mesh: Mesh | None = None,
+    hooks: Hooks | None = None,
 ) -> dict[str, np.ndarray]:
     """Run the core with ``jit`` over ``mesh`` (default: all local devices), batch split on
     ``"data"``, parameters replicated (pass them already replicated, e.g. from
-    :func:`replicate_on_mesh`, to skip the copy). Returns host arrays, padding removed."""
+    :func:`replicate_on_mesh`, to skip the copy). Returns host arrays, padding removed.
+
+    ``hooks``: ``(on_progress, on_callback)`` host functions for ``options.progress`` /
+    ``options.callback`` (see :func:`~flax_latentup.pipeline.upscale_core`); the callback's
+    latents are the whole padded batch, gathered at the steps it runs."""
     mesh = mesh if mesh is not None else make_mesh()
     batch, n = _pad_batch(batch, mesh.size)
     params = replicate_on_mesh(params, mesh)
-    program = _sharded_program(graphdefs, _parallel_options(options), mesh, tuple(sorted(batch)))
+    options, hooks = _with_hooks(options, hooks)
+    program = _sharded_program(graphdefs, options, mesh, tuple(sorted(batch)), hooks)
     out = program(params, {k: jnp.asarray(v) for k, v in batch.items()})
     return {k: np.asarray(v)[:n] for k, v in out.items()}
 
@@ -137,13 +154,21 @@ def shard(tree: Any, num_devices: int) -> Any:
     return jax.tree.map(one, tree)
 
 
+PMAP_AXIS = "devices"
+
+
 @functools.lru_cache(maxsize=64)
 def _pmap_program(
-    graphdefs: GraphDefs, options: CoreOptions, devices: tuple, keys: tuple[str, ...]
+    graphdefs: GraphDefs,
+    options: CoreOptions,
+    devices: tuple,
+    keys: tuple[str, ...],
+    hooks: Hooks | None = None,
 ):
     shared = {k: (None if k in SHARED_KEYS else 0) for k in keys}
     return jax.pmap(
-        functools.partial(upscale_core, graphdefs, options=options),
+        functools.partial(upscale_core, graphdefs, options=options, hooks=hooks, spmd=PMAP_AXIS),
+        axis_name=PMAP_AXIS,
         in_axes=(0, shared),
         devices=list(devices),
     )
@@ -155,15 +180,18 @@ def pmap_upscale(
     batch: dict[str, Any],
     options: CoreOptions,
     devices: Sequence[jax.Device] | None = None,
+    hooks: Hooks | None = None,
 ) -> dict[str, np.ndarray]:
     """Run the core with ``jax.pmap`` over ``devices`` (default: all local devices):
-    parameters replicated, per-image inputs sharded on a leading device axis."""
+    parameters replicated, per-image inputs sharded on a leading device axis. ``hooks`` as
+    in :func:`sharded_upscale` (the first device makes the host calls)."""
     devices = tuple(devices) if devices is not None else tuple(jax.local_devices())
     batch, n = _pad_batch(batch, len(devices))
     per_image = {k: v for k, v in batch.items() if k not in SHARED_KEYS}
     sharded = shard(per_image, len(devices))
     sharded.update({k: np.asarray(v) for k, v in batch.items() if k in SHARED_KEYS})
-    program = _pmap_program(graphdefs, _parallel_options(options), devices, tuple(sorted(batch)))
+    options, hooks = _with_hooks(options, hooks)
+    program = _pmap_program(graphdefs, options, devices, tuple(sorted(batch)), hooks)
     out = program(replicate(params, devices), sharded)
     return {k: np.asarray(v).reshape(-1, *v.shape[2:])[:n] for k, v in out.items()}
 

@@ -11,12 +11,14 @@ The pure core, :func:`upscale_core`, maps ``(params, batch)`` to outputs and is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -95,9 +97,52 @@ class GraphDefs:
     unet: Any
 
 
+def _weak_hooks(pipe: Any) -> tuple[Callable[..., None], Callable[..., None]]:
+    """``(on_progress, on_callback)`` that reach ``pipe``'s hooks without keeping it alive
+    (multi-device programs are cached by the module, past the pipeline's lifetime)."""
+    ref = weakref.ref(pipe)
+
+    def on_progress(i) -> None:
+        p = ref()
+        if p is not None:
+            p._on_progress(i)
+
+    def on_callback(i, t, x) -> None:
+        p = ref()
+        if p is not None:
+            p._on_callback(i, t, x)
+
+    return on_progress, on_callback
+
+
 def _encode_text(text_encoder: FlaxCLIPTextModel, ids: Array) -> tuple[Array, Array]:
     out = text_encoder(ids)
     return out.hidden_states[-1], out.pooler_output
+
+
+def _call_host(spmd: Any, fn: Callable[..., None], *args: Array) -> None:
+    """Call ``fn(*args)`` on the host once, from a program that runs as ``spmd`` says."""
+    if spmd is None:  # one device: in program order
+        jax.debug.callback(fn, *args, ordered=True)
+    elif isinstance(spmd, str):  # pmap: every device runs this; the first one calls
+        jax.lax.cond(
+            jax.lax.axis_index(spmd) == 0,
+            lambda: jax.debug.callback(fn, *args),
+            lambda: None,
+        )
+    else:  # jit over a mesh: one call with whole arrays (ordered effects need one device)
+        jax.debug.callback(fn, *args)
+
+
+def _whole(spmd: Any, x: Array) -> Array:
+    """``x`` with its whole batch where the host is called from (see :func:`_call_host`)."""
+    if spmd is None:
+        return x
+    if isinstance(spmd, str):
+        return jax.lax.all_gather(x, spmd, tiled=True)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.lax.with_sharding_constraint(x, NamedSharding(spmd, PartitionSpec()))
 
 
 def upscale_core(
@@ -107,6 +152,7 @@ def upscale_core(
     *,
     options: CoreOptions,
     hooks: tuple[Callable[..., None], Callable[..., None]] | None = None,
+    spmd: Any = None,
 ) -> dict[str, Array]:
     """Upscale one batch; a pure function of ``(params, batch)`` given the static options.
 
@@ -124,6 +170,10 @@ def upscale_core(
 
     ``hooks``: host functions ``(on_progress(step), on_callback(step, timestep, latents))``
     called from inside the loop when ``options.progress``/``options.callback`` are set.
+    ``spmd`` says how the program runs, for those calls: ``None`` on one device (ordered
+    calls); a ``Mesh`` for a ``jit`` whose batch is split over it (the host is called once per
+    step, with the whole batch's latents); a ``pmap`` axis name (the first device calls the
+    host, with the latents gathered from all).
 
     Returns ``{"latents": [B, 2h, 2w, 4]}`` and, when decoding, ``"images": [B, 16h, 16w, 3]``
     float32 in [0, 1].
@@ -198,11 +248,11 @@ def upscale_core(
 
         def on_step(i, x):
             if options.progress:
-                jax.debug.callback(on_progress, i, ordered=True)
+                _call_host(spmd, on_progress, i)
             if options.callback:
                 jax.lax.cond(
                     i % every == 0,
-                    lambda: jax.debug.callback(on_callback, i, timesteps[i], x, ordered=True),
+                    lambda: _call_host(spmd, on_callback, i, timesteps[i], _whole(spmd, x)),
                     lambda: None,
                 )
 
@@ -441,6 +491,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         self._programs: dict[CoreOptions, Callable] = {}
         self._encode_prompt_fn: Callable | None = None
         self._hooks: dict[str, Any] = {}
+        self._host_hooks = _weak_hooks(self)
         self._vae_tiling: dict[str, Any] | None = None
         self._vae_fp32: FlaxAutoencoderKL | None = None
         self._refresh_params()
@@ -623,8 +674,26 @@ class FlaxStableDiffusionLatentUpscalePipeline:
 
     def _on_callback(self, i, t, x) -> None:
         callback = self._hooks.get("callback")
-        if callback is not None:
-            callback(int(i), float(t), np.asarray(x))
+        if callback is not None:  # the rows of padding a multi-device batch carries are cut
+            callback(int(i), float(t), np.asarray(x)[: self._hooks["rows"]])
+
+    @contextlib.contextmanager
+    def _host_calls(self, steps: int, rows: int, callback: Callable | None, show_bar: bool):
+        """The step bar and ``callback`` that the running program's host calls reach."""
+        from tqdm.auto import tqdm
+
+        bar = None
+        if show_bar:
+            cfg = {k: v for k, v in self._progress_bar_config.items() if k != "disable"}
+            bar = tqdm(total=steps, **cfg)
+        self._hooks = {"bar": bar, "callback": callback, "rows": rows}
+        try:
+            yield
+            jax.effects_barrier()  # every host call of the program has returned
+        finally:
+            self._hooks = {}
+            if bar is not None:
+                bar.close()
 
     def _program(self, options: CoreOptions) -> Callable:
         fn = self._programs.get(options)
@@ -682,7 +751,8 @@ class FlaxStableDiffusionLatentUpscalePipeline:
 
         Devices: with several local devices (or ``devices``/``mesh`` given) the batch is split
         over a ``("data",)`` mesh with one sharded ``jit``; ``use_pmap=True`` takes the
-        ``jax.pmap`` path instead. ``callback`` and the step bar need a single device.
+        ``jax.pmap`` path instead. ``callback`` and the step bar work on every path; with
+        several devices the callback's latents are gathered from them at the steps it runs.
         """
         # ---- checks, before anything compiles ----
         if output_type not in OUTPUT_TYPES:
@@ -838,28 +908,29 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             if mesh is not None
             else (list(devices) if devices is not None else jax.local_devices())
         )
-        if use_pmap or len(device_list) > 1:
-            from flax_latentup import parallel
+        steps = schedule.num_inference_steps
+        with self._host_calls(steps, batch_size, callback, show_bar):
+            if use_pmap or len(device_list) > 1:
+                from flax_latentup import parallel
 
-            if callback is not None:
-                raise ValueError(
-                    "callback runs only on a single device: pass devices=[one device] to use it"
-                )
-            if use_pmap:
-                out = parallel.pmap_upscale(
-                    self.graphdefs, self.params, batch, options, device_list
-                )
+                hooks = self._host_hooks
+                if use_pmap:
+                    out = parallel.pmap_upscale(
+                        self.graphdefs, self.params, batch, options, device_list, hooks=hooks
+                    )
+                else:
+                    mesh = mesh if mesh is not None else parallel.make_mesh(device_list)
+                    params = self._replicated.get(mesh)
+                    if params is None:  # copied to the devices once per mesh, then reused
+                        params = parallel.replicate_on_mesh(self.params, mesh)
+                        self._replicated = {mesh: params}
+                    out = parallel.sharded_upscale(
+                        self.graphdefs, params, batch, options, mesh, hooks=hooks
+                    )
             else:
-                mesh = mesh if mesh is not None else parallel.make_mesh(device_list)
-                params = self._replicated.get(mesh)
-                if params is None:  # copied to the devices once per mesh, then reused
-                    params = parallel.replicate_on_mesh(self.params, mesh)
-                    self._replicated = {mesh: params}
-                out = parallel.sharded_upscale(self.graphdefs, params, batch, options, mesh)
-        else:
-            # one device: the one asked for (by `devices` or `mesh`), else JAX's default
-            device = device_list[0] if (devices is not None or mesh is not None) else None
-            out = self._run(options, batch, schedule, callback, show_bar, device)
+                # one device: the one asked for (by `devices` or `mesh`), else JAX's default
+                device = device_list[0] if (devices is not None or mesh is not None) else None
+                out = self._run(options, batch, device)
 
         if output_type == "latent":
             images: Any = np.array(out["latents"])
@@ -899,38 +970,15 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                 images[bad] = self._decode(self._vae_fp32, latents[bad])
         return images
 
-    def _run(
-        self,
-        options: CoreOptions,
-        batch: dict[str, Any],
-        schedule,
-        callback,
-        show_bar,
-        device: Any = None,
-    ):
-        from tqdm.auto import tqdm
-
+    def _run(self, options: CoreOptions, batch: dict[str, Any], device: Any = None):
         program = self._program(options)
-        bar = None
-        if show_bar:
-            cfg = {k: v for k, v in self._progress_bar_config.items() if k != "disable"}
-            bar = tqdm(total=schedule.num_inference_steps, **cfg)
-        self._hooks = {"bar": bar, "callback": callback}
-        try:
-            params = dict(self.params, unet_winograd=self._unet_winograd_kernels())
-            inputs = jax.tree.map(jnp.asarray, batch)
-            if device is not None:  # the program runs where its inputs are
-                key = (device, current_conv_implementation())  # the kernels follow the setting
-                placed = self._on_device.get(key)
-                if placed is None:  # copied once per device, then reused
-                    placed = jax.device_put(params, device)
-                    self._on_device = {key: placed}
-                params, inputs = placed, jax.device_put(inputs, device)
-            out = program(params, inputs)
-            out = jax.block_until_ready(out)
-            jax.effects_barrier()
-        finally:
-            self._hooks = {}
-            if bar is not None:
-                bar.close()
-        return out
+        params = dict(self.params, unet_winograd=self._unet_winograd_kernels())
+        inputs = jax.tree.map(jnp.asarray, batch)
+        if device is not None:  # the program runs where its inputs are
+            key = (device, current_conv_implementation())  # the kernels follow the setting
+            placed = self._on_device.get(key)
+            if placed is None:  # copied once per device, then reused
+                placed = jax.device_put(params, device)
+                self._on_device = {key: placed}
+            params, inputs = placed, jax.device_put(inputs, device)
+        return jax.block_until_ready(program(params, inputs))

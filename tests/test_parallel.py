@@ -85,6 +85,48 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     np.testing.assert_allclose(res["device3"], res["single8"][:2], atol=1e-5)
 
 
+def test_callback_and_step_bar_on_several_devices(flax_pipe_dir, tmp_path):
+    """The step bar and ``callback`` work on the sharded-jit and pmap paths: every step once,
+    in order, with the whole batch's latents (the padding of an odd batch cut), as on one
+    device."""
+    out_file = tmp_path / "cb.npz"
+    code = f"""
+    import io, jax, numpy as np
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+    assert jax.device_count() == 2, jax.devices()
+    pipe = P.from_pretrained({flax_pipe_dir!r})
+    low = np.random.default_rng(1).standard_normal((3, 8, 8, 4)).astype(np.float32)
+    res = {{}}
+    for path, extra in (("single", dict(devices=jax.devices()[:1])), ("sharded", {{}}),
+                        ("pmap", dict(use_pmap=True))):
+        bar = io.StringIO()
+        pipe.set_progress_bar_config(file=bar, ascii=True)
+        seen = []
+        out = pipe(prompt="a cat", image=low, num_inference_steps=3, guidance_scale=6.0, rng=7,
+                   output_type="latent", callback_steps=1,
+                   callback=lambda i, t, x: seen.append((i, t, x.copy())), **extra).images
+        last = bar.getvalue().replace(chr(13), chr(10)).strip().splitlines()[-1]
+        assert "3/3" in last, (path, bar.getvalue())
+        res[path + "_steps"] = np.array([(i, t) for i, t, _ in seen])
+        res[path + "_latents"] = np.stack([x for _, _, x in seen])
+        res[path + "_out"] = out
+    np.savez({str(out_file)!r}, **res)
+    print("ok")
+    """
+    proc = run_python(code, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert finish(proc).strip().endswith("ok")
+    res = dict(np.load(out_file))
+    steps = res["single_steps"]
+    assert steps[:, 0].tolist() == [0, 1, 2]
+    assert res["single_latents"].shape == (3, 3, 16, 16, 4)
+    np.testing.assert_allclose(res["single_latents"][-1], res["single_out"], atol=0)
+    for path in ("sharded", "pmap"):
+        np.testing.assert_array_equal(res[path + "_steps"], steps)
+        assert res[path + "_latents"].shape == res["single_latents"].shape
+        err = np.max(np.abs(res[path + "_latents"] - res["single_latents"]))
+        assert err <= 1e-5, f"{path}: callback latents differ from one device's by {err:.3g}"
+
+
 def test_process_share_covers_the_list():
     items = list(range(11))
     for count in (1, 2, 3, 4, 11, 13):
