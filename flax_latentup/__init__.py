@@ -16,7 +16,11 @@ from flax_latentup.models.vae import (
     FlaxAutoencoderKL,
     nonfinite_images,
 )
-from flax_latentup.pipeline import FlaxStableDiffusionLatentUpscalePipeline, UpscalePipelineOutput
+from flax_latentup.pipeline import (
+    FlaxStableDiffusionLatentUpscalePipeline,
+    UpscalePipelineOutput,
+    preferred_dtype,
+)
 from flax_latentup.weights import WeightsError
 
 __version__ = "0.1.0"
@@ -39,5 +43,6 @@ __all__ = [
     "attention_config",
     "conv_config",
     "nonfinite_images",
+    "preferred_dtype",
     "__version__",
 ]

@@ -349,7 +349,7 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="compute dtype (default auto: bfloat16 on GPU/TPU, float32 on CPU)",
+        help="compute dtype (default auto: bfloat16 on TPUs and GPUs from Ampere on, float16 on older GPUs, float32 on CPUs)",
     )
     p.add_argument(
         "--fp32",
@@ -435,14 +435,15 @@ def _batches(items: list[Item], size: int) -> Iterable[list[Item]]:
         yield items[i : i + size]
 
 
-def resolve_dtype(name: str, platform: str) -> str:
-    """The compute dtype for ``--dtype name`` on a backend ``platform`` ("cpu", "gpu", "tpu").
-
-    ``auto`` is bfloat16 on accelerators (their matrix units' fast type, and the VAE does not
-    overflow in it as it can in float16) and float32 on CPUs (no bfloat16 speed-up there)."""
+def resolve_dtype(name: str, device: Any) -> str:
+    """The compute dtype for ``--dtype name`` on ``device``; ``auto`` is
+    :func:`flax_latentup.preferred_dtype` (bfloat16 on TPUs and recent GPUs, float16 on older
+    GPUs, float32 on CPUs)."""
     if name != "auto":
         return name
-    return "float32" if platform == "cpu" else "bfloat16"
+    from flax_latentup.pipeline import preferred_dtype
+
+    return preferred_dtype(device).name
 
 
 def plan_batch(requested: int | None, n_devices: int) -> tuple[int, str | None]:
@@ -537,7 +538,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     batch_size, note = plan_batch(args.batch_size, n_devices)
     if note:
         print(f"note: {note}", file=sys.stderr)
-    dtype = resolve_dtype(args.dtype, jax.default_backend())
+    dtype = resolve_dtype(args.dtype, jax.local_devices()[0])
 
     stale = remove_stale_temporaries(args.output, process[1])
     started = time.perf_counter()

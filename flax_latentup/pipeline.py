@@ -97,6 +97,25 @@ class GraphDefs:
     unet: Any
 
 
+def preferred_dtype(device: Any = None) -> jnp.dtype:
+    """The compute dtype that runs this model fastest on ``device`` (default: the first local
+    device) without hurting its pictures: bfloat16 on TPUs and on GPUs with bfloat16 matrix
+    units (NVIDIA compute capability >= 8.0, AMD Instinct), float16 on older NVIDIA GPUs (a T4
+    has no bfloat16 units; a VAE decode that overflows in float16 is redone in float32),
+    float32 on CPUs."""
+    from flax_latentup.models.layers import nvidia_compute_capability
+
+    device = device if device is not None else jax.local_devices()[0]
+    platform = getattr(device, "platform", "cpu")
+    if platform == "cpu":
+        return jnp.dtype(jnp.float32)
+    if platform in ("gpu", "cuda"):
+        capability = nvidia_compute_capability(device)
+        if capability is not None and capability < (8, 0):
+            return jnp.dtype(jnp.float16)
+    return jnp.dtype(jnp.bfloat16)
+
+
 def _weak_hooks(pipe: Any) -> tuple[Callable[..., None], Callable[..., None]]:
     """``(on_progress, on_callback)`` that reach ``pipe``'s hooks without keeping it alive
     (multi-device programs are cached by the module, past the pipeline's lifetime)."""

@@ -363,10 +363,20 @@ def test_unwritable_output_is_reported_and_the_rest_written(flax_pipe_dir, tmp_p
 def test_dtype_and_batch_defaults():
     from flax_latentup.cli import plan_batch, resolve_dtype
 
-    assert resolve_dtype("auto", "cpu") == "float32"
-    assert resolve_dtype("auto", "gpu") == "bfloat16"
-    assert resolve_dtype("auto", "tpu") == "bfloat16"
-    assert resolve_dtype("float16", "tpu") == "float16"
+    class Device:
+        def __init__(self, platform, compute_capability=None):
+            self.platform, self.compute_capability = platform, compute_capability
+
+    assert resolve_dtype("auto", Device("cpu")) == "float32"
+    assert resolve_dtype("auto", Device("tpu")) == "bfloat16"
+    assert resolve_dtype("auto", Device("gpu", "9.0")) == "bfloat16"  # H100
+    assert resolve_dtype("auto", Device("gpu", "8.9")) == "bfloat16"  # L4
+    assert resolve_dtype("auto", Device("gpu", "7.5")) == "float16"  # T4: no bf16 units
+    assert resolve_dtype("auto", Device("gpu", "gfx90a")) == "bfloat16"  # AMD MI250
+    assert resolve_dtype("float32", Device("tpu")) == "float32"
+    from flax_latentup import preferred_dtype
+
+    assert preferred_dtype() == np.float32  # this machine's first device, a CPU
     assert plan_batch(None, 1) == (1, None)
     assert plan_batch(None, 8) == (8, None)
     assert plan_batch(16, 8) == (16, None)

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -272,20 +273,27 @@ def attention_config(
         _SETTINGS.max_score_bytes = old.max_score_bytes
 
 
+def nvidia_compute_capability(device: Any) -> tuple[int, int] | None:
+    """``(major, minor)`` of an NVIDIA GPU device, ``None`` for anything else (a ROCm device
+    names its architecture instead, e.g. "gfx90a"; CPUs and TPUs have none)."""
+    capability = getattr(device, "compute_capability", None)
+    try:
+        major, minor = (int(x) for x in str(capability).split(".")[:2])
+    except ValueError:
+        return None
+    return major, minor
+
+
 def cudnn_attention_max_head_dim() -> int | None:
     """The largest head dim cuDNN's fused (flash) attention takes on this backend's GPUs: 256 on
     Hopper and later (compute capability >= 9.0), 128 on Ampere/Ada (>= 8.0), ``None`` where it
     is not available (not an NVIDIA GPU, or an older one such as the T4, 7.5)."""
     if jax.default_backend() != "gpu":
         return None
-    capability = getattr(jax.local_devices()[0], "compute_capability", None)
-    try:
-        major, minor = (int(x) for x in str(capability).split(".")[:2])
-    except ValueError:  # a ROCm device names its architecture instead (e.g. "gfx90a")
+    capability = nvidia_compute_capability(jax.local_devices()[0])
+    if capability is None or capability < (8, 0):
         return None
-    if (major, minor) < (8, 0):
-        return None
-    return 256 if major >= 9 else 128
+    return 256 if capability[0] >= 9 else 128
 
 
 def _cudnn_ok(q: Array, k: Array) -> bool:
