@@ -233,6 +233,26 @@ def _latent_shape(shape: tuple[int, ...], dtype, nchw: bool, latent_channels: in
     return tuple(int(v) for v in shape)
 
 
+# EXIF orientations 2-8 and the transposition that shows the picture upright (as
+# PIL.ImageOps.exif_transpose, which diffusers' load_image applies).
+_ORIENT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE"}
+_ORIENT.update({6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"})
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation (1-8) an opened picture declares before its pixels, 1 if none.
+
+    A PNG's eXIf chunk counts only when it comes before the pixel data (PIL would decode the
+    picture to look further), so that the size known from the header is the size read."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    try:
+        value = int(im.getexif().get(0x0112, 1))
+    except Exception:  # a malformed EXIF block: show the picture as stored
+        return 1
+    return value if value in _ORIENT else 1
+
+
 def probe_input(path: str, nchw: bool, latent_channels: int = 4) -> tuple[str, tuple[int, ...]]:
     """``(kind, shape)`` of an input from its header only (the pixels are not decoded):
     ``("pixels", (H, W, 3))`` or ``("latents", (h, w, C))``. Raises for unreadable files."""
@@ -245,11 +265,14 @@ def probe_input(path: str, nchw: bool, latent_channels: int = 4) -> tuple[str, t
 
     with PIL.Image.open(path) as im:
         w, h = im.size
+        if _orientation(im) >= 5:  # stored on its side
+            w, h = h, w
     return "pixels", (h, w, 3)
 
 
 def read_input(path: str, nchw: bool, latent_channels: int = 4):
-    """(array, kind) for a picture (uint8 HWC) or latents (float32 HWC)."""
+    """(array, kind) for a picture (uint8 HWC, turned upright by its EXIF orientation) or
+    latents (float32 HWC)."""
     import numpy as np
 
     if path.lower().endswith(LATENT_EXTS):
@@ -265,8 +288,12 @@ def read_input(path: str, nchw: bool, latent_channels: int = 4):
     import PIL.Image
 
     with PIL.Image.open(path) as im:
+        orientation = _orientation(im)
         im.load()
-        return np.asarray(im.convert("RGB"), dtype=np.uint8), "pixels"
+        rgb = im.convert("RGB")
+    if orientation != 1:  # upright, as the EXIF orientation says it is shown
+        rgb = rgb.transpose(getattr(PIL.Image.Transpose, _ORIENT[orientation]))
+    return np.asarray(rgb, dtype=np.uint8), "pixels"
 
 
 def fitted_size(h: int, w: int, kind: str) -> tuple[int, int]:

@@ -413,3 +413,28 @@ def test_default_batch_is_one_image_per_device(flax_pipe_dir, tmp_path):
         with PIL.Image.open(out / name) as a, PIL.Image.open(one / name) as b:
             diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()
         assert diff <= 1, f"{name}: two devices differ from one by {diff} levels"
+
+
+def test_exif_orientation_is_applied(flax_pipe_dir, tmp_path):
+    """A picture stored on its side with an EXIF orientation is upscaled upright, as diffusers'
+    load_image (PIL.ImageOps.exif_transpose) shows it: the same output as an upright copy."""
+    import PIL.ImageOps
+
+    rng = np.random.default_rng(4)
+    stored = PIL.Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise
+    (tmp_path / "side").mkdir()
+    (tmp_path / "upright").mkdir()
+    stored.save(tmp_path / "side" / "p.png", exif=exif)
+    with PIL.Image.open(tmp_path / "side" / "p.png") as im:
+        upright = PIL.ImageOps.exif_transpose(im)
+        assert upright.size == (64, 96)
+        upright.save(tmp_path / "upright" / "p.png")
+    for name in ("side", "upright"):
+        src = tmp_path / name
+        assert run_cli("-i", src, "-o", tmp_path / f"out_{name}", "-n", flax_pipe_dir, *COMMON) == 0
+    with PIL.Image.open(tmp_path / "out_side" / "p.png") as a:
+        assert a.size == (128, 192)
+        with PIL.Image.open(tmp_path / "out_upright" / "p.png") as b:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
