@@ -392,3 +392,76 @@ def test_ema_warmup_matches_diffusers_ema_model():
 def test_schedule_settings_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_two_devices_train_as_one(tmp_path):
+    """Data parallelism: the batch split over two devices (gradients reduced across them)
+    takes the same steps as one device with the whole batch: the same losses and gradient
+    norms, and the same weights and EMA after three steps."""
+    import subprocess
+    import sys
+    import textwrap
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out_file = tmp_path / "params.npz"
+    code = textwrap.dedent(
+        f"""
+        import jax, jax.numpy as jnp, numpy as np
+        from flax_latentup import AutoencoderKLConfig, FlaxAutoencoderKL, FlaxUNet2DConditionModel
+        from flax_latentup.configs import UNet2DConditionConfig
+        from flax_latentup.parallel import make_mesh
+        from flax_latentup.training import TrainConfig, Trainer, make_latents
+        from tests import helpers
+        from tests.test_training import B, D, L, make_pictures, random_model
+        assert jax.device_count() == 2, jax.devices()
+        vae = random_model(FlaxAutoencoderKL, AutoencoderKLConfig.tiny(), 1)
+        batch = dict(make_latents(vae, jnp.asarray(make_pictures(B, 32)), jax.random.key(2)))
+        rng = np.random.RandomState(3)
+        batch["context"] = rng.randn(B, L, D).astype(np.float32)
+        batch["pooled"] = rng.randn(B, D).astype(np.float32)
+        uncond = (rng.randn(L, D).astype(np.float32), rng.randn(D).astype(np.float32))
+        # Adam's eps well above float32 noise: a weight whose gradient is zero up to rounding
+        # (a bias ahead of a group norm) would otherwise move by +-lr on the noise's sign
+        config = TrainConfig(
+            learning_rate=1e-3, adam_eps=1e-3, ema_decay=0.9, cfg_dropout=0.5, seed=4
+        )
+        unet_config = UNet2DConditionConfig.from_dict(helpers.PIPE_UNET)
+        out = {{}}
+        for name, devices in (("one", jax.devices()[:1]), ("two", jax.devices())):
+            unet = random_model(FlaxUNet2DConditionModel, unet_config, 0)
+            trainer = Trainer(unet, uncond, config, mesh=make_mesh(devices))
+            state = trainer.init_state()
+            metrics = []
+            for _ in range(3):
+                state, m = trainer.step(state, batch)
+                metrics.append([float(m["loss"]), float(m["grad_norm"])])
+            out[name + "_metrics"] = np.asarray(metrics)
+            for i, leaf in enumerate(jax.tree.leaves(jax.device_get((state.params, state.ema)))):
+                out[f"{{name}}_{{i}}"] = np.asarray(leaf)
+        np.savez({str(out_file)!r}, **out)
+        print("ok")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(
+            os.environ,
+            PYTHONPATH=root,
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    res = dict(np.load(out_file))
+    np.testing.assert_allclose(res["two_metrics"], res["one_metrics"], rtol=1e-5)
+    n = sum(k.startswith("one_") and k != "one_metrics" for k in res)
+    assert n > 10
+    worst = 0.0
+    for i in range(n):
+        a, b = res[f"two_{i}"], res[f"one_{i}"]
+        worst = max(worst, float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12)))
+    print(f"two devices vs one: weights within {worst:.3g} (relative) after 3 steps")
+    assert worst <= 1e-5, f"two devices' weights after 3 steps differ by {worst:.3g} (relative)"
