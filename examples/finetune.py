@@ -11,6 +11,10 @@ is the text file with the same stem (``cat.png`` -> ``cat.txt``), else the empty
 Checkpoints go to ``--output/checkpoint-<step>/`` every ``--checkpoint-every`` steps and at
 the end; a new run with the same ``--output`` resumes from the latest one, drawing the same
 crops and noise as an uninterrupted run would. See FINETUNING.md.
+
+Several hosts (a TPU pod, a GPU cluster): start it on every host with the same arguments and
+``--distributed``; ``--batch-size`` is then the global batch, each host loading and encoding
+its share, and ``--output`` must be a folder every host sees (process 0 writes it).
 """
 
 from __future__ import annotations
@@ -63,6 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", action="store_true", help="rematerialise UNet blocks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: call jax.distributed.initialize; every host trains its batch share",
+    )
     return p.parse_args(argv)
 
 
@@ -99,12 +108,18 @@ def load_crop(path: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return arr[:, ::-1] if rng.random() < 0.5 else arr
 
 
-def step_pictures(paths, step: int, args) -> tuple[np.ndarray, list[int]]:
-    """The crops of one step, a function of (seed, step) only: resuming draws the same."""
+def step_pictures(paths, step: int, args, rows=None) -> tuple[np.ndarray, list[int]]:
+    """The crops of one step's batch (of its ``rows``, default all): the pictures are a
+    function of (seed, step), each crop of (seed, step, row), so resuming draws the same and
+    a row is the same whichever host loads it."""
     rng = np.random.default_rng([args.seed, step])
     idx = rng.choice(len(paths), args.batch_size, replace=len(paths) < args.batch_size)
-    crops = [load_crop(paths[i], args.resolution, rng) for i in idx]
-    return np.stack(crops), [int(i) for i in idx]
+    rows = range(args.batch_size) if rows is None else rows
+    crops = [
+        load_crop(paths[idx[r]], args.resolution, np.random.default_rng([args.seed, step, r]))
+        for r in rows
+    ]
+    return np.stack(crops), [int(idx[r]) for r in rows]
 
 
 def prune(output: str, keep: int) -> None:
@@ -135,6 +150,15 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise SystemExit(f"bad training settings: {e}") from None
     paths = list_pictures(args.data)
+    if args.distributed:
+        from flax_latentup import parallel
+
+        parallel.initialize_distributed()
+    me, count = jax.process_index(), jax.process_count()
+    if args.batch_size % count:
+        raise SystemExit(f"--batch-size {args.batch_size} must divide over {count} processes")
+    share = args.batch_size // count
+    rows = range(me * share, (me + 1) * share)  # this process's rows of every batch
     pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(args.model)
     f = pipe.vae.config.downsample_factor
     if args.resolution % (2 * f) or args.resolution // f < 16:
@@ -154,15 +178,22 @@ def main(argv=None) -> int:
     last = None if args.no_resume else latest_checkpoint(args.output)
     if last is not None:
         state = trainer.load_checkpoint(last)
-        print(f"resuming from {last}", file=sys.stderr)
+        if me == 0:
+            print(f"resuming from {last}", file=sys.stderr)
     else:
         state = trainer.init_state()
     start = int(state.step)
 
-    vae_key = jax.random.key(args.seed + 1)
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="fine-tune")
+    vae_key = jax.random.fold_in(jax.random.key(args.seed + 1), me)
+    bar = tqdm(
+        range(start, args.steps),
+        initial=start,
+        total=args.steps,
+        desc="fine-tune",
+        disable=me != 0,
+    )
     for step in bar:
-        pictures, idx = step_pictures(paths, step, args)
+        pictures, idx = step_pictures(paths, step, args, rows)
         batch = dict(make_latents(pipe.vae, pictures, jax.random.fold_in(vae_key, step)))
         batch["context"] = context[[row[captions[i]] for i in idx]]
         batch["pooled"] = pooled[[row[captions[i]] for i in idx]]
@@ -170,9 +201,10 @@ def main(argv=None) -> int:
         bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
         done = step + 1
         if done % args.checkpoint_every == 0 or done == args.steps:
-            path = trainer.save_checkpoint(args.output, state)
-            prune(args.output, args.keep)
-            bar.write(f"saved {path}")
+            path = trainer.save_checkpoint(args.output, state)  # every process, 0 writes
+            if me == 0:
+                prune(args.output, args.keep)
+                bar.write(f"saved {path}")
     return 0
 
 

@@ -362,8 +362,13 @@ class Trainer:
     """Fine-tunes a :class:`FlaxUNet2DConditionModel` (the frozen parts are left as given).
 
     ``uncond``: the ``""`` prompt's ``(context [L, D], pooled [D])`` for text dropout.
-    ``mesh``: a 1-D ``("data",)`` mesh (default: all local devices); batches must divide by
-    its size. ``remat``: rematerialise the UNet's blocks (less memory, more compute).
+    ``mesh``: a 1-D ``("data",)`` mesh (default: every device of every process); batches must
+    divide by its size. ``remat``: rematerialise the UNet's blocks (less memory, more compute).
+
+    Several processes (``jax.distributed``, e.g. the hosts of a TPU pod) train one model: each
+    builds the Trainer from the same weights and settings and passes :meth:`step` its own share
+    of every batch (the global batch is the processes' shares in process order); gradients are
+    reduced over all devices. :meth:`save_checkpoint` is called by all and written by process 0.
     """
 
     def __init__(
@@ -384,17 +389,18 @@ class Trainer:
         if mesh is None:
             from flax_latentup.parallel import make_mesh
 
-            mesh = make_mesh()
+            mesh = make_mesh(jax.devices())
         if tuple(mesh.axis_names) != ("data",):
             raise ValueError(f"mesh must have the single axis ('data',), got {mesh.axis_names}")
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
         self.sharded = NamedSharding(mesh, P("data"))
+        # host values (the same in every process) placed on the whole mesh
         self.uncond = jax.device_put(
-            (jnp.asarray(uncond[0], jnp.float32), jnp.asarray(uncond[1], jnp.float32)),
+            (np.asarray(uncond[0], np.float32), np.asarray(uncond[1], np.float32)),
             self.replicated,
         )
-        self.frozen = jax.device_put(self.frozen, self.replicated)
+        self.frozen = jax.device_put(_host(self.frozen), self.replicated)
         self.optimizer = self.config.optimizer()
         w = self.config.noise_aug_embed_weight
         self._aug_weight = None if w is None else jnp.asarray(w, jnp.float32)
@@ -410,19 +416,19 @@ class Trainer:
 
     def init_state(self) -> TrainState:
         """Step 0: the UNet's weights, an EMA equal to them, a fresh optimizer state."""
-        params = jax.tree.map(jnp.copy, self._initial_params)  # the step donates its state
+        params = _host(self._initial_params)  # copies: the step donates its state
         state = TrainState(
-            step=jnp.zeros((), jnp.int32),
+            step=np.zeros((), np.int32),
             params=params,
-            ema=jax.tree.map(jnp.copy, params),
-            opt_state=self.optimizer.init(params),
+            ema=jax.tree.map(np.copy, params),
+            opt_state=_host(self.optimizer.init(params)),
         )
         return jax.device_put(state, self.replicated)
 
     def unet(self, state: TrainState, *, ema: bool = False) -> FlaxUNet2DConditionModel:
         """The UNet with the state's weights (or their EMA)."""
-        params = jax.device_get(state.ema if ema else state.params)
-        model = nnx.merge(self.graphdef, params, jax.device_get(self.frozen))
+        params = _host(state.ema if ema else state.params)
+        model = nnx.merge(self.graphdef, params, _host(self.frozen))
         model.set_remat(False)
         return model
 
@@ -460,17 +466,23 @@ class Trainer:
         return self._loss(params, batch, draws)[0]
 
     def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, Array]:
-        """Put a host batch on the mesh, split along its first axis."""
-        n = self.mesh.devices.size
-        out = {}
-        for k in ("latents", "low_res", "context", "pooled"):
-            v = np.asarray(batch[k], np.float32)
-            if v.shape[0] % n:
-                raise ValueError(
-                    f"batch size {v.shape[0]} must be a multiple of the device count {n}"
-                )
-            out[k] = jax.device_put(v, self.sharded)
-        return out
+        """Put a host batch on the mesh, split along its first axis. With a mesh over several
+        processes, ``batch`` is this process's share, split over its devices in the mesh."""
+        return {
+            k: self._split(np.asarray(batch[k], np.float32))
+            for k in ("latents", "low_res", "context", "pooled")
+        }
+
+    def _split(self, v: np.ndarray) -> Array:
+        """``v`` (this process's rows) split along its first axis over the mesh."""
+        n = len(self.sharded.addressable_devices)
+        several = n < self.mesh.devices.size
+        if v.shape[0] % n:
+            what = "this process's devices in the mesh" if several else "the device count"
+            raise ValueError(f"batch size {v.shape[0]} must be a multiple of {what}, {n}")
+        if several:
+            return jax.make_array_from_process_local_data(self.sharded, v)
+        return jax.device_put(v, self.sharded)
 
     def step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
         """One optimizer step on ``batch`` (``latents``, ``low_res``, ``context``, ``pooled``).
@@ -482,9 +494,11 @@ class Trainer:
         return self._step(state, self.shard_batch(batch))
 
     def loss(self, state: TrainState, batch: Mapping[str, Any], draws: Draws, *, ema=False):
-        """The loss of the state's weights on ``batch`` with fixed ``draws`` (no update)."""
+        """The loss of the state's weights on ``batch`` with fixed ``draws`` (no update);
+        with several processes both are this process's rows."""
         params = state.ema if ema else state.params
-        return float(self._eval(params, self.shard_batch(batch), draws))
+        draws = jax.tree.map(lambda v: self._split(np.asarray(v)), draws)
+        return float(_host(self._eval(params, self.shard_batch(batch), draws)))
 
     # ---- checkpoints -------------------------------------------------------------------------
 
@@ -497,20 +511,25 @@ class Trainer:
         mid-save leaves no ``checkpoint-*`` folder that is incomplete.
         """
         folder = os.fspath(folder)
-        os.makedirs(folder, exist_ok=True)
-        step = int(jax.device_get(state.step))
+        step = int(_host(state.step))
         final = os.path.join(folder, f"checkpoint-{step:08d}")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        self.unet(state).save_pretrained(os.path.join(tmp, "unet"))
-        self.unet(state, ema=True).save_pretrained(os.path.join(tmp, "unet_ema"))
-        _save_leaves(jax.device_get(state.opt_state), os.path.join(tmp, _OPT_FILE))
-        info = {"step": step, "config": self.config.to_dict()}
-        write_json_atomic(info, os.path.join(tmp, _STATE_FILE))
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if jax.process_index() == 0:
+            os.makedirs(folder, exist_ok=True)
+            tmp = final + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            self.unet(state).save_pretrained(os.path.join(tmp, "unet"))
+            self.unet(state, ema=True).save_pretrained(os.path.join(tmp, "unet_ema"))
+            _save_leaves(_host(state.opt_state), os.path.join(tmp, _OPT_FILE))
+            info = {"step": step, "config": self.config.to_dict()}
+            write_json_atomic(info, os.path.join(tmp, _STATE_FILE))
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        if jax.process_count() > 1:  # nobody goes on (or reads it back) before it is whole
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"flax_latentup checkpoint {final}")
         return final
 
     def load_checkpoint(self, path: str | os.PathLike) -> TrainState:
@@ -528,12 +547,26 @@ class Trainer:
         template = self.optimizer.init(params)
         opt_state = _load_leaves(template, os.path.join(path, _OPT_FILE))
         state = TrainState(
-            step=jnp.asarray(step, jnp.int32),
+            step=np.asarray(step, np.int32),
             params=params,
             ema=params_of("unet_ema"),
             opt_state=opt_state,
         )
-        return jax.device_put(state, self.replicated)
+        return jax.device_put(_host(state), self.replicated)
+
+
+def _host(tree: Any) -> Any:
+    """Numpy copies of ``tree``'s arrays. An array replicated over the devices of several
+    processes is read from this process's own copy."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                raise ValueError("an array split over several processes cannot be read here")
+            x = x.addressable_data(0)
+        return np.array(x)
+
+    return jax.tree.map(one, tree)
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> str | None:

@@ -3,6 +3,7 @@ tiny UNet whose loss must fall, and a checkpointed run resumed bit for bit."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -394,74 +395,195 @@ def test_schedule_settings_are_checked(kwargs, message):
         TrainConfig(**kwargs)
 
 
-def test_two_devices_train_as_one(tmp_path):
-    """Data parallelism: the batch split over two devices (gradients reduced across them)
-    takes the same steps as one device with the whole batch: the same losses and gradient
-    norms, and the same weights and EMA after three steps."""
+def parallel_case():
+    """``(batch, uncond, config)`` of the data-parallel tests (the whole batch, host arrays)."""
+    vae = random_model(FlaxAutoencoderKL, AutoencoderKLConfig.tiny(), 1)
+    latents = make_latents(vae, jnp.asarray(make_pictures(B, 32)), jax.random.key(2))
+    batch = {k: np.asarray(v) for k, v in latents.items()}
+    rng = np.random.RandomState(3)
+    batch["context"] = rng.randn(B, L, D).astype(np.float32)
+    batch["pooled"] = rng.randn(B, D).astype(np.float32)
+    uncond = (rng.randn(L, D).astype(np.float32), rng.randn(D).astype(np.float32))
+    # Adam's eps well above float32 noise: a weight whose gradient is zero up to rounding (a
+    # bias ahead of a group norm) would otherwise move by +-lr on the noise's sign
+    config = TrainConfig(learning_rate=1e-3, adam_eps=1e-3, ema_decay=0.9, cfg_dropout=0.5, seed=4)
+    return batch, uncond, config
+
+
+def parallel_trainer(uncond, config, mesh=None) -> Trainer:
+    unet_config = UNet2DConditionConfig.from_dict(helpers.PIPE_UNET)
+    return Trainer(
+        random_model(FlaxUNet2DConditionModel, unet_config, 0), uncond, config, mesh=mesh
+    )
+
+
+def _python(code: str, **env: str):
     import subprocess
     import sys
     import textwrap
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu", **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(proc) -> None:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and out.strip().endswith("ok"), err[-3000:]
+
+
+def _relative_gap(a_leaves, b_leaves) -> float:
+    assert len(a_leaves) == len(b_leaves) > 10
+    return max(
+        float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12))
+        for a, b in zip(a_leaves, b_leaves, strict=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def one_device_run():
+    """One device, the whole batch: ``(metrics [4, 2] (loss, grad norm) of four steps,
+    (params, ema) after three)``, what the data-parallel runs must reproduce."""
+    batch, uncond, config = parallel_case()
+    trainer = parallel_trainer(uncond, config)
+    state = trainer.init_state()
+    metrics = []
+    for i in range(4):
+        if i == 3:
+            after_three = jax.device_get((state.params, state.ema))
+        state, m = trainer.step(state, batch)
+        metrics.append([float(m["loss"]), float(m["grad_norm"])])
+    return np.asarray(metrics), after_three
+
+
+def test_two_devices_train_as_one(tmp_path, one_device_run):
+    """Data parallelism: the batch split over two devices (gradients reduced across them)
+    takes the same steps as one device with the whole batch: the same losses and gradient
+    norms, and the same weights and EMA after three steps."""
     out_file = tmp_path / "params.npz"
-    code = textwrap.dedent(
-        f"""
-        import jax, jax.numpy as jnp, numpy as np
-        from flax_latentup import AutoencoderKLConfig, FlaxAutoencoderKL, FlaxUNet2DConditionModel
-        from flax_latentup.configs import UNet2DConditionConfig
-        from flax_latentup.parallel import make_mesh
-        from flax_latentup.training import TrainConfig, Trainer, make_latents
-        from tests import helpers
-        from tests.test_training import B, D, L, make_pictures, random_model
-        assert jax.device_count() == 2, jax.devices()
-        vae = random_model(FlaxAutoencoderKL, AutoencoderKLConfig.tiny(), 1)
-        batch = dict(make_latents(vae, jnp.asarray(make_pictures(B, 32)), jax.random.key(2)))
-        rng = np.random.RandomState(3)
-        batch["context"] = rng.randn(B, L, D).astype(np.float32)
-        batch["pooled"] = rng.randn(B, D).astype(np.float32)
-        uncond = (rng.randn(L, D).astype(np.float32), rng.randn(D).astype(np.float32))
-        # Adam's eps well above float32 noise: a weight whose gradient is zero up to rounding
-        # (a bias ahead of a group norm) would otherwise move by +-lr on the noise's sign
-        config = TrainConfig(
-            learning_rate=1e-3, adam_eps=1e-3, ema_decay=0.9, cfg_dropout=0.5, seed=4
+    code = f"""
+    import jax, numpy as np
+    from tests.test_training import parallel_case, parallel_trainer
+    assert jax.device_count() == 2, jax.devices()
+    batch, uncond, config = parallel_case()
+    trainer = parallel_trainer(uncond, config)  # a mesh over both devices
+    state = trainer.init_state()
+    metrics = []
+    for _ in range(3):
+        state, m = trainer.step(state, batch)
+        metrics.append([float(m["loss"]), float(m["grad_norm"])])
+    leaves = jax.tree.leaves(jax.device_get((state.params, state.ema)))
+    np.savez({str(out_file)!r}, metrics=np.asarray(metrics), *leaves)
+    print("ok")
+    """
+    _finish(_python(code, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    res = dict(np.load(out_file))
+    metrics, after_three = one_device_run
+    np.testing.assert_allclose(res["metrics"], metrics[:3], rtol=1e-5)
+    ref = jax.tree.leaves(after_three)
+    gap = _relative_gap([res[f"arr_{i}"] for i in range(len(ref))], ref)
+    print(f"two devices vs one: weights within {gap:.3g} (relative) after 3 steps")
+    assert gap <= 1e-5, f"two devices' weights after 3 steps differ by {gap:.3g} (relative)"
+
+
+def test_two_processes_train_as_one(tmp_path, one_device_run):
+    """Two processes (jax.distributed, one device each) train one model, each stepping on its
+    half of every batch: the losses and gradient norms of one process with the whole batch,
+    one checkpoint (written by process 0, after which both go on), the same weights in it,
+    and a resumed step that matches too."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = f"""
+    import jax, numpy as np
+    from flax_latentup import parallel
+    parallel.initialize_distributed()
+    from tests.test_training import parallel_case, parallel_trainer
+    me, count = jax.process_index(), jax.process_count()
+    assert count == 2 and jax.device_count() == 2, jax.devices()
+    batch, uncond, config = parallel_case()
+    trainer = parallel_trainer(uncond, config)
+    share = len(batch["latents"]) // count
+    mine = {{k: v[me * share:(me + 1) * share] for k, v in batch.items()}}
+    state = trainer.init_state()
+    metrics = []
+    for _ in range(3):
+        state, m = trainer.step(state, mine)
+        metrics.append([float(m["loss"]), float(m["grad_norm"])])
+    path = trainer.save_checkpoint({str(tmp_path / "run")!r}, state)
+    state, m = trainer.step(trainer.load_checkpoint(path), mine)
+    metrics.append([float(m["loss"]), float(m["grad_norm"])])
+    np.save({str(tmp_path)!r} + f"/metrics{{me}}.npy", np.asarray(metrics))
+    print("ok")
+    """
+    env = dict(FLAX_LATENTUP_COORDINATOR=f"127.0.0.1:{port}", FLAX_LATENTUP_NUM_PROCESSES="2")
+    procs = [_python(code, FLAX_LATENTUP_PROCESS_ID=str(i), **env) for i in range(2)]
+    for proc in procs:
+        _finish(proc)
+
+    metrics, (ref_params, ref_ema) = one_device_run
+    for i in range(2):
+        got = np.load(tmp_path / f"metrics{i}.npy")
+        np.testing.assert_allclose(got, metrics, rtol=1e-5, err_msg=f"process {i}")
+    assert os.listdir(tmp_path / "run") == ["checkpoint-00000003"]
+    for sub, ref in (("unet", ref_params), ("unet_ema", ref_ema)):
+        saved = FlaxUNet2DConditionModel.from_pretrained(
+            str(tmp_path / "run" / "checkpoint-00000003" / sub)
         )
-        unet_config = UNet2DConditionConfig.from_dict(helpers.PIPE_UNET)
-        out = {{}}
-        for name, devices in (("one", jax.devices()[:1]), ("two", jax.devices())):
-            unet = random_model(FlaxUNet2DConditionModel, unet_config, 0)
-            trainer = Trainer(unet, uncond, config, mesh=make_mesh(devices))
-            state = trainer.init_state()
-            metrics = []
-            for _ in range(3):
-                state, m = trainer.step(state, batch)
-                metrics.append([float(m["loss"]), float(m["grad_norm"])])
-            out[name + "_metrics"] = np.asarray(metrics)
-            for i, leaf in enumerate(jax.tree.leaves(jax.device_get((state.params, state.ema)))):
-                out[f"{{name}}_{{i}}"] = np.asarray(leaf)
-        np.savez({str(out_file)!r}, **out)
+        leaves = jax.tree.leaves(nnx.split(saved, training.TRAINABLE, ...)[1])
+        gap = _relative_gap([np.asarray(x) for x in leaves], jax.tree.leaves(ref))
+        assert gap <= 1e-5, f"{sub} of the two-process checkpoint differs by {gap:.3g} (relative)"
+
+
+def test_example_on_two_processes(flax_pipe_dir, tmp_path):
+    """``examples/finetune.py --distributed`` on two processes: one progress bar, one set of
+    checkpoints (written by process 0 into the shared folder, the older one pruned). Resuming
+    on several processes is tested with the Trainer above."""
+    import socket
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, p in enumerate(make_pictures(3, 40, seed=2)):
+        Image.fromarray(((p + 1) * 127.5).round().astype(np.uint8)).save(data / f"{i}.png")
+    (data / "0.txt").write_text("a photo of the cat\n")
+    run = tmp_path / "run"
+
+    def start(steps: int) -> list[str]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        argv = ["--model", flax_pipe_dir, "--data", str(data), "--output", str(run)]
+        argv += ["--resolution", "128", "--batch-size", "2", "--steps", str(steps)]
+        argv += ["--checkpoint-every", "1", "--keep", "1", "--distributed"]
+        code = f"""
+        import runpy, sys
+        sys.argv = ["finetune.py", *{argv!r}]
+        try:
+            runpy.run_path("examples/finetune.py", run_name="__main__")
+        except SystemExit as e:
+            assert not e.code, e.code
         print("ok")
         """
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        env=dict(
-            os.environ,
-            PYTHONPATH=root,
-            JAX_PLATFORMS="cpu",
-            XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        ),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
-    res = dict(np.load(out_file))
-    np.testing.assert_allclose(res["two_metrics"], res["one_metrics"], rtol=1e-5)
-    n = sum(k.startswith("one_") and k != "one_metrics" for k in res)
-    assert n > 10
-    worst = 0.0
-    for i in range(n):
-        a, b = res[f"two_{i}"], res[f"one_{i}"]
-        worst = max(worst, float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-12)))
-    print(f"two devices vs one: weights within {worst:.3g} (relative) after 3 steps")
-    assert worst <= 1e-5, f"two devices' weights after 3 steps differ by {worst:.3g} (relative)"
+        env = dict(FLAX_LATENTUP_COORDINATOR=f"127.0.0.1:{port}", FLAX_LATENTUP_NUM_PROCESSES="2")
+        procs = [_python(code, FLAX_LATENTUP_PROCESS_ID=str(i), **env) for i in range(2)]
+        errs = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0 and out.strip().endswith("ok"), err[-3000:]
+            errs.append(err)
+        return errs
+
+    errs = start(2)
+    assert "fine-tune" in errs[0] and "fine-tune" not in errs[1], "one progress bar, process 0's"
+    assert sorted(os.listdir(run)) == ["checkpoint-00000002"]
+    with open(run / "checkpoint-00000002" / "trainer_state.json") as f:
+        assert json.load(f)["step"] == 2
