@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_run.sh [STEP ...]          (default steps: env tests bench)
 #
 # Where one command may run 10 minutes at most, give the steps over three commands:
-# `env tests`, then `bench`, then `flags` (each fits in 10 minutes on an H100). Logs and JSON are written to a work
+# `env tests`, then `bench`, then `flags cli` (each fits in 10 minutes on an H100). Logs and JSON are written to a work
 # folder and packed into $OUT/gpu_run.tar.gz after every step (so that a run cut short still
 # returns what it finished), with the key lines in $OUT/summary.txt.
 #   env      nvidia-smi, the versions of torch / JAX / flax / diffusers, the devices both see
@@ -13,6 +13,8 @@
 #   bench    batch 8, 64x64 -> 128x128 latents (512 -> 1024 px), 20 steps, CFG: the port in
 #            bfloat16 against torch float16 eager (SDPA) and torch.compile, same inputs
 #   flags    one UNet call of the port under several XLA GPU flag sets and attention choices
+#   cli      the batch command on 16 pictures of 512 px (-> 1024 px), 20 steps: its defaults
+#            (--dtype auto, one image per device) and --batch-size 8, with their reports
 #
 # Settings (environment): OUT (default ./out), PYTHON (default python3), FLAX_LATENTUP_REAL_MODEL
 # (a diffusers-layout sd-x2-latent-upscaler folder: the tests also run on its weights and the
@@ -40,8 +42,8 @@ steps=("$@")
 [ "${#steps[@]}" -gt 0 ] || steps=(env tests bench)
 for step in "${steps[@]}"; do
     case "$step" in
-        env | tests | bench | flags) ;;
-        *) echo "unknown step '$step' (expected env, tests, bench or flags)"; exit 2 ;;
+        env | tests | bench | flags | cli) ;;
+        *) echo "unknown step '$step' (expected env, tests, bench, flags or cli)"; exit 2 ;;
     esac
 done
 OUT="${OUT:-./out}"
@@ -127,10 +129,42 @@ step_flags() {
     return "$status"
 }
 
+step_cli() {
+    if [ ! -f "$MODEL_DIR/model_index.json" ]; then # the bench step builds it too
+        "$PYTHON" -c "import sys; from benchmarks.bench_pipeline import build_model_folder as b
+b(sys.argv[1])" "$MODEL_DIR" > "$LOGS/cli-model.log" 2>&1 \
+            || { tail "$LOGS/cli-model.log"; return 1; }
+    fi
+    local pictures="$LOGS/cli-pictures" status=0 bs
+    "$PYTHON" - "$pictures" <<'EOF'
+import os, sys
+import numpy as np
+from PIL import Image
+os.makedirs(sys.argv[1], exist_ok=True)
+y, x = np.mgrid[0:512, 0:512]
+for i in range(16):
+    rgb = np.stack([(x + 9 * i) % 256, (y * 2 + i) % 256, (x + y) // 4 % 256], -1)
+    Image.fromarray(rgb.astype(np.uint8)).save(os.path.join(sys.argv[1], f"p{i:02d}.png"))
+EOF
+    for bs in default 8; do
+        local args=()
+        [ "$bs" = default ] || args=(--batch-size "$bs")
+        echo "=== cli batch $bs" | tee -a "$LOGS/cli.log"
+        timeout "$STEP_TIMEOUT" "$PYTHON" -m flax_latentup.cli upscale -i "$pictures" \
+            -o "$LOGS/cli-out-$bs" -n "$MODEL_DIR" --steps 20 --quiet --no-compile-cache \
+            "${args[@]}" 2>&1 | tee -a "$LOGS/cli.log"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+        "$PYTHON" -c "import json, sys; r = json.load(open(sys.argv[1]))
+print('cli report:', r['settings'], r['timing'])" \
+            "$LOGS/cli-out-$bs/flax-latentup-report.json" 2>&1 | tee -a "$LOGS/cli.log"
+    done
+    return "$status"
+}
+
 # pack the logs after each step: the files that come back are these two
 pack() {
     tar czf "$OUT/gpu_run.tar.gz" -C "$LOGS" . 2> /dev/null
-    (cd "$LOGS" && grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|max abs|mean abs|max \|err\||^g=|speed-up|port - |TFLOP|=== " \
+    (cd "$LOGS" && grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|max abs|mean abs|max \|err\||^g=|speed-up|port - |TFLOP|=== |^done |cli report" \
         ./*.log) > "$OUT/summary.txt" 2> /dev/null || true
 }
 
