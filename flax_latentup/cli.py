@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -68,30 +69,41 @@ def _is_input(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTS + LATENT_EXTS)
 
 
+def _folder_files(folder: str, recursive: bool) -> Iterable[str]:
+    """The files in ``folder`` (and, recursively, its sub-folders), hidden ones left out as
+    ``glob`` leaves them out. Links to folders are not followed: a link back up the tree would
+    otherwise repeat it without end."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and not os.path.islink(os.path.join(root, d))
+        )
+        for name in files:
+            path = os.path.join(root, name)
+            if not name.startswith(".") and os.path.isfile(path):
+                yield path
+        if not recursive:
+            return
+
+
 def collect_inputs(inputs: Sequence[str], recursive: bool) -> list[Item]:
     """Expand files, folders and glob patterns into work items (sorted, de-duplicated)."""
     items: dict[str, Item] = {}
     for spec in inputs:
         if os.path.isdir(spec):
-            pattern = "**/*" if recursive else "*"
-            found = sorted(
-                p
-                for p in glob.glob(os.path.join(spec, pattern), recursive=recursive)
-                if os.path.isfile(p) and _is_input(p)
-            )
+            found = sorted(p for p in _folder_files(spec, recursive) if _is_input(p))
             if not found:
                 hint = "" if recursive else " (use -r to search sub-folders)"
                 raise UsageError(f"input folder {spec!r} holds no PNG/JPEG/WebP/.npy files{hint}")
             for p in found:
                 rel = os.path.splitext(os.path.relpath(p, spec))[0]
-                items.setdefault(os.path.abspath(p), Item(src=p, rel=rel))
+                items.setdefault(os.path.realpath(p), Item(src=p, rel=rel))
         elif os.path.isfile(spec):
             if not _is_input(spec):
                 raise UsageError(
                     f"input {spec!r} is not a PNG/JPEG/WebP picture or .npy latents file"
                 )
             items.setdefault(
-                os.path.abspath(spec),
+                os.path.realpath(spec),
                 Item(src=spec, rel=os.path.splitext(os.path.basename(spec))[0]),
             )
         elif glob.has_magic(spec):
@@ -104,7 +116,7 @@ def collect_inputs(inputs: Sequence[str], recursive: bool) -> list[Item]:
                 raise UsageError(f"pattern {spec!r} matches no PNG/JPEG/WebP/.npy files")
             for p in found:
                 items.setdefault(
-                    os.path.abspath(p), Item(src=p, rel=os.path.splitext(os.path.basename(p))[0])
+                    os.path.realpath(p), Item(src=p, rel=os.path.splitext(os.path.basename(p))[0])
                 )
         else:
             raise UsageError(f"input not found: {spec!r}")
@@ -183,12 +195,23 @@ def _remove_temporaries(outdir: str) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=1)
+def new_file_mode() -> int:
+    """The mode a new file gets from ``open`` (0o666 less the umask). Read once, from the main
+    thread: reading the umask means setting it for a moment."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save(image, path: str, ext: str) -> None:
-    """Write a PIL image to ``path`` through a temporary file in the same folder."""
+    """Write a PIL image to ``path`` through a temporary file in the same folder (with the
+    permissions a plain new file would get, not the temporary file's private ones)."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="." + ext, dir=folder)
     try:
+        os.chmod(tmp, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             fmt = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[ext]
             kwargs = {"quality": 95} if ext in ("jpg", "webp") else {}
@@ -253,6 +276,12 @@ def _orientation(im) -> int:
     return value if value in _ORIENT else 1
 
 
+def read_text(path: str) -> str:
+    """A prompt file's text (UTF-8, a byte-order mark allowed), stripped."""
+    with open(path, encoding="utf-8-sig") as f:
+        return f.read().strip()
+
+
 def probe_input(path: str, nchw: bool, latent_channels: int = 4) -> tuple[str, tuple[int, ...]]:
     """``(kind, shape)`` of an input from its header only (the pixels are not decoded):
     ``("pixels", (H, W, 3))`` or ``("latents", (h, w, C))``. Raises for unreadable files."""
@@ -282,9 +311,11 @@ def read_input(path: str, nchw: bool, latent_channels: int = 4):
             arr = arr[0]
         if nchw:
             arr = arr.transpose(1, 2, 0)
+        with np.errstate(over="ignore"):  # beyond float32's range: caught just below
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(arr).all():
-            raise ValueError("latents contain NaN or infinite values")
-        return np.ascontiguousarray(arr, dtype=np.float32), "latents"
+            raise ValueError("latents contain NaN or infinite values (in float32)")
+        return arr, "latents"
     import PIL.Image
 
     with PIL.Image.open(path) as im:
@@ -431,11 +462,27 @@ def validate_upscale_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.prompt_file is not None:
         if not os.path.isfile(args.prompt_file):
-            raise UsageError(f"--prompt-file {args.prompt_file!r} not found")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            args.prompt = f.read().strip()
+            raise UsageError(f"--prompt-file {args.prompt_file!r} is not a file")
+        try:
+            args.prompt = read_text(args.prompt_file)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompt-file {args.prompt_file!r}: {e}") from None
     if os.sep in args.suffix or (os.altsep and os.altsep in args.suffix):
         raise UsageError(f"--suffix must not contain a path separator, got {args.suffix!r}")
+
+
+def check_report_path(path: str) -> None:
+    """Refuse a ``--report`` path that could not be written, before any work is done."""
+    if os.path.isdir(path):
+        raise UsageError(f"--report {path!r} is a folder; give a file path")
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--report {path!r} cannot be written: {e}") from None
 
 
 def resolve_model(model: str) -> str:
@@ -509,8 +556,11 @@ def scan_inputs(items: list[Item], nchw: bool, prompt: str) -> tuple[dict, list[
         sidecar = os.path.splitext(item.src)[0] + ".txt"
         item.prompt = prompt
         if os.path.isfile(sidecar):
-            with open(sidecar, encoding="utf-8") as f:
-                item.prompt = f.read().strip()
+            try:
+                item.prompt = read_text(sidecar)
+            except (OSError, UnicodeDecodeError) as e:
+                failed.append({"input": item.src, "reason": f"cannot read its prompt: {e}"})
+                continue
         groups.setdefault((kind, item.shape), []).append(item)
     return groups, failed
 
@@ -540,6 +590,16 @@ def run_upscale(args: argparse.Namespace) -> int:
     validate_upscale_args(args)
     items = collect_inputs(args.input, args.recursive)
     check_output_dir(args.output, args.input, args.recursive)
+    if args.report:
+        check_report_path(args.report)
+    for item in items:  # 4: never write over an input
+        item.out = os.path.join(args.output, item.rel + args.suffix + "." + args.ext)
+        if os.path.realpath(item.out) == os.path.realpath(item.src):
+            raise UsageError(
+                f"the output for {item.src!r} would be the input itself: choose another "
+                "output folder (or a --suffix / --ext that differs)"
+            )
+    new_file_mode()  # read while no other thread runs
     model_dir = resolve_model(args.model)
     process = (0, 1)  # (index, count) among the processes sharing the work
     if args.distributed:
@@ -590,7 +650,6 @@ def run_upscale(args: argparse.Namespace) -> int:
     }
     todo: list[Item] = []
     for item in items:
-        item.out = os.path.join(args.output, item.rel + args.suffix + "." + args.ext)
         item.seed = item_seed(args.seed, item.rel)
         if os.path.exists(item.out) and not args.overwrite:
             report["skipped"].append(
@@ -621,8 +680,14 @@ def run_upscale(args: argparse.Namespace) -> int:
             pipe.enable_vae_tiling()
     load_seconds = time.perf_counter() - started
 
-    chunks = [c for members in groups.values() for c in _batches(members, batch_size)]
-    total = sum(len(c) for c in chunks)
+    # (images, the batch they are padded to): a group smaller than the batch size is not
+    # padded beyond its own size
+    chunks = [
+        (c, min(batch_size, len(members)))
+        for members in groups.values()
+        for c in _batches(members, batch_size)
+    ]
+    total = sum(len(c) for c, _ in chunks)
     bar = tqdm(total=total, unit="img", disable=args.quiet or total == 0, dynamic_ncols=True)
     run_started = time.perf_counter()
 
@@ -651,11 +716,11 @@ def run_upscale(args: argparse.Namespace) -> int:
     reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flax-latentup-read")
     writer = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="flax-latentup-write")
     try:
-        ahead = reader.submit(_load_chunk, chunks[0], args.nchw) if chunks else None
+        ahead = reader.submit(_load_chunk, chunks[0][0], args.nchw) if chunks else None
         for i in range(len(chunks)):
-            loaded = ahead.result()
+            loaded, padded_size = ahead.result(), chunks[i][1]
             if i + 1 < len(chunks):
-                ahead = reader.submit(_load_chunk, chunks[i + 1], args.nchw)
+                ahead = reader.submit(_load_chunk, chunks[i + 1][0], args.nchw)
             good = [(it, a) for it, a in loaded if not isinstance(a, BaseException)]
             for it, e in loaded:
                 if isinstance(e, BaseException):
@@ -667,7 +732,7 @@ def run_upscale(args: argparse.Namespace) -> int:
             seeds = [it.seed for it, _ in good]
             prompts = [it.prompt for it, _ in good]
             # pad to the batch size so every batch of this group has one compiled shape
-            while len(arrays) < batch_size:
+            while len(arrays) < padded_size:
                 arrays.append(arrays[-1])
                 seeds.append(seeds[-1])
                 prompts.append(prompts[-1])
@@ -715,6 +780,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".json", dir=folder)
     try:
+        os.chmod(tmp, new_file_mode())
         with os.fdopen(fd, "w") as f:
             json.dump(report, f, indent=2)
         os.replace(tmp, report_path)

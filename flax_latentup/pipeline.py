@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -334,7 +335,14 @@ def prepare_image(
                 )
             arr = np.stack([_pil_to_array(i) for i in image])
         else:
-            parts = [_torch_to_numpy(i) if _is_torch_tensor(i) else np.asarray(i) for i in image]
+            parts = [
+                _pil_to_array(i)
+                if isinstance(i, PIL.Image.Image)
+                else _torch_to_numpy(i)
+                if _is_torch_tensor(i)
+                else np.asarray(i)
+                for i in image
+            ]
             torch_input = _is_torch_tensor(image[0])
             shapes = {p.shape for p in parts}
             if len(shapes) > 1:
@@ -358,12 +366,30 @@ def prepare_image(
         raise ValueError(f"image must have 3 or 4 dimensions, got shape {arr.shape}")
     if torch_input:
         arr = arr.transpose(0, 2, 3, 1)
+    if arr.shape[0] == 0:
+        raise ValueError(f"image holds no images (a batch of 0, shape {arr.shape})")
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
+    ):
+        raise ValueError(f"image must hold numbers, got dtype {arr.dtype}")
     channels = arr.shape[-1]
+    floating = np.issubdtype(arr.dtype, np.floating)
     if channels == latent_channels:
         kind = "latents"
-        arr = arr.astype(np.float32)
+        if not floating:
+            raise ValueError(
+                f"image with {latent_channels} channels is taken as low-res latents, which must "
+                f"be floating point; got {arr.dtype} (an RGBA picture? convert it to RGB)"
+            )
+        with np.errstate(over="ignore"):  # beyond float32's range: caught below
+            arr = arr.astype(np.float32)
     elif channels == 3:
         kind = "pixels"
+        if not floating and arr.dtype != np.uint8:
+            raise ValueError(
+                f"image: pictures must be uint8 (0..255) or floating point in [-1, 1], "
+                f"got {arr.dtype}"
+            )
         if arr.dtype == np.uint8:
             arr = arr.astype(np.float32) / 127.5 - 1.0
         elif torch_input:
@@ -384,7 +410,7 @@ def prepare_image(
             f"the last axis (NHWC; torch tensors NCHW), got shape {arr.shape}"
         )
     if not np.isfinite(arr).all():
-        raise ValueError("image contains NaN or infinite values")
+        raise ValueError("image contains NaN or infinite values (in float32)")
     f = downsample_factor
     side_unit, side_min = (4, 8) if kind == "latents" else (4 * f, 8 * f)
     h, w = arr.shape[1:3]
@@ -406,6 +432,11 @@ def _prompt_list(name: str, prompt: str | Sequence[str] | None, batch: int) -> l
         if len(prompt) != batch:
             raise ValueError(f"{name} has {len(prompt)} entries but the image batch has {batch}")
         return list(prompt)
+    if isinstance(prompt, list | tuple):
+        bad = next(p for p in prompt if not isinstance(p, str))
+        raise ValueError(
+            f"{name} must hold strings only, got an entry of type {type(bad).__name__}"
+        )
     raise ValueError(f"{name} must be a string or a list of strings, got {type(prompt).__name__}")
 
 
@@ -788,6 +819,11 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             raise ValueError(
                 f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}"
             )
+        number = isinstance(guidance_scale, numbers.Real) or (
+            isinstance(guidance_scale, np.ndarray | jax.Array) and guidance_scale.ndim == 0
+        )
+        if not number or isinstance(guidance_scale, bool):
+            raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
         try:
             guidance = float(guidance_scale)
         except (TypeError, ValueError):
@@ -851,6 +887,8 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             if guidance == 0:
                 prompts = [""] * batch_size
             text_mode = "ids"
+        if negative_prompt is not None:  # checked whether or not guidance uses it
+            _prompt_list("negative_prompt", negative_prompt, batch_size)
         if cfg:
             if negative_prompt_embeds is not None:
                 ne = _embeds("negative_prompt_embeds", negative_prompt_embeds, 3)
@@ -878,9 +916,13 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             want = (batch_size, 2 * h, 2 * w, latent_channels)
             if lat.shape != want:
                 raise ValueError(f"latents must have shape {list(want)} (NHWC), got {lat.shape}")
+            if not np.issubdtype(lat.dtype, np.floating):
+                raise ValueError(f"latents must be floating point, got dtype {lat.dtype}")
+            with np.errstate(over="ignore"):  # beyond float32's range: caught just below
+                lat = lat.astype(np.float32)
             if not np.isfinite(lat).all():
-                raise ValueError("latents contains NaN or infinite values")
-            batch["noise"] = lat.astype(np.float32)
+                raise ValueError("latents contains NaN or infinite values (in float32)")
+            batch["noise"] = lat
             noise_mode = "given"
         keys = image_keys(rng, batch_size)
         if noise_mode == "keys" or (kind == "pixels" and vae_sample_mode == "sample"):

@@ -208,11 +208,17 @@ def test_killed_run_resumes_byte_identical(flax_pipe_dir, tmp_path):
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--batch-size", "0"], "--batch-size"),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--guidance", "nan"], "--guidance"),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--prompt-file", "{tmp}/nope.txt"], "--prompt-file"),
+        (["-i", "{tmp}/in", "-o", "{tmp}/o", "--prompt-file", "{tmp}/in"], "is not a file"),
+        (["-i", "{tmp}/in", "-o", "{tmp}/o", "--prompt-file", "{tmp}/latin1.txt"], "utf-8"),
+        (["-i", "{tmp}/in", "-o", "{tmp}/in"], "would be the input itself"),
+        (["-i", "{tmp}/in", "-o", "{tmp}/o", "--report", "{tmp}/in"], "is a folder"),
+        (["-i", "{tmp}/in", "-o", "{tmp}/o", "--report", "{tmp}/in/a.png/r.json"], "--report"),
     ],
 )
 def test_usage_errors_before_loading(tmp_path, capsys, argv, message):
     write_png(str(tmp_path / "in" / "a.png"))
     (tmp_path / "empty").mkdir()
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
     argv = [a.format(tmp=tmp_path) for a in argv]
     if "-n" not in argv:
         argv += ["-n", str(tmp_path / "in")]  # never reached: the error comes first
@@ -438,3 +444,36 @@ def test_exif_orientation_is_applied(flax_pipe_dir, tmp_path):
         assert a.size == (128, 192)
         with PIL.Image.open(tmp_path / "out_upright" / "p.png") as b:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_odd_folders_and_files(flax_pipe_dir, tmp_path, monkeypatch):
+    """A prompt file that is not UTF-8 fails its picture alone; a link back up the tree is not
+    followed; hidden files are left out; a group smaller than --batch-size is padded only to
+    its own size; outputs and the report get a new file's usual permissions."""
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+
+    src = make_folder(str(tmp_path / "in"), n=3, corrupt=False, odd=False)  # img0, img1, sub/img2
+    (tmp_path / "in" / "img0.txt").write_bytes(b"caf\xe9 au lait")
+    os.symlink("..", tmp_path / "in" / "sub" / "loop")
+    write_png(str(tmp_path / "in" / ".hidden.png"))
+    batches = []
+    call = P.__call__
+
+    def spy(self, *a, **kw):
+        batches.append(np.shape(kw["image"])[0])
+        return call(self, *a, **kw)
+
+    monkeypatch.setattr(P, "__call__", spy)
+    out = tmp_path / "out"
+    code = run_cli("-i", src, "-o", out, "-r", "-n", flax_pipe_dir, "--batch-size", "4", *COMMON)
+    assert code == 1
+    assert outputs(out) == ["img1.png", "sub/img2.png"]
+    report = read_report(out)
+    assert [os.path.basename(f["input"]) for f in report["failed"]] == ["img0.png"]
+    assert "cannot read its prompt" in report["failed"][0]["reason"]
+    assert batches == [2], "two pictures run as a batch of two, not padded to four"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ["img1.png", "sub/img2.png", "flax-latentup-report.json"]:
+        mode = os.stat(out / name).st_mode & 0o777
+        assert mode == 0o666 & ~umask, f"{name}: mode {oct(mode)}"

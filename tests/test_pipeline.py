@@ -353,6 +353,17 @@ BAD = [
     ("image", dict(prompt="x", image=np.full((1, 64, 64, 3), 3.0, np.float32))),
     ("image", dict(prompt="x", image=np.full((1, 8, 8, 4), np.nan, np.float32))),
     ("image", dict(prompt="x", image="picture.png")),
+    ("image", dict(prompt="x", image=np.zeros((1, 64, 64, 4), np.uint8))),  # RGBA, not latents
+    ("image", dict(prompt="x", image=np.zeros((0, 8, 8, 4), np.float32))),  # a batch of 0
+    ("image", dict(prompt="x", image=np.zeros((1, 64, 64, 3), np.int64))),
+    ("image", dict(prompt="x", image=np.full((1, 8, 8, 4), None, object))),
+    ("image", dict(prompt="x", image=np.full((1, 8, 8, 4), 1e300))),  # overflows float32
+    ("latents", dict(prompt="x", latents=np.full((1, 16, 16, 4), 1e300))),
+    ("latents", dict(prompt="x", latents=np.zeros((1, 16, 16, 4), np.int32))),
+    ("negative_prompt", dict(prompt="a", negative_prompt=["a", "b"])),  # checked without CFG
+    ("negative_prompt", dict(prompt="a", negative_prompt=[], guidance_scale=5.0)),
+    ("prompt", dict(prompt=("a", None))),
+    ("guidance_scale", dict(prompt="x", guidance_scale="5")),
     ("num_inference_steps", dict(prompt="x", num_inference_steps=0)),
     ("num_inference_steps", dict(prompt="x", num_inference_steps=2.5)),
     ("guidance_scale", dict(prompt="x", guidance_scale=float("nan"))),
@@ -468,3 +479,16 @@ def test_float16_decode_retried_in_float32(pipe_dir, flax_pipe):
     np.testing.assert_array_equal(
         images[:1], np.clip(np.asarray(raw[:1], np.float32) / 2 + 0.5, 0, 1)
     )
+
+
+def test_mixed_list_converts_pictures_to_rgb():
+    """A list mixing PIL pictures (any mode) and arrays: the pictures become RGB, as alone."""
+    import PIL.Image
+
+    from flax_latentup.pipeline import prepare_image
+
+    rgba = np.random.default_rng(0).integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    arr, kind = prepare_image([PIL.Image.fromarray(rgba, "RGBA"), rgb])
+    assert kind == "pixels" and arr.shape == (2, 64, 64, 3)
+    np.testing.assert_array_equal(arr[0], arr[1])
