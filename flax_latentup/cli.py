@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -150,7 +151,7 @@ def check_output_dir(outdir: str, inputs: Sequence[str], recursive: bool) -> Non
                     )
     try:
         os.makedirs(outdir, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=outdir)
+        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(), dir=outdir)
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):  # another process may have cleaned it
             os.remove(probe)
@@ -168,12 +169,50 @@ def report_path_for(path: str, process: tuple[int, int]) -> str:
     return f"{stem}.process-{index}-of-{count}{ext}"
 
 
+# A temporary file names its writer: TMP_PREFIX + "<pid>@<host>@" + random + extension.
+STALE_SECONDS = 3600  # a temporary this old is stale whoever wrote it (one takes seconds)
+
+
+def temporary_prefix() -> str:
+    """The name prefix of this process's temporary files."""
+    host = socket.gethostname().replace("@", "_") or "host"
+    return f"{TMP_PREFIX}{os.getpid()}@{host}@"
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def is_stale_temporary(name: str, mtime: float, now: float) -> bool:
+    """Whether a temporary file was left by a run that is over: its writer is a process of
+    this host that no longer runs (or this very process, which has written nothing yet), or it
+    is over an hour old, or it does not say who wrote it. A temporary of a run still going on
+    (on this host, or a recent one from another host sharing the folder) is kept."""
+    parts = name[len(TMP_PREFIX) :].split("@")
+    if len(parts) < 3 or not parts[0].isdigit():
+        return True
+    if now - mtime > STALE_SECONDS:
+        return True
+    pid, host = int(parts[0]), parts[1]
+    if host != (socket.gethostname().replace("@", "_") or "host"):
+        return False
+    return pid == os.getpid() or not _pid_running(pid)
+
+
 def remove_stale_temporaries(outdir: str, process_count: int = 1) -> int:
-    """Delete temporary files a killed run left behind; returns how many this process removed.
+    """Delete temporary files a killed run left behind (:func:`is_stale_temporary`); returns
+    how many this process removed.
 
     With several processes (``--distributed``, ``process_count > 1``) each cleans its output
-    folder, shared or not, and all wait until every one has cleaned before any of them writes,
-    so that no process deletes a file another one has in flight."""
+    folder, shared or not, and all wait until every one has cleaned before any of them writes."""
     n = _remove_temporaries(outdir)
     if process_count > 1:
         from jax.experimental import multihost_utils
@@ -183,15 +222,18 @@ def remove_stale_temporaries(outdir: str, process_count: int = 1) -> int:
 
 
 def _remove_temporaries(outdir: str) -> int:
-    n = 0
+    n, now = 0, time.time()
     for root, _, files in os.walk(outdir):
         for f in files:
-            if f.startswith(TMP_PREFIX):
-                try:
-                    os.remove(os.path.join(root, f))
+            if not f.startswith(TMP_PREFIX):
+                continue
+            path = os.path.join(root, f)
+            try:
+                if is_stale_temporary(f, os.path.getmtime(path), now):
+                    os.remove(path)
                     n += 1
-                except OSError:
-                    pass
+            except OSError:  # gone meanwhile (its writer renamed it)
+                pass
     return n
 
 
@@ -209,7 +251,7 @@ def atomic_save(image, path: str, ext: str) -> None:
     permissions a plain new file would get, not the temporary file's private ones)."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="." + ext, dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), suffix="." + ext, dir=folder)
     try:
         os.chmod(tmp, new_file_mode())
         with os.fdopen(fd, "wb") as f:
@@ -478,7 +520,7 @@ def check_report_path(path: str) -> None:
     folder = os.path.dirname(path) or "."
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(), dir=folder)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
@@ -778,7 +820,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     report_path = report_path_for(args.report or os.path.join(args.output, REPORT_NAME), process)
     folder = os.path.dirname(report_path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".json", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), suffix=".json", dir=folder)
     try:
         os.chmod(tmp, new_file_mode())
         with os.fdopen(fd, "w") as f:

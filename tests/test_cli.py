@@ -477,3 +477,36 @@ def test_odd_folders_and_files(flax_pipe_dir, tmp_path, monkeypatch):
     for name in ["img1.png", "sub/img2.png", "flax-latentup-report.json"]:
         mode = os.stat(out / name).st_mode & 0o777
         assert mode == 0o666 & ~umask, f"{name}: mode {oct(mode)}"
+
+
+def test_only_temporaries_of_finished_runs_are_removed(tmp_path):
+    """Two runs may share an output folder: a run removes the temporaries of runs that are
+    over (a dead process of this host, anything over an hour old, unnamed ones) and keeps
+    those of a run still writing (a live process here, a recent one from another host)."""
+    from flax_latentup.cli import TMP_PREFIX, remove_stale_temporaries, temporary_prefix
+
+    host = temporary_prefix().split("@")[1]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        names = {
+            f"{TMP_PREFIX}{live.pid}@{host}@abc.png": True,  # kept
+            f"{TMP_PREFIX}{dead.pid}@{host}@abc.png": False,
+            f"{TMP_PREFIX}{os.getpid()}@{host}@abc.png": False,  # this run has written nothing
+            f"{TMP_PREFIX}{dead.pid}@other-host@abc.png": True,  # another host's, recent
+            f"{TMP_PREFIX}{live.pid}@other-host@old.png": False,  # made old below
+            f"{TMP_PREFIX}killed.png": False,  # no writer named
+        }
+        (tmp_path / "sub").mkdir()
+        for name in names:
+            (tmp_path / "sub" / name).write_bytes(b"part of a picture")
+        old = time.time() - 2 * 3600
+        os.utime(tmp_path / "sub" / f"{TMP_PREFIX}{live.pid}@other-host@old.png", (old, old))
+        assert remove_stale_temporaries(str(tmp_path)) == 4
+        assert sorted(os.listdir(tmp_path / "sub")) == sorted(
+            n for n, keep in names.items() if keep
+        )
+    finally:
+        live.kill()
+        live.wait()
