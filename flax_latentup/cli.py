@@ -24,7 +24,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from flax_latentup import __version__
@@ -150,13 +150,18 @@ def check_output_dir(outdir: str, inputs: Sequence[str], recursive: bool) -> Non
                         "outputs would be read back as inputs; choose another output folder"
                     )
     try:
-        os.makedirs(outdir, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(), dir=outdir)
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):  # another process may have cleaned it
-            os.remove(probe)
+        _probe_writable(outdir)
     except OSError as e:
         raise UsageError(f"output folder {outdir!r} is not writable: {e}") from None
+
+
+def _probe_writable(folder: str) -> None:
+    """Create ``folder`` if needed and write a file in it (OSError if that cannot be done)."""
+    os.makedirs(folder, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=temporary_prefix(), dir=folder)
+    os.close(fd)
+    with contextlib.suppress(FileNotFoundError):  # another process may have cleaned it
+        os.remove(probe)
 
 
 def report_path_for(path: str, process: tuple[int, int]) -> str:
@@ -173,10 +178,13 @@ def report_path_for(path: str, process: tuple[int, int]) -> str:
 STALE_SECONDS = 3600  # a temporary this old is stale whoever wrote it (one takes seconds)
 
 
+def _host_name() -> str:
+    return socket.gethostname().replace("@", "_") or "host"
+
+
 def temporary_prefix() -> str:
     """The name prefix of this process's temporary files."""
-    host = socket.gethostname().replace("@", "_") or "host"
-    return f"{TMP_PREFIX}{os.getpid()}@{host}@"
+    return f"{TMP_PREFIX}{os.getpid()}@{_host_name()}@"
 
 
 def _pid_running(pid: int) -> bool:
@@ -202,7 +210,7 @@ def is_stale_temporary(name: str, mtime: float, now: float) -> bool:
     if now - mtime > STALE_SECONDS:
         return True
     pid, host = int(parts[0]), parts[1]
-    if host != (socket.gethostname().replace("@", "_") or "host"):
+    if host != _host_name():
         return False
     return pid == os.getpid() or not _pid_running(pid)
 
@@ -246,25 +254,32 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_save(image, path: str, ext: str) -> None:
-    """Write a PIL image to ``path`` through a temporary file in the same folder (with the
-    permissions a plain new file would get, not the temporary file's private ones)."""
+def atomic_write(path: str, write: Callable[[Any], None], *, text: bool = False) -> None:
+    """``write(file)`` into a temporary file in ``path``'s folder, then rename it to ``path``
+    (with the permissions a plain new file would get, not the temporary file's private ones).
+    Nothing is left behind if ``write`` fails or the run is interrupted."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), suffix="." + ext, dir=folder)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), suffix=suffix, dir=folder)
     try:
         os.chmod(tmp, new_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            fmt = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[ext]
-            kwargs = {"quality": 95} if ext in ("jpg", "webp") else {}
-            image.save(f, format=fmt, **kwargs)
+        with os.fdopen(fd, "w" if text else "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def atomic_save(image, path: str, ext: str) -> None:
+    """Write a PIL image to ``path`` atomically (:func:`atomic_write`)."""
+    fmt = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[ext]
+    kwargs = {"quality": 95} if ext in ("jpg", "webp") else {}
+    atomic_write(path, lambda f: image.save(f, format=fmt, **kwargs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,17 +400,17 @@ def fitted_size(h: int, w: int, kind: str) -> tuple[int, int]:
 
 
 def fit_size(arr, kind: str):
-    """``(array, note)``: ``arr`` brought to :func:`fitted_size` (the note says how)."""
+    """``arr`` brought to :func:`fitted_size` (pictures resized bicubic)."""
     import numpy as np
 
     h, w = arr.shape[:2]
     nh, nw = fitted_size(h, w, kind)
     if (nh, nw) == (h, w):
-        return arr, None
+        return arr
     import PIL.Image
 
     resized = PIL.Image.fromarray(arr).resize((nw, nh), PIL.Image.BICUBIC)
-    return np.asarray(resized, dtype=np.uint8), f"resized from {w}x{h} to {nw}x{nh}"
+    return np.asarray(resized, dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,12 +532,8 @@ def check_report_path(path: str) -> None:
     """Refuse a ``--report`` path that could not be written, before any work is done."""
     if os.path.isdir(path):
         raise UsageError(f"--report {path!r} is a folder; give a file path")
-    folder = os.path.dirname(path) or "."
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(), dir=folder)
-        os.close(fd)
-        os.remove(probe)
+        _probe_writable(os.path.dirname(path) or ".")
     except OSError as e:
         raise UsageError(f"--report {path!r} cannot be written: {e}") from None
 
@@ -610,7 +621,7 @@ def scan_inputs(items: list[Item], nchw: bool, prompt: str) -> tuple[dict, list[
 def load_item(item: Item, nchw: bool):
     """The fitted array of a scanned item; ValueError if it no longer matches its header."""
     arr, kind = read_input(item.src, nchw)
-    arr, _ = fit_size(arr, kind)
+    arr = fit_size(arr, kind)
     if (kind, arr.shape) != (item.kind, item.shape):
         raise ValueError(f"file changed while running: now {kind} of shape {arr.shape}")
     return arr
@@ -818,18 +829,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         "compile_cache": cache,
     }
     report_path = report_path_for(args.report or os.path.join(args.output, REPORT_NAME), process)
-    folder = os.path.dirname(report_path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), suffix=".json", dir=folder)
-    try:
-        os.chmod(tmp, new_file_mode())
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, report_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    atomic_write(report_path, lambda f: json.dump(report, f, indent=2), text=True)
 
     print(
         f"done {done}, skipped {len(report['skipped'])}, failed {len(report['failed'])} "

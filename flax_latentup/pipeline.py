@@ -119,7 +119,7 @@ def preferred_dtype(device: Any = None) -> jnp.dtype:
 
 def _weak_hooks(pipe: Any) -> tuple[Callable[..., None], Callable[..., None]]:
     """``(on_progress, on_callback)`` that reach ``pipe``'s hooks without keeping it alive
-    (multi-device programs are cached by the module, past the pipeline's lifetime)."""
+    (the programs that call them may be cached by the module, past the pipeline's lifetime)."""
     ref = weakref.ref(pipe)
 
     def on_progress(i) -> None:
@@ -753,7 +753,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                     upscale_core,
                     self.graphdefs,
                     options=options,
-                    hooks=(self._on_progress, self._on_callback),
+                    hooks=self._host_hooks,
                 )
             )
             self._programs[options] = fn

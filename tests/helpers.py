@@ -7,9 +7,46 @@ biases) so that parity tests exercise every weight, not only the matrices.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# --------------------------------------------------------------------------------------------
+# Subprocesses (fake device counts, several jax.distributed processes)
+# --------------------------------------------------------------------------------------------
+
+
+def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``python -c code`` (dedented) with this checkout importable and JAX on the CPU."""
+    full_env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **(env or {}))
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: int = 900) -> str:
+    """Wait for ``proc``; its stdout (the end of its stderr is the message if it failed)."""
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+    return out
+
+
+def free_port() -> int:
+    """A TCP port free on this machine just now (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 # --------------------------------------------------------------------------------------------
 # Parameter randomisation

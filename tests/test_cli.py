@@ -14,6 +14,7 @@ import PIL.Image
 import pytest
 
 from flax_latentup.cli import main
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -242,15 +243,11 @@ def test_distributed_processes_share_one_output_folder(flax_pipe_dir, tmp_path):
     run's temporary is removed (once, before either process writes), each process writes its
     own report, the shares cover the inputs once, and the pictures are those of a
     single-process run."""
-    import socket
-
     src = make_folder(str(tmp_path / "in"), n=5, corrupt=False, odd=False)
     out = tmp_path / "out"
     out.mkdir()
     (out / ".flax-latentup-tmp-killed.png").write_bytes(b"half a picture")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = helpers.free_port()
     code = "import sys; from flax_latentup.cli import main; sys.exit(main())"
     argv = ["upscale", "-i", src, "-o", str(out), "-r", "-n", flax_pipe_dir, *COMMON]
     procs = [

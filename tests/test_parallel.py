@@ -4,35 +4,13 @@ the device count of the rest of the suite is unaffected)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
 from flax_latentup.parallel import process_share
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_python(code: str, env: dict[str, str] | None = None, timeout: int = 600):
-    full_env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **(env or {}))
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finish(proc, timeout: int = 900) -> str:
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-4000:]
-    return out
+from tests.helpers import finish, free_port, run_python
 
 
 def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
@@ -137,12 +115,6 @@ def test_process_share_covers_the_list():
         process_share(items, 3, 3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_split_the_work(flax_pipe_dir, tmp_path):
     """Two local processes with jax.distributed each upscale their share of 6 inputs; the
     union equals one process upscaling all 6."""
@@ -176,7 +148,7 @@ def test_two_processes_split_the_work(flax_pipe_dir, tmp_path):
     )
     # jax.distributed must start before anything touches the XLA backend
     worker = head + "parallel.initialize_distributed()\n" + body + share
-    port = _free_port()
+    port = free_port()
     procs = [
         run_python(
             worker,

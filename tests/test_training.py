@@ -28,6 +28,7 @@ from flax_latentup.training import (
     noise_level_embedding,
 )
 from tests import helpers
+from tests.helpers import finish, run_python
 
 B, D, L = 4, 32, 7  # batch, text width (the tiny UNet's cross_attention_dim), text length
 
@@ -417,26 +418,6 @@ def parallel_trainer(uncond, config, mesh=None) -> Trainer:
     )
 
 
-def _python(code: str, **env: str):
-    import subprocess
-    import sys
-    import textwrap
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu", **env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _finish(proc) -> None:
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0 and out.strip().endswith("ok"), err[-3000:]
-
-
 def _relative_gap(a_leaves, b_leaves) -> float:
     assert len(a_leaves) == len(b_leaves) > 10
     return max(
@@ -481,7 +462,8 @@ def test_two_devices_train_as_one(tmp_path, one_device_run):
     np.savez({str(out_file)!r}, metrics=np.asarray(metrics), *leaves)
     print("ok")
     """
-    _finish(_python(code, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    out = finish(run_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
+    assert out.strip().endswith("ok")
     res = dict(np.load(out_file))
     metrics, after_three = one_device_run
     np.testing.assert_allclose(res["metrics"], metrics[:3], rtol=1e-5)
@@ -496,11 +478,7 @@ def test_two_processes_train_as_one(tmp_path, one_device_run):
     half of every batch: the losses and gradient norms of one process with the whole batch,
     one checkpoint (written by process 0, after which both go on), the same weights in it,
     and a resumed step that matches too."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = helpers.free_port()
     code = f"""
     import jax, numpy as np
     from flax_latentup import parallel
@@ -524,9 +502,9 @@ def test_two_processes_train_as_one(tmp_path, one_device_run):
     print("ok")
     """
     env = dict(FLAX_LATENTUP_COORDINATOR=f"127.0.0.1:{port}", FLAX_LATENTUP_NUM_PROCESSES="2")
-    procs = [_python(code, FLAX_LATENTUP_PROCESS_ID=str(i), **env) for i in range(2)]
+    procs = [run_python(code, {**env, "FLAX_LATENTUP_PROCESS_ID": str(i)}) for i in range(2)]
     for proc in procs:
-        _finish(proc)
+        assert finish(proc).strip().endswith("ok")
 
     metrics, (ref_params, ref_ema) = one_device_run
     for i in range(2):
@@ -546,8 +524,6 @@ def test_example_on_two_processes(flax_pipe_dir, tmp_path):
     """``examples/finetune.py --distributed`` on two processes: one progress bar, one set of
     checkpoints (written by process 0 into the shared folder, the older one pruned). Resuming
     on several processes is tested with the Trainer above."""
-    import socket
-
     from PIL import Image
 
     data = tmp_path / "data"
@@ -558,9 +534,7 @@ def test_example_on_two_processes(flax_pipe_dir, tmp_path):
     run = tmp_path / "run"
 
     def start(steps: int) -> list[str]:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = helpers.free_port()
         argv = ["--model", flax_pipe_dir, "--data", str(data), "--output", str(run)]
         argv += ["--resolution", "128", "--batch-size", "2", "--steps", str(steps)]
         argv += ["--checkpoint-every", "1", "--keep", "1", "--distributed"]
@@ -574,7 +548,7 @@ def test_example_on_two_processes(flax_pipe_dir, tmp_path):
         print("ok")
         """
         env = dict(FLAX_LATENTUP_COORDINATOR=f"127.0.0.1:{port}", FLAX_LATENTUP_NUM_PROCESSES="2")
-        procs = [_python(code, FLAX_LATENTUP_PROCESS_ID=str(i), **env) for i in range(2)]
+        procs = [run_python(code, {**env, "FLAX_LATENTUP_PROCESS_ID": str(i)}) for i in range(2)]
         errs = []
         for proc in procs:
             out, err = proc.communicate(timeout=600)
