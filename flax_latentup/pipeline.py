@@ -11,6 +11,7 @@ The pure core, :func:`upscale_core`, maps ``(params, batch)`` to outputs and is 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -19,6 +20,7 @@ import numbers
 import os
 import shutil
 import tempfile
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -313,9 +315,9 @@ def prepare_image(
 ) -> tuple[np.ndarray, str]:
     """Normalise ``image`` to an NHWC float32 array and say whether it is "latents" or "pixels".
 
-    PIL images and uint8 arrays are mapped to [-1, 1]; float picture arrays must already be in
-    [-1, 1]; torch tensors are NCHW and follow diffusers (float pictures in [0, 1] are mapped to
-    [-1, 1] unless they hold negative values).
+    PIL images and uint8 arrays are mapped to [-1, 1]. Float pictures (numpy, JAX or torch) follow
+    diffusers: values in [0, 1] are mapped to [-1, 1]; pictures holding negative values are taken
+    as already in [-1, 1]. Torch tensors are NCHW.
     """
     import PIL.Image
 
@@ -387,23 +389,23 @@ def prepare_image(
         kind = "pixels"
         if not floating and arr.dtype != np.uint8:
             raise ValueError(
-                f"image: pictures must be uint8 (0..255) or floating point in [-1, 1], "
+                f"image: pictures must be uint8 (0..255) or floating point in [0, 1], "
                 f"got {arr.dtype}"
             )
         if arr.dtype == np.uint8:
             arr = arr.astype(np.float32) / 127.5 - 1.0
-        elif torch_input:
-            arr = arr.astype(np.float32)
-            if arr.min() >= 0:
-                arr = arr * 2.0 - 1.0
         else:
-            arr = arr.astype(np.float32)
+            with np.errstate(over="ignore"):  # beyond float32's range: caught below
+                arr = arr.astype(np.float32)
             lo, hi = float(arr.min()), float(arr.max())
-            if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
-                raise ValueError(
-                    f"image: float pictures must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] "
-                    "(pass uint8 for 0..255 pictures)"
-                )
+            if np.isfinite(lo) and np.isfinite(hi):
+                if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
+                    raise ValueError(
+                        f"image: float pictures must be in [0, 1] (or [-1, 1]), got values in "
+                        f"[{lo:.3g}, {hi:.3g}] (pass uint8 for 0..255 pictures)"
+                    )
+                if lo >= 0.0:  # [0, 1], as diffusers expects of float arrays and tensors
+                    arr = arr * 2.0 - 1.0
     else:
         raise ValueError(
             f"image must have 3 channels (pictures) or {latent_channels} (low-res latents) in "
@@ -723,23 +725,52 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             bar.update(1)
 
     def _on_callback(self, i, t, x) -> None:
-        callback = self._hooks.get("callback")
-        if callback is not None:  # the rows of padding a multi-device batch carries are cut
-            callback(int(i), float(t), np.asarray(x)[: self._hooks["rows"]])
+        hooks = self._hooks
+        if hooks.get("callback") is None:
+            return
+        # On several devices the host calls are unordered effects: JAX may deliver them out of
+        # step order or from several threads. They are held until their turn, so ``callback``
+        # sees the steps in order and one at a time. The rows of padding are cut.
+        with hooks["lock"]:
+            hooks["pending"][int(i)] = (float(t), np.asarray(x)[: hooks["rows"]])
+            self._deliver(hooks, every=False)
+
+    @staticmethod
+    def _deliver(hooks: dict[str, Any], every: bool) -> None:
+        """Pass the held callback steps that are due (``every``: all held, in order)."""
+        pending, due = hooks["pending"], hooks["due"]
+        while due and (due[0] in pending or (every and pending)):
+            step = due.popleft()
+            if step in pending:
+                t, x = pending.pop(step)
+                hooks["callback"](step, t, x)
 
     @contextlib.contextmanager
-    def _host_calls(self, steps: int, rows: int, callback: Callable | None, show_bar: bool):
-        """The step bar and ``callback`` that the running program's host calls reach."""
+    def _host_calls(
+        self, steps: int, rows: int, callback: Callable | None, every: int, show_bar: bool
+    ):
+        """The step bar and ``callback`` (every ``every`` steps) that the running program's
+        host calls reach."""
         from tqdm.auto import tqdm
 
         bar = None
         if show_bar:
             cfg = {k: v for k, v in self._progress_bar_config.items() if k != "disable"}
             bar = tqdm(total=steps, **cfg)
-        self._hooks = {"bar": bar, "callback": callback, "rows": rows}
+        self._hooks = {
+            "bar": bar,
+            "callback": callback,
+            "rows": rows,
+            "lock": threading.Lock(),
+            "pending": {},
+            "due": collections.deque(range(0, steps, every)),
+        }
         try:
             yield
             jax.effects_barrier()  # every host call of the program has returned
+            if callback is not None:
+                with self._hooks["lock"]:
+                    self._deliver(self._hooks, every=True)
         finally:
             self._hooks = {}
             if bar is not None:
@@ -786,7 +817,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         """Upscale ``image`` 2x, guided by ``prompt``.
 
         ``image``: low-res latents (``[B, h, w, 4]`` NHWC array, or NCHW torch tensor), or
-        pictures (PIL image(s), ``[B, H, W, 3]`` uint8 or float in [-1, 1], NCHW torch) that
+        pictures (PIL image(s), ``[B, H, W, 3]`` uint8 or float in [0, 1]; NCHW torch) that
         are VAE-encoded (``vae_sample_mode`` "sample" as diffusers, or "argmax" for the
         posterior mode). Pictures need sides that are multiples of 32 (latents: 4), at least
         64 (latents: 8). ``prompt``: a string (used for every image) or one per image; ``None``
@@ -970,7 +1001,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             else (list(devices) if devices is not None else jax.local_devices())
         )
         steps = schedule.num_inference_steps
-        with self._host_calls(steps, batch_size, callback, show_bar):
+        with self._host_calls(steps, batch_size, callback, callback_steps, show_bar):
             if use_pmap or len(device_list) > 1:
                 from flax_latentup import parallel
 

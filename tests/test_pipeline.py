@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -492,3 +493,84 @@ def test_mixed_list_converts_pictures_to_rgb():
     arr, kind = prepare_image([PIL.Image.fromarray(rgba, "RGBA"), rgb])
     assert kind == "pixels" and arr.shape == (2, 64, 64, 3)
     np.testing.assert_array_equal(arr[0], arr[1])
+
+
+def test_float_pictures_follow_diffusers():
+    """Float pictures (numpy, JAX, torch) are read as diffusers' image processor reads them:
+    [0, 1] mapped to [-1, 1], negative values meaning [-1, 1] already; uint8 and PIL agree."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from flax_latentup.pipeline import prepare_image
+
+    processor = VaeImageProcessor(vae_scale_factor=8, do_resize=False)
+    rng = np.random.default_rng(5)
+    unit = rng.uniform(0.0, 1.0, (2, 64, 64, 3)).astype(np.float32)  # [0, 1]
+    signed = rng.uniform(-1.0, 1.0, (2, 64, 64, 3)).astype(np.float32)  # [-1, 1]
+    for pictures in (unit, signed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # diffusers on [-1, 1] input
+            want = processor.preprocess(pictures).numpy().transpose(0, 2, 3, 1)
+        for given in (
+            pictures,
+            jnp.asarray(pictures),
+            torch.from_numpy(pictures).permute(0, 3, 1, 2),
+        ):
+            got, kind = prepare_image(given)
+            assert kind == "pixels"
+            np.testing.assert_allclose(got, want, atol=1e-6)
+    as_uint8 = (unit * 255).round().astype(np.uint8)
+    from_uint8, _ = prepare_image(as_uint8)
+    from_pil, _ = prepare_image([PIL.Image.fromarray(p) for p in as_uint8])
+    from_float, _ = prepare_image(as_uint8.astype(np.float32) / 255)
+    np.testing.assert_array_equal(from_uint8, from_pil)
+    np.testing.assert_allclose(from_float, from_uint8, atol=1e-6)
+    # 0..255 floats are neither convention: refused with the range seen
+    with pytest.raises(ValueError, match=r"\[0, 1\].*\[0, 255\]"):
+        prepare_image(as_uint8.astype(np.float32))
+
+
+def test_np_output_goes_back_in(flax_pipe):
+    """An "np" output ([0, 1] floats) given back as pictures is read as the same picture
+    would be as uint8."""
+    low, noise = inputs(1, seed=12)
+    out = flax_pipe(
+        prompt="", image=low, latents=noise, num_inference_steps=1, output_type="np"
+    ).images
+    from flax_latentup.pipeline import prepare_image
+
+    from_np, _ = prepare_image(out)
+    from_uint8, _ = prepare_image((out * 255).round().astype(np.uint8))
+    assert float(np.min(out)) >= 0.0
+    np.testing.assert_allclose(from_np, from_uint8, atol=1 / 255 + 1e-6)
+
+
+def test_callbacks_reach_the_user_in_step_order(flax_pipe):
+    """Host calls that arrive out of step order and from several threads (unordered effects,
+    on several devices) reach ``callback`` in step order, one at a time, padding rows cut."""
+    import random
+    import threading
+    import time
+
+    seen, active = [], []
+
+    def callback(step, t, x):
+        active.append(step)
+        assert len(active) == 1, "callback entered twice at once"
+        time.sleep(0.001)
+        seen.append((step, t, x.shape[0]))
+        active.pop()
+
+    order = list(range(0, 40, 3))
+    random.Random(0).shuffle(order)
+    with flax_pipe._host_calls(40, 2, callback, 3, show_bar=False):
+        threads = [
+            threading.Thread(
+                target=flax_pipe._on_callback, args=(np.int32(i), float(i) / 2, np.zeros((4, 1)))
+            )
+            for i in order
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert seen == [(i, i / 2, 2) for i in range(0, 40, 3)]
