@@ -295,11 +295,13 @@ def test_distributed_processes_share_one_output_folder(flax_pipe_dir, tmp_path):
 def test_inputs_are_read_one_batch_ahead(flax_pipe_dir, tmp_path, monkeypatch):
     """Sizes come from the files' headers; pixels are decoded a batch at a time, at most one
     batch ahead of the device, so memory does not grow with the number of inputs."""
+    import jax
+
     import flax_latentup.cli as cli
     from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
 
     src = make_folder(str(tmp_path / "in"), n=5, corrupt=False, odd=False)
-    events = []
+    events, precisions = [], []
     read_input, call = cli.read_input, P.__call__
 
     def spy_read(path, *a, **kw):
@@ -308,6 +310,7 @@ def test_inputs_are_read_one_batch_ahead(flax_pipe_dir, tmp_path, monkeypatch):
 
     def spy_call(self, *a, **kw):
         events.append("call")
+        precisions.append(jax.config.jax_default_matmul_precision)
         return call(self, *a, **kw)
 
     monkeypatch.setattr(cli, "read_input", spy_read)
@@ -320,6 +323,11 @@ def test_inputs_are_read_one_batch_ahead(flax_pipe_dir, tmp_path, monkeypatch):
         assert k + 1 <= reads <= k + 2, f"{reads} pictures read before upscaling batch {k}"
     report = read_report(out)
     assert report["settings"]["dtype"] == "float32", "auto is float32 on the CPU"
+    # float32 runs under "highest" matmul precision, so that TPUs and GPUs do not drop to
+    # bfloat16 passes / TF32 (on CPUs it changes nothing); the setting stays inside the run
+    assert report["settings"]["precision"] == "highest"
+    assert precisions == ["highest"] * 5
+    assert jax.config.jax_default_matmul_precision is None
     assert report["settings"]["batch_size"] == 1 and report["settings"]["devices"] == 1
 
 
@@ -385,6 +393,19 @@ def test_dtype_and_batch_defaults():
     assert plan_batch(16, 8) == (16, None)
     size, note = plan_batch(3, 2)
     assert size == 3 and "computes 4 images" in note and "multiple of 2" in note
+    from flax_latentup.cli import resolve_precision
+
+    assert resolve_precision("auto", "float32") == "highest"
+    assert resolve_precision("auto", "bfloat16") == "default"
+    assert resolve_precision("high", "float32") == "high"
+    import jax
+
+    from flax_latentup.cli import precision_scope
+
+    with precision_scope("highest"):
+        assert jax.config.jax_default_matmul_precision == "highest"
+    with precision_scope("default"):
+        assert jax.config.jax_default_matmul_precision is None
 
 
 def test_default_batch_is_one_image_per_device(flax_pipe_dir, tmp_path):
