@@ -528,3 +528,18 @@ def test_only_temporaries_of_finished_runs_are_removed(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_sixteen_bit_grey_pictures_keep_their_tones(tmp_path):
+    """A 16-bit grey PNG is brought to 8 bits by scale (Pillow's RGB conversion clips at 255,
+    which would turn most of it white)."""
+    from flax_latentup.cli import read_input
+
+    grey = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    path = str(tmp_path / "grey16.png")
+    PIL.Image.fromarray(grey).save(path)
+    arr, kind = read_input(path, nchw=False)
+    assert kind == "pixels" and arr.shape == (64, 64, 3) and arr.dtype == np.uint8
+    want = np.round(grey / 257.0)
+    for c in range(3):
+        np.testing.assert_array_equal(arr[..., c], want)
