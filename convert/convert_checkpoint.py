@@ -67,6 +67,11 @@ def read_torch_weights(folder: str, names: tuple[str, ...]) -> Mapping[str, np.n
                 raise ConversionError(f"cannot read torch checkpoint {path}: {e}") from None
             if isinstance(state, Mapping) and "state_dict" in state:
                 state = state["state_dict"]
+            if not isinstance(state, Mapping):
+                raise ConversionError(
+                    f"{path} holds a {type(state).__name__}, expected a state dict (a mapping "
+                    "of parameter names to tensors)"
+                )
             out = {}
             for k, v in state.items():
                 if not isinstance(v, torch.Tensor):
@@ -83,11 +88,43 @@ def read_torch_weights(folder: str, names: tuple[str, ...]) -> Mapping[str, np.n
 
 
 def resolve_source(src: str) -> str:
-    """A local folder for ``src`` (a folder, or a hub id fetched with torch weights allowed)."""
+    """A local folder for ``src``: a folder, or a hub id fetched with its safetensors weights
+    (and, for a component that has none, its ``.bin`` torch pickles)."""
     from flax_latentup import hub
 
-    patterns = list(hub.PIPELINE_PATTERNS) + ["*/*.bin"]
-    return hub.resolve(src, allow_patterns=patterns)
+    folder = hub.resolve(src, allow_patterns=hub.PIPELINE_PATTERNS)
+    if not os.path.isdir(os.path.expanduser(os.fspath(src))):
+        for part, names in TORCH_FILES.items():
+            sub = os.path.join(folder, part)
+            if not any(_present(sub, n) for n in names if n.endswith(".safetensors")):
+                folder = hub.resolve(src, allow_patterns=[*hub.PIPELINE_PATTERNS, f"{part}/*.bin"])
+    return folder
+
+
+def _present(folder: str, name: str) -> bool:
+    path = os.path.join(folder, name)
+    return os.path.isfile(path) or os.path.isfile(path + ".index.json")
+
+
+def check_destination(src: str, dst: str, overwrite: bool) -> None:
+    """Refuse a destination that would lose data or cannot be written, before any work."""
+    from flax_latentup.files import check_save_folder
+    from flax_latentup.pipeline import PIPELINE_PARTS
+
+    real = check_save_folder(dst, "DST")
+    if os.path.isdir(os.path.expanduser(src)):
+        source = os.path.realpath(os.path.expanduser(src))
+        replaced = [os.path.join(real, p) for p in (*PIPELINE_PARTS, "model_index.json")]
+        if source == real or any(source == r or source.startswith(r + os.sep) for r in replaced):
+            raise ConversionError(
+                f"DST {dst!r} is the source folder (or holds it where the Flax pipeline goes): "
+                "converting there would replace the torch weights; choose another folder"
+            )
+    if os.path.isdir(real) and os.listdir(real) and not overwrite:
+        raise ConversionError(
+            f"DST {dst!r} exists and is not empty (pass --overwrite to replace the pipeline "
+            "in it; other files there are left alone)"
+        )
 
 
 def convert(src: str, dst: str, *, dtype: str = "float32", overwrite: bool = False):
@@ -98,11 +135,11 @@ def convert(src: str, dst: str, *, dtype: str = "float32", overwrite: bool = Fal
 
     from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
     from flax_latentup.models.base import read_json
+    from flax_latentup.pipeline import check_pipeline_folder
 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
-    if os.path.exists(dst) and os.listdir(dst) and not overwrite:
-        raise ConversionError(f"{dst} exists and is not empty (pass --overwrite to replace it)")
+    check_destination(src, dst, overwrite)
     folder = resolve_source(src)
     index = read_json(os.path.join(folder, "model_index.json"))
     if index.get("_class_name") != "StableDiffusionLatentUpscalePipeline":
@@ -110,6 +147,7 @@ def convert(src: str, dst: str, *, dtype: str = "float32", overwrite: bool = Fal
             f"{folder}: model_index.json `_class_name` is {index.get('_class_name')!r}, "
             "expected 'StableDiffusionLatentUpscalePipeline'"
         )
+    check_pipeline_folder(folder)
     param_dtype = jnp.dtype(dtype)
     models = {}
     for part, cls in _flax_classes().items():
@@ -193,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify", action="store_true", help="compare torch and Flax on one random input"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty DST (its pipeline parts are replaced, other files kept)",
+    )
     return p
 
 
@@ -210,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         WeightsError,
         FileNotFoundError,
         ValueError,
+        OSError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

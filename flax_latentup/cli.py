@@ -14,20 +14,19 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import glob
 import hashlib
 import json
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from flax_latentup import __version__
+from flax_latentup import __version__, files
+from flax_latentup.files import TMP_PREFIX, temporary_prefix  # noqa: F401 (re-exported)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 LATENT_EXTS = (".npy",)
@@ -36,7 +35,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "default", "high", "highest")
 DEFAULT_MODEL = "stabilityai/sd-x2-latent-upscaler"
 REPORT_NAME = "flax-latentup-report.json"
-TMP_PREFIX = ".flax-latentup-tmp-"
 
 
 class UsageError(Exception):
@@ -75,11 +73,11 @@ def _folder_files(folder: str, recursive: bool) -> Iterable[str]:
     """The files in ``folder`` (and, recursively, its sub-folders), hidden ones left out as
     ``glob`` leaves them out. Links to folders are not followed: a link back up the tree would
     otherwise repeat it without end."""
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(
             d for d in dirs if not d.startswith(".") and not os.path.islink(os.path.join(root, d))
         )
-        for name in files:
+        for name in names:
             path = os.path.join(root, name)
             if not name.startswith(".") and os.path.isfile(path):
                 yield path
@@ -151,18 +149,9 @@ def check_output_dir(outdir: str, inputs: Sequence[str], recursive: bool) -> Non
                         "outputs would be read back as inputs; choose another output folder"
                     )
     try:
-        _probe_writable(outdir)
+        files.probe_writable(outdir)
     except OSError as e:
         raise UsageError(f"output folder {outdir!r} is not writable: {e}") from None
-
-
-def _probe_writable(folder: str) -> None:
-    """Create ``folder`` if needed and write a file in it (OSError if that cannot be done)."""
-    os.makedirs(folder, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=temporary_prefix(), dir=folder)
-    os.close(fd)
-    with contextlib.suppress(FileNotFoundError):  # another process may have cleaned it
-        os.remove(probe)
 
 
 def report_path_for(path: str, process: tuple[int, int]) -> str:
@@ -175,54 +164,13 @@ def report_path_for(path: str, process: tuple[int, int]) -> str:
     return f"{stem}.process-{index}-of-{count}{ext}"
 
 
-# A temporary file names its writer: TMP_PREFIX + "<pid>@<host>@" + random + extension.
-STALE_SECONDS = 3600  # a temporary this old is stale whoever wrote it (one takes seconds)
-
-
-def _host_name() -> str:
-    return socket.gethostname().replace("@", "_") or "host"
-
-
-def temporary_prefix() -> str:
-    """The name prefix of this process's temporary files."""
-    return f"{TMP_PREFIX}{os.getpid()}@{_host_name()}@"
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    except OSError:
-        return False
-    return True
-
-
-def is_stale_temporary(name: str, mtime: float, now: float) -> bool:
-    """Whether a temporary file was left by a run that is over: its writer is a process of
-    this host that no longer runs (or this very process, which has written nothing yet), or it
-    is over an hour old, or it does not say who wrote it. A temporary of a run still going on
-    (on this host, or a recent one from another host sharing the folder) is kept."""
-    parts = name[len(TMP_PREFIX) :].split("@")
-    if len(parts) < 3 or not parts[0].isdigit():
-        return True
-    if now - mtime > STALE_SECONDS:
-        return True
-    pid, host = int(parts[0]), parts[1]
-    if host != _host_name():
-        return False
-    return pid == os.getpid() or not _pid_running(pid)
-
-
 def remove_stale_temporaries(outdir: str, process_count: int = 1) -> int:
-    """Delete temporary files a killed run left behind (:func:`is_stale_temporary`); returns
-    how many this process removed.
+    """Delete temporary files a killed run left behind (:func:`files.is_stale_temporary`);
+    returns how many this process removed.
 
     With several processes (``--distributed``, ``process_count > 1``) each cleans its output
     folder, shared or not, and all wait until every one has cleaned before any of them writes."""
-    n = _remove_temporaries(outdir)
+    n = files.remove_stale_temporaries(outdir)
     if process_count > 1:
         from jax.experimental import multihost_utils
 
@@ -230,57 +178,11 @@ def remove_stale_temporaries(outdir: str, process_count: int = 1) -> int:
     return n
 
 
-def _remove_temporaries(outdir: str) -> int:
-    n, now = 0, time.time()
-    for root, _, files in os.walk(outdir):
-        for f in files:
-            if not f.startswith(TMP_PREFIX):
-                continue
-            path = os.path.join(root, f)
-            try:
-                if is_stale_temporary(f, os.path.getmtime(path), now):
-                    os.remove(path)
-                    n += 1
-            except OSError:  # gone meanwhile (its writer renamed it)
-                pass
-    return n
-
-
-@functools.lru_cache(maxsize=1)
-def new_file_mode() -> int:
-    """The mode a new file gets from ``open`` (0o666 less the umask). Read once, from the main
-    thread: reading the umask means setting it for a moment."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path: str, write: Callable[[Any], None], *, text: bool = False) -> None:
-    """``write(file)`` into a temporary file in ``path``'s folder, then rename it to ``path``
-    (with the permissions a plain new file would get, not the temporary file's private ones).
-    Nothing is left behind if ``write`` fails or the run is interrupted."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), suffix=suffix, dir=folder)
-    try:
-        os.chmod(tmp, new_file_mode())
-        with os.fdopen(fd, "w" if text else "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
 def atomic_save(image, path: str, ext: str) -> None:
     """Write a PIL image to ``path`` atomically (:func:`atomic_write`)."""
     fmt = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[ext]
     kwargs = {"quality": 95} if ext in ("jpg", "webp") else {}
-    atomic_write(path, lambda f: image.save(f, format=fmt, **kwargs))
+    files.atomic_write(path, lambda f: image.save(f, format=fmt, **kwargs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,7 +448,7 @@ def check_report_path(path: str) -> None:
     if os.path.isdir(path):
         raise UsageError(f"--report {path!r} is a folder; give a file path")
     try:
-        _probe_writable(os.path.dirname(path) or ".")
+        files.probe_writable(os.path.dirname(path) or ".")
     except OSError as e:
         raise UsageError(f"--report {path!r} cannot be written: {e}") from None
 
@@ -683,7 +585,7 @@ def run_upscale(args: argparse.Namespace) -> int:
                 f"the output for {item.src!r} would be the input itself: choose another "
                 "output folder (or a --suffix / --ext that differs)"
             )
-    new_file_mode()  # read while no other thread runs
+    files.new_file_mode()  # read while no other thread runs
     model_dir = resolve_model(args.model)
     process = (0, 1)  # (index, count) among the processes sharing the work
     if args.distributed:
@@ -863,7 +765,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         "compile_cache": cache,
     }
     report_path = report_path_for(args.report or os.path.join(args.output, REPORT_NAME), process)
-    atomic_write(report_path, lambda f: json.dump(report, f, indent=2), text=True)
+    files.atomic_write(report_path, lambda f: json.dump(report, f, indent=2), text=True)
 
     print(
         f"done {done}, skipped {len(report['skipped'])}, failed {len(report['failed'])} "

@@ -2,7 +2,8 @@
 
 Hub downloads go through ``huggingface_hub.snapshot_download`` and so honour ``HF_HUB_OFFLINE``,
 ``HF_HOME``/``HF_HUB_CACHE`` and tokens. Only the files the port needs are fetched
-(safetensors weights, configs, tokenizer files), never torch pickles or other variants.
+(safetensors weights, configs, tokenizer files), never torch pickles or weight variants such as
+``*.fp16.safetensors`` (which would double the download).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ PIPELINE_PATTERNS = (
     "*/*.safetensors.index.json",
     "tokenizer/*",
 )
+# Weight variants ("NAME.fp16.safetensors", "NAME.fp16-00001-of-00002.safetensors", ...): the
+# plain files are the ones loaded, so variants are never fetched.
+VARIANT_PATTERNS = ("*.*.safetensors", "*.*.bin", "*.index.*.json")
 # Weights file names tried in order: this package's own format, then the torch ones.
 MODEL_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json")
 
@@ -37,6 +41,7 @@ def resolve(
     *,
     subfolder: str | None = None,
     allow_patterns: Sequence[str] | None = None,
+    ignore_patterns: Sequence[str] | None = VARIANT_PATTERNS,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
@@ -45,7 +50,8 @@ def resolve(
     """The local folder for ``path_or_repo_id`` (joined with ``subfolder``).
 
     A path to an existing folder is used as is. Anything else is taken as a hub repo id and
-    fetched (or found in the HF cache) with only ``allow_patterns``. Raises :class:`HubError`
+    fetched (or found in the HF cache) with only ``allow_patterns``, less ``ignore_patterns``
+    (weight variants by default). Raises :class:`HubError`
     with a readable message when the folder does not exist, the repo cannot be found, or the
     hub is unreachable and nothing is cached.
     """
@@ -75,6 +81,7 @@ def resolve(
             cache_dir=cache_dir,
             local_files_only=bool(local_files_only),
             allow_patterns=patterns,
+            ignore_patterns=list(ignore_patterns) if ignore_patterns else None,
             token=token,
         )
     except hf_errors.HFValidationError as e:

@@ -18,8 +18,6 @@ import functools
 import math
 import numbers
 import os
-import shutil
-import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -117,6 +115,24 @@ def preferred_dtype(device: Any = None) -> jnp.dtype:
         if capability is not None and capability < (8, 0):
             return jnp.dtype(jnp.float16)
     return jnp.dtype(jnp.bfloat16)
+
+
+PIPELINE_PARTS = ("text_encoder", "vae", "unet", "tokenizer", "scheduler")
+
+
+def check_pipeline_folder(folder: str) -> None:
+    """FileNotFoundError unless ``folder`` has the pipeline's subfolders and a tokenizer's
+    files (an empty ``tokenizer/`` would load as a tokenizer without a vocabulary)."""
+    for part in PIPELINE_PARTS:
+        if not os.path.isdir(os.path.join(folder, part)):
+            raise FileNotFoundError(f"pipeline folder {folder} has no `{part}/` subfolder")
+    tok = os.path.join(folder, "tokenizer")
+    has = set(os.listdir(tok))
+    if not ({"vocab.json", "merges.txt"} <= has or "tokenizer.json" in has):
+        raise FileNotFoundError(
+            f"{tok} holds no tokenizer: expected vocab.json and merges.txt (or tokenizer.json), "
+            f"found {sorted(has)}"
+        )
 
 
 def _weak_hooks(pipe: Any) -> tuple[Callable[..., None], Callable[..., None]]:
@@ -633,9 +649,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             raise ValueError(
                 f"{index_path}: `_class_name` is {name!r}, expected one of {PIPELINE_CLASS_NAMES}"
             )
-        for part in ("text_encoder", "vae", "unet", "tokenizer", "scheduler"):
-            if not os.path.isdir(os.path.join(folder, part)):
-                raise FileNotFoundError(f"pipeline folder {folder} has no `{part}/` subfolder")
+        check_pipeline_folder(folder)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         text_encoder = FlaxCLIPTextModel.from_pretrained(folder, "text_encoder", **kw)
         vae = FlaxAutoencoderKL.from_pretrained(folder, "vae", **kw)
@@ -645,16 +659,17 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         return cls(text_encoder, vae, unet, tokenizer, scheduler)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the pipeline in the diffusers layout with Flax weights.
+        """Write the pipeline in the diffusers layout with Flax weights into the folder
+        ``path`` (created if needed; a link to a folder is followed).
 
-        The folder is assembled next to ``path`` and swapped in at the end, so an interrupted
-        save leaves any earlier content of ``path`` intact.
+        Its five subfolders and ``model_index.json`` are written beside ``path`` first and put
+        in place at the end, each replacing the entry of that name; other content of ``path``
+        is left alone, and an interrupted save leaves ``path`` as it was.
         """
-        path = os.path.abspath(os.fspath(path))
-        parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-        try:
+        from flax_latentup import __version__
+        from flax_latentup.files import staged_entries
+
+        with staged_entries(path, (*PIPELINE_PARTS, "model_index.json")) as tmp:
             self.text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"))
             self.vae.save_pretrained(os.path.join(tmp, "vae"))
             self.unet.save_pretrained(os.path.join(tmp, "unet"))
@@ -663,8 +678,6 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             write_json_atomic(
                 self._scheduler_dict, os.path.join(tmp, "scheduler", "scheduler_config.json")
             )
-            from flax_latentup import __version__
-
             write_json_atomic(
                 {
                     "_class_name": "FlaxStableDiffusionLatentUpscalePipeline",
@@ -677,16 +690,6 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                 },
                 os.path.join(tmp, "model_index.json"),
             )
-            old = None
-            if os.path.exists(path):
-                old = path + ".old-" + os.path.basename(tmp)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     # ---- text --------------------------------------------------------------------------------
 

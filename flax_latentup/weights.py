@@ -13,6 +13,7 @@ Arrays are read one at a time, so peak host memory stays near one copy of the we
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -119,8 +120,15 @@ def open_weights(folder: str, candidates: Iterable[str]) -> TensorFile:
             try:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
-                raise WeightsError(f"cannot read shard index {index}: {e}") from None
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise WeightsError(f"cannot read shard index {index}: {e!r}") from None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise WeightsError(
+                    f"shard index {index}: `weight_map` must map tensor names to shard file "
+                    f"names, got {type(weight_map).__name__}"
+                )
             shards = sorted(set(weight_map.values()))
             return TensorFile(os.path.join(folder, s) for s in shards)
     present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
@@ -315,9 +323,18 @@ def save_flax_weights(model: nnx.Module, path: str, metadata: dict[str, str] | N
     """Write the model's parameters to ``path`` (safetensors, NNX paths as keys), atomically."""
     from safetensors.numpy import save_file
 
+    from flax_latentup.files import new_file_mode, temporary_prefix
+
     arrays = {k: np.asarray(jax.device_get(v)) for k, v in flat_params(model).items()}
     meta = {"format": "flax", "library": "flax_latentup"}
     meta.update(metadata or {})
-    tmp = path + ".tmp"
-    save_file(arrays, tmp, metadata=meta)
-    os.replace(tmp, path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, temporary_prefix() + name)
+    try:
+        save_file(arrays, tmp, metadata=meta)
+        os.chmod(tmp, new_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise

@@ -91,3 +91,103 @@ def test_selftest_command(tmp_path, capsys):
     assert cli_main(["selftest", "-o", str(tmp_path / "st")]) == 0
     assert "selftest passed" in capsys.readouterr().out
     assert (tmp_path / "st" / "gradient.png").is_file()
+
+
+def test_convert_refuses_its_own_source_and_unwritable_places(torch_pipe_dir, tmp_path, capsys):
+    """Converting into the source folder would replace its torch weights: refused, even with
+    --overwrite, as are a file or a folder under a file as DST, all before any work; nothing is
+    written or lost."""
+    src = tmp_path / "src"
+    shutil.copytree(torch_pipe_dir, src)
+    before = sorted(str(p.relative_to(src)) for p in src.rglob("*"))
+    assert convert_checkpoint.main([str(src), str(src), "--overwrite"]) == 2
+    assert "source folder" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(src)) for p in src.rglob("*")) == before
+    (tmp_path / "afile").write_text("x")
+    assert convert_checkpoint.main([str(src), str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert convert_checkpoint.main([str(src), str(tmp_path / "afile" / "out")]) == 2
+    assert "under a file" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "x"
+    # a source without a tokenizer's files is refused before its models are converted
+    for f in (src / "tokenizer").iterdir():
+        f.unlink()
+    assert convert_checkpoint.main([str(src), str(tmp_path / "out")]) == 2
+    assert "holds no tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_into_a_folder_that_holds_the_source(torch_pipe_dir, tmp_path):
+    """DST may hold other things, the source among them: only the pipeline's entries are
+    written there."""
+    models = tmp_path / "models"
+    shutil.copytree(torch_pipe_dir, models / "torch")
+    (models / "notes.txt").write_text("mine")
+    assert convert_checkpoint.main([str(models / "torch"), str(models), "--overwrite"]) == 0
+    assert (models / "notes.txt").read_text() == "mine"
+    assert (models / "torch" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(models))
+    assert pipe.unet.config.in_channels == 8
+
+
+def test_hub_fetches_no_weight_variants():
+    """The patterns a hub download uses (through huggingface_hub's own filter) take the plain
+    safetensors, configs and tokenizer files and leave out pickles and fp16 variants."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from flax_latentup import hub
+
+    repo = [
+        "model_index.json",
+        "README.md",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "text_encoder/model.fp16.safetensors",
+        "text_encoder/pytorch_model.bin",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.bin",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "vae/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "vae/diffusion_pytorch_model.safetensors.index.json",
+        "vae/diffusion_pytorch_model.fp16-00001-of-00001.safetensors",
+        "vae/diffusion_pytorch_model.safetensors.index.fp16.json",
+    ]
+    got = set(
+        filter_repo_objects(
+            repo, allow_patterns=hub.PIPELINE_PATTERNS, ignore_patterns=hub.VARIANT_PATTERNS
+        )
+    )
+    assert got == {
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "vae/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "vae/diffusion_pytorch_model.safetensors.index.json",
+    }
+
+
+def test_malformed_shard_index_and_pickle(tmp_path):
+    import json
+
+    from flax_latentup import WeightsError
+    from flax_latentup.weights import open_weights
+
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps({"weight_map": ["a", "b"]}))
+    with pytest.raises(WeightsError, match="weight_map"):
+        open_weights(str(tmp_path), ["m.safetensors"])
+    torch.save([torch.zeros(2)], tmp_path / "diffusion_pytorch_model.bin")
+    with pytest.raises(convert_checkpoint.ConversionError, match="expected a state dict"):
+        convert_checkpoint.read_torch_weights(str(tmp_path), ("diffusion_pytorch_model.bin",))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -574,3 +576,52 @@ def test_callbacks_reach_the_user_in_step_order(flax_pipe):
         for th in threads:
             th.join()
     assert seen == [(i, i / 2, 2) for i in range(0, 40, 3)]
+
+
+def test_save_keeps_other_content_and_the_folder_itself(flax_pipe, tmp_path, monkeypatch):
+    """A save writes the pipeline's entries into ``path`` and leaves the rest alone: other
+    files stay, ``path`` itself is not renamed (a mount point, a read-only parent), a link is
+    followed, permissions follow the umask, a failed save changes nothing and what a killed
+    save left behind goes with the next one."""
+    from flax_latentup.files import TMP_PREFIX, temporary_prefix
+
+    target = tmp_path / "project"
+    (target / "data").mkdir(parents=True)
+    (target / "data" / "train.csv").write_text("a,b\n")
+    (target / "unet").mkdir()
+    (target / "unet" / "stale.bin").write_bytes(b"old weights")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = temporary_prefix().split("@")[1]
+    leftover = target / f"{TMP_PREFIX}{dead.pid}@{host}@abc"
+    (leftover / "unet").mkdir(parents=True)
+    inode = os.stat(target).st_ino
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    flax_pipe.save_pretrained(link)
+    assert link.is_symlink() and os.stat(target).st_ino == inode
+    assert (target / "data" / "train.csv").read_text() == "a,b\n"
+    assert not (target / "unet" / "stale.bin").exists(), "the unet entry is replaced whole"
+    assert not leftover.exists(), "a killed save's staging folder is removed"
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        ["data", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    )
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (os.stat(target / "unet").st_mode & 0o777) == 0o777 & ~umask
+    assert (os.stat(target / "unet" / "flax_model.safetensors").st_mode & 0o777) == 0o666 & ~umask
+    again = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(target))
+    assert again.unet.config == flax_pipe.unet.config
+
+    def broken(self, path):
+        raise OSError("disk full")
+
+    before = {p: p.stat().st_mtime_ns for p in target.rglob("*")}
+    monkeypatch.setattr(type(flax_pipe.vae), "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        flax_pipe.save_pretrained(target)
+    assert {p: p.stat().st_mtime_ns for p in target.rglob("*")} == before
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        flax_pipe.save_pretrained(tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "x"

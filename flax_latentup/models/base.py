@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_latentup import hub
+from flax_latentup.files import atomic_write, check_save_folder
 from flax_latentup.weights import (
     FLAX_WEIGHTS_NAME,
     KeyMap,
@@ -46,11 +47,12 @@ def read_json(path: str) -> dict[str, Any]:
 
 def write_json_atomic(data: dict[str, Any], path: str) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+
+    def write(f) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, path)
+
+    atomic_write(path, write, text=True)
 
 
 def _check_dtype(name: str, dtype) -> jnp.dtype:
@@ -157,7 +159,7 @@ class PretrainedModel:
         Each file is written to a temporary name and renamed, so an interrupted save never
         leaves a half-written file under the final name.
         """
-        path = os.fspath(path)
+        path = check_save_folder(path)
         os.makedirs(path, exist_ok=True)
         save_flax_weights(self, os.path.join(path, FLAX_WEIGHTS_NAME))  # type: ignore[arg-type]
         write_json_atomic(self.config.to_dict(), os.path.join(path, CONFIG_NAME))

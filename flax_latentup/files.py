@@ -1,0 +1,204 @@
+"""Writing files and folders so that nothing is ever half-written or lost.
+
+Temporary names say who writes them (``.flax-latentup-tmp-<pid>@<host>@...``), so that a run
+can remove what a killed run left behind without touching what a live one is writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+TMP_PREFIX = ".flax-latentup-tmp-"
+STALE_SECONDS = 3600  # a temporary this old is stale whoever wrote it (one takes seconds)
+
+
+def _host_name() -> str:
+    return socket.gethostname().replace("@", "_") or "host"
+
+
+def temporary_prefix() -> str:
+    """The name prefix of this process's temporary files and folders."""
+    return f"{TMP_PREFIX}{os.getpid()}@{_host_name()}@"
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def is_stale_temporary(name: str, mtime: float, now: float, *, own: bool = True) -> bool:
+    """Whether a temporary was left by a run that is over: its writer is a process of this
+    host that no longer runs (or, with ``own``, this very process, when it has written nothing
+    yet), or it is over an hour old, or it does not say who wrote it. A temporary of a run
+    still going on (on this host, or a recent one from another host sharing the folder) is
+    kept."""
+    parts = name[len(TMP_PREFIX) :].split("@")
+    if len(parts) < 3 or not parts[0].isdigit():
+        return True
+    if now - mtime > STALE_SECONDS:
+        return True
+    pid, host = int(parts[0]), parts[1]
+    if host != _host_name():
+        return False
+    if pid == os.getpid():
+        return own
+    return not _pid_running(pid)
+
+
+def remove_stale_temporaries(folder: str, *, recursive: bool = True, own: bool = True) -> int:
+    """Delete the temporary files and folders under ``folder`` (only directly in it unless
+    ``recursive``) that killed runs left behind (:func:`is_stale_temporary`, ``own`` as
+    there); returns how many were removed."""
+    n, now = 0, time.time()
+    for root, dirs, files in os.walk(folder):
+        for name in files + dirs:
+            if not name.startswith(TMP_PREFIX):
+                continue
+            path = os.path.join(root, name)
+            try:
+                if is_stale_temporary(name, os.path.getmtime(path), now, own=own):
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.remove(path)
+                    n += 1
+            except OSError:  # gone meanwhile (its writer renamed it)
+                pass
+        dirs[:] = [d for d in dirs if not d.startswith(TMP_PREFIX)] if recursive else []
+    return n
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    # Read once: reading the umask means setting it for a moment (do it before threads start).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def new_file_mode() -> int:
+    """The mode a new file gets from ``open`` (0o666 less the umask)."""
+    return 0o666 & ~_umask()
+
+
+def new_dir_mode() -> int:
+    """The mode a new folder gets from ``mkdir`` (0o777 less the umask)."""
+    return 0o777 & ~_umask()
+
+
+def atomic_write(path: str, write: Callable[[Any], None], *, text: bool = False) -> None:
+    """``write(file)`` into a temporary file in ``path``'s folder, then rename it to ``path``
+    (with the permissions a plain new file would get, not the temporary file's private ones).
+    Nothing is left behind if ``write`` fails or the run is interrupted."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(), suffix=suffix, dir=folder)
+    try:
+        os.chmod(tmp, new_file_mode())
+        with os.fdopen(fd, "w" if text else "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def probe_writable(folder: str, *, create: bool = True) -> None:
+    """OSError unless files can be written in ``folder``. With ``create`` the folder is made
+    if needed; without, a folder that does not exist yet is judged by its nearest existing
+    parent and nothing is created."""
+    target = folder or "."
+    if create:
+        os.makedirs(target, exist_ok=True)
+    else:
+        while not os.path.exists(target):
+            parent = os.path.dirname(os.path.abspath(target))
+            if parent == os.path.abspath(target):
+                break
+            target = parent
+        if not os.path.isdir(target):
+            raise NotADirectoryError(f"{target!r} is a file, not a folder")
+    fd, probe = tempfile.mkstemp(prefix=temporary_prefix(), dir=target)
+    os.close(fd)
+    with contextlib.suppress(FileNotFoundError):  # another process may have cleaned it
+        os.remove(probe)
+
+
+def check_save_folder(path: str, what: str = "path") -> str:
+    """The real folder a save into ``path`` writes to (a link to a folder is followed);
+    NotADirectoryError if ``path`` or one of its parents is a file, OSError if it cannot be
+    written. Nothing is created."""
+    real = os.path.realpath(os.fspath(path))
+    if os.path.exists(real) and not os.path.isdir(real):
+        raise NotADirectoryError(f"{what} {os.fspath(path)!r} is a file; expected a folder")
+    try:
+        probe_writable(real, create=False)
+    except NotADirectoryError:
+        raise NotADirectoryError(
+            f"{what} {os.fspath(path)!r} lies under a file; expected a folder"
+        ) from None
+    except OSError as e:
+        raise PermissionError(f"{what} {os.fspath(path)!r} cannot be written: {e}") from None
+    return real
+
+
+@contextlib.contextmanager
+def staged_entries(path: str, names: Iterable[str]):
+    """Write a set of entries (files or folders) of the folder ``path`` all at once.
+
+    Yields a staging folder inside ``path``; what the caller writes there under ``names``
+    then replaces those entries of ``path``, one rename each. Other entries of ``path`` are
+    left alone, ``path`` itself is never renamed (it may be a mount point, or its parent
+    read-only), and an error or interruption while writing leaves ``path`` as it was. The
+    staging folder is a temporary (:func:`is_stale_temporary`), removed by the next save if a
+    kill leaves it behind.
+    """
+    real = check_save_folder(path)
+    os.makedirs(real, mode=new_dir_mode(), exist_ok=True)
+    remove_stale_temporaries(real, recursive=False, own=False)
+    staging = tempfile.mkdtemp(prefix=temporary_prefix(), dir=real)
+    try:
+        yield staging
+        names = list(names)
+        for name in names:
+            if not os.path.lexists(os.path.join(staging, name)):
+                raise FileNotFoundError(f"nothing was staged as {name!r}")
+        _set_modes(staging)
+        old = os.path.join(staging, ".replaced")
+        os.mkdir(old)
+        for name in names:  # each entry swapped by renames within one file system
+            final = os.path.join(real, name)
+            if os.path.lexists(final):
+                os.replace(final, os.path.join(old, name))
+            os.replace(os.path.join(staging, name), final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _set_modes(folder: str) -> None:
+    """Give what was written under ``folder`` the permissions new files and folders get
+    (``mkdtemp``/``mkstemp`` make them private)."""
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), new_dir_mode())
+        for f in files:
+            os.chmod(os.path.join(root, f), new_file_mode())
