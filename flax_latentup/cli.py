@@ -278,14 +278,12 @@ def read_input(path: str, nchw: bool, latent_channels: int = 4):
         return arr, "latents"
     import PIL.Image
 
+    from flax_latentup.pipeline import pil_to_rgb
+
     with PIL.Image.open(path) as im:
         orientation = _orientation(im)
         im.load()
-        if im.mode.startswith("I"):  # 16-bit grey PNG: Pillow's convert would clip at 255
-            grey = np.asarray(im, dtype=np.float64) / 257.0
-            rgb = PIL.Image.fromarray(np.clip(grey, 0, 255).round().astype(np.uint8)).convert("RGB")
-        else:
-            rgb = im.convert("RGB")
+        rgb = pil_to_rgb(im)  # 16-bit grey scaled, not clipped
     if orientation != 1:  # upright, as the EXIF orientation says it is shown
         rgb = rgb.transpose(getattr(PIL.Image.Transpose, _ORIENT[orientation]))
     return np.asarray(rgb, dtype=np.uint8), "pixels"

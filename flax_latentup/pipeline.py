@@ -322,8 +322,20 @@ def _torch_to_numpy(x: Any) -> np.ndarray:
     return x.detach().to("cpu").float().numpy()
 
 
+def pil_to_rgb(img):
+    """``img`` as an 8-bit RGB PIL image. 16-bit grey pictures (modes ``I;16``/``I``) are
+    scaled to 8 bits: Pillow's own conversion clips them at 255, turning most of them white.
+    Alpha is dropped, as diffusers' ``load_image`` drops it."""
+    import PIL.Image
+
+    if img.mode.startswith("I"):
+        grey = np.asarray(img, dtype=np.float64) / 257.0
+        img = PIL.Image.fromarray(np.clip(grey, 0, 255).round().astype(np.uint8))
+    return img.convert("RGB")
+
+
 def _pil_to_array(img) -> np.ndarray:
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.asarray(pil_to_rgb(img), dtype=np.uint8)
 
 
 def prepare_image(
