@@ -22,6 +22,27 @@ def _get(d: Mapping[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def _extra_field() -> Any:
+    """The source config.json's other entries (``_diffusers_version``, ``sample_size``, ...):
+    not used here, written back by ``to_dict`` so that a saved config loses nothing; not part
+    of equality or hashing."""
+    return dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+
+
+def _with_extra(config: Any, d: Mapping[str, Any]) -> Any:
+    own = {f.name for f in dataclasses.fields(config)}
+    extra = {k: v for k, v in d.items() if k not in own}
+    return dataclasses.replace(config, extra=extra)
+
+
+def _to_dict(config: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(config)
+    out = dict(d.pop("extra"))
+    for key, value in d.items():
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def _require(component: str, field: str, value: Any, allowed: Any, why: str = "") -> None:
     if value not in allowed:
         raise ConfigError(
@@ -52,6 +73,7 @@ class CLIPTextConfig:
     bos_token_id: int = 0
     eos_token_id: int = 2
     pad_token_id: int = 1
+    extra: Mapping[str, Any] = _extra_field()
 
     def __post_init__(self) -> None:
         _require("CLIPTextModel", "hidden_act", self.hidden_act, CLIP_ACTIVATIONS)
@@ -93,25 +115,28 @@ class CLIPTextConfig:
                 ("absolute",),
             )
         f = cls()
-        return cls(
-            vocab_size=int(_get(d, "vocab_size", f.vocab_size)),
-            hidden_size=int(_get(d, "hidden_size", f.hidden_size)),
-            intermediate_size=int(_get(d, "intermediate_size", f.intermediate_size)),
-            num_hidden_layers=int(_get(d, "num_hidden_layers", f.num_hidden_layers)),
-            num_attention_heads=int(_get(d, "num_attention_heads", f.num_attention_heads)),
-            max_position_embeddings=int(
-                _get(d, "max_position_embeddings", f.max_position_embeddings)
+        return _with_extra(
+            cls(
+                vocab_size=int(_get(d, "vocab_size", f.vocab_size)),
+                hidden_size=int(_get(d, "hidden_size", f.hidden_size)),
+                intermediate_size=int(_get(d, "intermediate_size", f.intermediate_size)),
+                num_hidden_layers=int(_get(d, "num_hidden_layers", f.num_hidden_layers)),
+                num_attention_heads=int(_get(d, "num_attention_heads", f.num_attention_heads)),
+                max_position_embeddings=int(
+                    _get(d, "max_position_embeddings", f.max_position_embeddings)
+                ),
+                hidden_act=str(_get(d, "hidden_act", f.hidden_act)),
+                layer_norm_eps=float(_get(d, "layer_norm_eps", f.layer_norm_eps)),
+                bos_token_id=int(_get(d, "bos_token_id", f.bos_token_id)),
+                eos_token_id=int(_get(d, "eos_token_id", f.eos_token_id)),
+                pad_token_id=int(_get(d, "pad_token_id", f.pad_token_id)),
             ),
-            hidden_act=str(_get(d, "hidden_act", f.hidden_act)),
-            layer_norm_eps=float(_get(d, "layer_norm_eps", f.layer_norm_eps)),
-            bos_token_id=int(_get(d, "bos_token_id", f.bos_token_id)),
-            eos_token_id=int(_get(d, "eos_token_id", f.eos_token_id)),
-            pad_token_id=int(_get(d, "pad_token_id", f.pad_token_id)),
+            d,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """A config.json dict that transformers' ``CLIPTextConfig`` reads back."""
-        d = dataclasses.asdict(self)
+        d = _to_dict(self)
         d.update(model_type="clip_text_model", architectures=["CLIPTextModel"])
         return d
 
@@ -281,6 +306,7 @@ class UNet2DConditionConfig:
     time_cond_proj_dim: int | None = 896
     conv_in_kernel: int = 1
     conv_out_kernel: int = 1
+    extra: Mapping[str, Any] = _extra_field()
 
     def __post_init__(self) -> None:
         name = UNET_CLASS_NAME
@@ -477,35 +503,35 @@ class UNet2DConditionConfig:
             return value.lower() if isinstance(value, str) else value
 
         head = get("attention_head_dim")
-        return cls(
-            in_channels=int(get("in_channels")),
-            out_channels=int(get("out_channels")),
-            down_block_types=tuple(get("down_block_types")),
-            up_block_types=tuple(get("up_block_types")),
-            block_out_channels=tuple(int(c) for c in get("block_out_channels")),
-            layers_per_block=uniform("layers_per_block"),
-            attention_head_dim=tuple(int(h) for h in head)
-            if isinstance(head, list | tuple)
-            else int(head),
-            cross_attention_dim=uniform("cross_attention_dim"),
-            act_fn=lower(get("act_fn")),
-            norm_eps=float(get("norm_eps")),
-            flip_sin_to_cos=bool(get("flip_sin_to_cos")),
-            center_input_sample=bool(get("center_input_sample")),
-            time_embedding_dim=d.get("time_embedding_dim"),
-            time_embedding_act_fn=lower(d.get("time_embedding_act_fn")),
-            timestep_post_act=lower(post_act),
-            time_cond_proj_dim=d.get("time_cond_proj_dim"),
-            conv_in_kernel=int(get("conv_in_kernel")),
-            conv_out_kernel=int(get("conv_out_kernel")),
+        return _with_extra(
+            cls(
+                in_channels=int(get("in_channels")),
+                out_channels=int(get("out_channels")),
+                down_block_types=tuple(get("down_block_types")),
+                up_block_types=tuple(get("up_block_types")),
+                block_out_channels=tuple(int(c) for c in get("block_out_channels")),
+                layers_per_block=uniform("layers_per_block"),
+                attention_head_dim=tuple(int(h) for h in head)
+                if isinstance(head, list | tuple)
+                else int(head),
+                cross_attention_dim=uniform("cross_attention_dim"),
+                act_fn=lower(get("act_fn")),
+                norm_eps=float(get("norm_eps")),
+                flip_sin_to_cos=bool(get("flip_sin_to_cos")),
+                center_input_sample=bool(get("center_input_sample")),
+                time_embedding_dim=d.get("time_embedding_dim"),
+                time_embedding_act_fn=lower(d.get("time_embedding_act_fn")),
+                timestep_post_act=lower(post_act),
+                time_cond_proj_dim=d.get("time_cond_proj_dim"),
+                conv_in_kernel=int(get("conv_in_kernel")),
+                conv_out_kernel=int(get("conv_out_kernel")),
+            ),
+            d,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """A config.json dict that diffusers' ``UNet2DConditionModel`` reads back."""
-        d = dataclasses.asdict(self)
-        for key, value in d.items():
-            if isinstance(value, tuple):
-                d[key] = list(value)
+        d = _to_dict(self)
         d.update(
             {key: allowed for key, (allowed, _) in _UNET_FIXED.items()},
             _class_name=UNET_CLASS_NAME,
@@ -570,6 +596,7 @@ class AutoencoderKLConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    extra: Mapping[str, Any] = _extra_field()
 
     def __post_init__(self) -> None:
         name = "AutoencoderKL"
@@ -624,37 +651,37 @@ class AutoencoderKLConfig:
             # diffusers derives its latent tile size from the first entry
             sample_size = sample_size[0]
         shift = d.get("shift_factor")
-        return cls(
-            in_channels=int(_get(d, "in_channels", f.in_channels)),
-            out_channels=int(_get(d, "out_channels", f.out_channels)),
-            down_block_types=tuple(_get(d, "down_block_types", f.down_block_types)),
-            up_block_types=tuple(_get(d, "up_block_types", f.up_block_types)),
-            block_out_channels=tuple(
-                int(c) for c in _get(d, "block_out_channels", f.block_out_channels)
+        return _with_extra(
+            cls(
+                in_channels=int(_get(d, "in_channels", f.in_channels)),
+                out_channels=int(_get(d, "out_channels", f.out_channels)),
+                down_block_types=tuple(_get(d, "down_block_types", f.down_block_types)),
+                up_block_types=tuple(_get(d, "up_block_types", f.up_block_types)),
+                block_out_channels=tuple(
+                    int(c) for c in _get(d, "block_out_channels", f.block_out_channels)
+                ),
+                layers_per_block=int(_get(d, "layers_per_block", f.layers_per_block)),
+                act_fn=str(_get(d, "act_fn", f.act_fn)),
+                latent_channels=int(_get(d, "latent_channels", f.latent_channels)),
+                norm_num_groups=int(_get(d, "norm_num_groups", f.norm_num_groups)),
+                sample_size=int(sample_size),
+                scaling_factor=float(_get(d, "scaling_factor", f.scaling_factor)),
+                shift_factor=None if shift is None else float(shift),
+                latents_mean=_float_tuple(d.get("latents_mean")),
+                latents_std=_float_tuple(d.get("latents_std")),
+                force_upcast=bool(_get(d, "force_upcast", f.force_upcast)),
+                use_quant_conv=bool(_get(d, "use_quant_conv", f.use_quant_conv)),
+                use_post_quant_conv=bool(_get(d, "use_post_quant_conv", f.use_post_quant_conv)),
+                mid_block_add_attention=bool(
+                    _get(d, "mid_block_add_attention", f.mid_block_add_attention)
+                ),
             ),
-            layers_per_block=int(_get(d, "layers_per_block", f.layers_per_block)),
-            act_fn=str(_get(d, "act_fn", f.act_fn)),
-            latent_channels=int(_get(d, "latent_channels", f.latent_channels)),
-            norm_num_groups=int(_get(d, "norm_num_groups", f.norm_num_groups)),
-            sample_size=int(sample_size),
-            scaling_factor=float(_get(d, "scaling_factor", f.scaling_factor)),
-            shift_factor=None if shift is None else float(shift),
-            latents_mean=_float_tuple(d.get("latents_mean")),
-            latents_std=_float_tuple(d.get("latents_std")),
-            force_upcast=bool(_get(d, "force_upcast", f.force_upcast)),
-            use_quant_conv=bool(_get(d, "use_quant_conv", f.use_quant_conv)),
-            use_post_quant_conv=bool(_get(d, "use_post_quant_conv", f.use_post_quant_conv)),
-            mid_block_add_attention=bool(
-                _get(d, "mid_block_add_attention", f.mid_block_add_attention)
-            ),
+            d,
         )
 
     def to_dict(self) -> dict[str, Any]:
         """A config.json dict that diffusers' ``AutoencoderKL`` reads back."""
-        d = dataclasses.asdict(self)
-        for key, value in d.items():
-            if isinstance(value, tuple):
-                d[key] = list(value)
+        d = _to_dict(self)
         d["_class_name"] = "AutoencoderKL"
         return d
 

@@ -191,3 +191,19 @@ def test_malformed_shard_index_and_pickle(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "diffusion_pytorch_model.bin")
     with pytest.raises(convert_checkpoint.ConversionError, match="expected a state dict"):
         convert_checkpoint.read_torch_weights(str(tmp_path), ("diffusion_pytorch_model.bin",))
+
+
+def test_saved_configs_keep_every_source_entry(torch_pipe_dir, tmp_path):
+    """A converted folder's config.json files hold every entry of the torch ones, with the
+    same values (entries the port does not use are carried along, not dropped)."""
+    import json
+
+    pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(torch_pipe_dir)
+    pipe.save_pretrained(tmp_path / "flax")
+    for part in ("text_encoder", "vae", "unet"):
+        with open(os.path.join(torch_pipe_dir, part, "config.json")) as f:
+            source = json.load(f)
+        with open(tmp_path / "flax" / part / "config.json") as f:
+            saved = json.load(f)
+        differ = {k: (v, saved.get(k, "<missing>")) for k, v in source.items() if saved.get(k) != v}
+        assert not differ, f"{part}: {differ}"
