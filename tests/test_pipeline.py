@@ -625,3 +625,32 @@ def test_save_keeps_other_content_and_the_folder_itself(flax_pipe, tmp_path, mon
     with pytest.raises(NotADirectoryError, match="is a file"):
         flax_pipe.save_pretrained(tmp_path / "afile")
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_model_save_into_a_folder(flax_pipe, tmp_path):
+    """A model's save writes its two files into the folder, keeps the rest, removes what a
+    killed save left there, and refuses a file or a folder under a file."""
+    from flax_latentup import FlaxAutoencoderKL
+    from flax_latentup.files import TMP_PREFIX, temporary_prefix
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = temporary_prefix().split("@")[1]
+    leftover = folder / f"{TMP_PREFIX}{dead.pid}@{host}@flax_model.safetensors"
+    leftover.write_bytes(b"half a file")
+    flax_pipe.vae.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "flax_model.safetensors",
+        "notes.txt",
+    ]
+    again = FlaxAutoencoderKL.from_pretrained(str(folder))
+    assert again.config == flax_pipe.vae.config
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        flax_pipe.vae.save_pretrained(tmp_path / "afile")
+    with pytest.raises(NotADirectoryError, match="under a file"):
+        flax_pipe.vae.save_pretrained(tmp_path / "afile" / "vae")

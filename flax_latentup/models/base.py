@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_latentup import hub
-from flax_latentup.files import atomic_write, check_save_folder
+from flax_latentup.files import atomic_write, check_save_folder, remove_stale_temporaries
 from flax_latentup.weights import (
     FLAX_WEIGHTS_NAME,
     KeyMap,
@@ -161,5 +161,6 @@ class PretrainedModel:
         """
         path = check_save_folder(path)
         os.makedirs(path, exist_ok=True)
+        remove_stale_temporaries(path, recursive=False, own=False)  # of a killed save
         save_flax_weights(self, os.path.join(path, FLAX_WEIGHTS_NAME))  # type: ignore[arg-type]
         write_json_atomic(self.config.to_dict(), os.path.join(path, CONFIG_NAME))
