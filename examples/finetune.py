@@ -10,7 +10,9 @@ is the text file with the same stem (``cat.png`` -> ``cat.txt``), else the empty
 
 Checkpoints go to ``--output/checkpoint-<step>/`` every ``--checkpoint-every`` steps and at
 the end; a new run with the same ``--output`` resumes from the latest one, drawing the same
-crops and noise as an uninterrupted run would. See FINETUNING.md.
+crops and noise as an uninterrupted run would (settings other than the checkpoint's are
+refused, listed). Arguments, pictures and captions are checked before the model loads; a
+non-finite loss stops the run (exit status 1) without saving. See FINETUNING.md.
 
 Several hosts (a TPU pod, a GPU cluster): start it on every host with the same arguments and
 ``--distributed``; ``--batch-size`` is then the global batch, each host loading and encoding
@@ -20,7 +22,9 @@ its share, and ``--output`` must be a folder every host sees (process 0 writes i
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import shutil
 import sys
 
@@ -30,9 +34,42 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
-from flax_latentup.training import TrainConfig, Trainer, latest_checkpoint, make_latents
+from flax_latentup.files import check_save_folder
+from flax_latentup.pipeline import pil_to_rgb
+from flax_latentup.training import (
+    SEED_LIMIT,
+    NonFiniteError,
+    TrainConfig,
+    Trainer,
+    checkpoint_folders,
+    checkpoint_info,
+    latest_checkpoint,
+    make_latents,
+)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+LISTED = 10  # bad files named in a message (then a count)
+
+# the flag of each setting a resumed run must keep
+FLAGS = {
+    "learning_rate": "--learning-rate",
+    "lr_schedule": "--lr-schedule",
+    "lr_warmup_steps": "--lr-warmup-steps",
+    "total_steps": "--steps",
+    "weight_decay": "--weight-decay",
+    "max_grad_norm": "--max-grad-norm",
+    "ema_decay": "--ema-decay",
+    "ema_warmup": "--no-ema-warmup",
+    "sigma_loc": "--sigma-loc",
+    "sigma_scale": "--sigma-scale",
+    "cfg_dropout": "--cfg-dropout",
+    "seed": "--seed",
+    "model": "--model",
+    "data": "--data",
+    "resolution": "--resolution",
+    "batch_size": "--batch-size",
+    "processes": "the number of processes",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,35 +113,80 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def list_pictures(folder: str) -> list[str]:
+    """The picture files (by extension; folders named like pictures are not) of ``folder``."""
+    if not os.path.isdir(folder):
+        raise SystemExit(f"--data {folder!r} is not a folder; expected a folder of pictures")
     paths = sorted(
-        os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(EXTENSIONS)
+        os.path.join(folder, f)
+        for f in os.listdir(folder)
+        if f.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(folder, f))
     )
     if not paths:
         raise SystemExit(f"no pictures ({', '.join(EXTENSIONS)}) in {folder}")
     return paths
 
 
+def caption_file(path: str) -> str:
+    return os.path.splitext(path)[0] + ".txt"
+
+
 def caption_of(path: str) -> str:
-    txt = os.path.splitext(path)[0] + ".txt"
+    """The picture's caption: its ``.txt`` file (UTF-8), else the empty prompt."""
+    txt = caption_file(path)
     if os.path.isfile(txt):
-        with open(txt) as f:
+        with open(txt, encoding="utf-8") as f:
             return f.read().strip()
     return ""
 
 
+def scan_pictures(paths: list[str], resolution: int) -> tuple[list[str], list[str]]:
+    """``(captions, small)``: every picture's caption and the pictures whose shorter side is
+    under ``resolution``. Every picture's header is read and every caption decoded first: a
+    file that cannot be is reported with the others (SystemExit) before any training."""
+    bad, small, captions = [], [], []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+            if min(w, h) < resolution:
+                small.append(path)
+        except Exception as e:  # not a picture, an unknown format, a decompression bomb...
+            bad.append(f"{path}: not a readable picture ({type(e).__name__}: {e})")
+        try:
+            captions.append(caption_of(path))
+        except (OSError, UnicodeDecodeError) as e:
+            bad.append(f"{caption_file(path)}: not a readable UTF-8 caption ({e})")
+    if bad:
+        more = f"\n  ... and {len(bad) - LISTED} more" if len(bad) > LISTED else ""
+        raise SystemExit(
+            f"{len(bad)} file(s) in --data cannot be read:\n  "
+            + "\n  ".join(bad[:LISTED])
+            + more
+            + "\nFix or remove them (a caption must be UTF-8 text), then run again."
+        )
+    return captions, small
+
+
 def load_crop(path: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """A random ``size`` x ``size`` crop (shorter side resized to ``size``), random h-flip,
-    as float32 ``[size, size, 3]`` in [-1, 1]."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = size / min(w, h)
-        im = im.resize(
-            (max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC
-        )
-        x = int(rng.integers(0, im.width - size + 1))
-        y = int(rng.integers(0, im.height - size + 1))
-        arr = np.asarray(im.crop((x, y, x + size, y + size)), np.float32) / 127.5 - 1.0
+    as float32 ``[size, size, 3]`` in [-1, 1]. A picture that cannot be decoded (a truncated
+    file) raises a ValueError naming it."""
+    try:
+        with Image.open(path) as im:
+            im = pil_to_rgb(im)  # decodes it; 16-bit grey is scaled to 8 bits, not clipped
+    except Exception as e:
+        raise ValueError(
+            f"cannot decode the picture {path} ({type(e).__name__}: {e}): it is probably "
+            "truncated or corrupt"
+        ) from e
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize(
+        (max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC
+    )
+    x = int(rng.integers(0, im.width - size + 1))
+    y = int(rng.integers(0, im.height - size + 1))
+    arr = np.asarray(im.crop((x, y, x + size, y + size)), np.float32) / 127.5 - 1.0
     return arr[:, ::-1] if rng.random() < 0.5 else arr
 
 
@@ -122,16 +204,116 @@ def step_pictures(paths, step: int, args, rows=None) -> tuple[np.ndarray, list[i
     return np.stack(crops), [int(idx[r]) for r in rows]
 
 
-def prune(output: str, keep: int) -> None:
-    if keep <= 0:
-        return
-    names = sorted(n for n in os.listdir(output) if n.startswith("checkpoint-") and "." not in n)
-    for name in names[:-keep]:
-        shutil.rmtree(os.path.join(output, name), ignore_errors=True)
+_LEFTOVER = re.compile(r"^checkpoint-\d+\.tmp$")
+
+
+def prune(output: str, keep: int, current: str | None = None) -> None:
+    """Delete all but the newest ``keep`` (by step; 0: keep all) checkpoints of ``output`` and
+    the ``checkpoint-<digits>.tmp`` folders that killed saves left. Only folders named exactly
+    ``checkpoint-<digits>`` count (a ``checkpoint-best`` of yours stays), and ``current``
+    (the checkpoint just written, and its ``.tmp``) is never deleted."""
+    current = None if current is None else os.path.realpath(current)
+    doomed = [p for _, p in checkpoint_folders(output)][:-keep] if keep > 0 else []
+    doomed += [
+        os.path.join(output, n)
+        for n in os.listdir(output)
+        if _LEFTOVER.match(n) and os.path.isdir(os.path.join(output, n))
+    ]
+    for path in doomed:
+        real = os.path.realpath(path)
+        if current is not None and real in (current, current + ".tmp"):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """SystemExit naming the first argument out of its range."""
+    for flag, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--steps", args.steps, 1),
+        ("--checkpoint-every", args.checkpoint_every, 1),
+        ("--keep", args.keep, 0),
+        ("--seed", args.seed, 0),
+    ):
+        if value < low:
+            raise SystemExit(f"{flag} must be >= {low}, got {value}")
+    if args.seed > SEED_LIMIT - 2:  # the VAE's noise draws from seed + 1
+        raise SystemExit(f"--seed must be in [0, {SEED_LIMIT - 2}], got {args.seed}")
+
+
+def run_settings(args: argparse.Namespace, processes: int) -> dict:
+    """The settings recorded in every checkpoint (beyond the TrainConfig) that a resumed run
+    must share: the draws and the data depend on them."""
+    model = os.path.realpath(args.model) if os.path.isdir(args.model) else args.model
+    return {
+        "model": model,
+        "data": os.path.realpath(args.data),
+        "resolution": args.resolution,
+        "batch_size": args.batch_size,
+        "processes": processes,
+    }
+
+
+def resume_point(args, config: TrainConfig, run: dict) -> str | None:
+    """The checkpoint to resume from (None: start at step 0), after refusing (SystemExit) an
+    ``--output`` whose checkpoints a new run would mix with its own, or a resume with
+    settings other than the checkpoint's."""
+    found = checkpoint_folders(args.output)
+    if not found:
+        return None
+    top_step, top = found[-1]
+    if args.no_resume:
+        raise SystemExit(
+            f"--output {args.output} holds checkpoints of an earlier run, up to step "
+            f"{top_step} ({os.path.basename(top)}): a new run there would have its checkpoints "
+            "pruned in favour of the old ones' (or overwrite those of the same step). Choose "
+            "another --output, or remove those checkpoints first."
+        )
+    last = latest_checkpoint(args.output)
+    if last != top:
+        raise SystemExit(
+            f"--output {args.output}: {top} has no trainer_state.json (a checkpoint not "
+            "written by this script, or damaged), so this run can neither resume from it nor "
+            "keep its own checkpoints next to it. Remove it, or choose another --output."
+        )
+    info = checkpoint_info(last)
+    changes = config.changes_from(info.get("config", {}))
+    recorded = info.get("run", {})  # none in checkpoints of earlier builds
+    moved = [(k, recorded[k], v) for k, v in run.items() if k in recorded and recorded[k] != v]
+    # a model or data folder may move (or be mounted elsewhere on another host): a note only
+    for name, old, new in [c for c in moved if c[0] in ("model", "data")]:
+        if jax.process_index() == 0:
+            print(
+                f"note: {FLAGS[name]} was {old!r} when {os.path.basename(last)} was saved, "
+                f"now {new!r}: resuming on the assumption that it holds the same content",
+                file=sys.stderr,
+            )
+    changes += [c for c in moved if c[0] not in ("model", "data")]
+    if changes:
+        lines = "\n".join(
+            f"  {name} ({FLAGS[name]}): {old!r} -> {new!r}"
+            if name in FLAGS
+            else f"  {name}: {old!r} -> {new!r}"
+            for name, old, new in changes
+        )
+        note = ""
+        if any(name == "total_steps" for name, _, _ in changes):
+            note = (
+                "\n(--steps is where a linear or cosine learning-rate schedule reaches 0: it "
+                "may change only when the schedule is constant, before and after.)"
+            )
+        raise SystemExit(
+            f"--output {args.output} holds a run at step {info.get('step')} "
+            f"({os.path.basename(last)}) whose settings differ from this command's:\n"
+            f"{lines}{note}\nTo resume it, run with its settings; to train with these, choose "
+            "another --output (or remove its checkpoints)."
+        )
+    return last
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_arguments(args)
     try:  # the settings are checked before the model loads
         config = TrainConfig(
             learning_rate=args.learning_rate,
@@ -139,7 +321,7 @@ def main(argv=None) -> int:
             lr_warmup_steps=args.lr_warmup_steps,
             total_steps=args.steps,
             weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+            max_grad_norm=None if args.max_grad_norm <= 0 else args.max_grad_norm,
             ema_decay=args.ema_decay,
             ema_warmup=not args.no_ema_warmup,
             sigma_loc=args.sigma_loc,
@@ -147,9 +329,14 @@ def main(argv=None) -> int:
             cfg_dropout=args.cfg_dropout,
             seed=args.seed,
         )
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise SystemExit(f"bad training settings: {e}") from None
-    paths = list_pictures(args.data)
+    try:
+        check_save_folder(args.output, "--output")
+    except OSError as e:
+        raise SystemExit(str(e)) from None
+    if not os.path.isdir(args.data):
+        raise SystemExit(f"--data {args.data!r} is not a folder; expected a folder of pictures")
     if args.distributed:
         from flax_latentup import parallel
 
@@ -157,6 +344,24 @@ def main(argv=None) -> int:
     me, count = jax.process_index(), jax.process_count()
     if args.batch_size % count:
         raise SystemExit(f"--batch-size {args.batch_size} must divide over {count} processes")
+    run = run_settings(args, count)
+    last = resume_point(args, config, run)
+    start = 0 if last is None else int(checkpoint_info(last)["step"])
+    if start >= args.steps:
+        if me == 0:
+            print(f"{last} is at step {start} of --steps {args.steps}: nothing to do")
+        return 0
+
+    paths = list_pictures(args.data)
+    captions, small = scan_pictures(paths, args.resolution)
+    if small and me == 0:
+        names = ", ".join(os.path.basename(p) for p in small[:5])
+        names += ", ..." if len(small) > 5 else ""
+        print(
+            f"warning: {len(small)} of {len(paths)} pictures have a side under --resolution "
+            f"{args.resolution} pixels and are upsampled (blurrier targets): {names}",
+            file=sys.stderr,
+        )
     share = args.batch_size // count
     rows = range(me * share, (me + 1) * share)  # this process's rows of every batch
     pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(args.model)
@@ -168,21 +373,18 @@ def main(argv=None) -> int:
         )
 
     # frozen text encoder: every caption is embedded once
-    captions = [caption_of(p) for p in paths]
     unique = sorted(set(captions) | {""})
     context, pooled = (np.asarray(a) for a in pipe.encode_prompt(unique))
     row = {c: i for i, c in enumerate(unique)}
     uncond = (context[row[""]], pooled[row[""]])
 
     trainer = Trainer(pipe.unet, uncond, config, remat=args.remat)
-    last = None if args.no_resume else latest_checkpoint(args.output)
     if last is not None:
         state = trainer.load_checkpoint(last)
         if me == 0:
             print(f"resuming from {last}", file=sys.stderr)
     else:
         state = trainer.init_state()
-    start = int(state.step)
 
     vae_key = jax.random.fold_in(jax.random.key(args.seed + 1), me)
     bar = tqdm(
@@ -193,19 +395,51 @@ def main(argv=None) -> int:
         disable=me != 0,
     )
     for step in bar:
-        pictures, idx = step_pictures(paths, step, args, rows)
+        done = step + 1
+        try:
+            pictures, idx = step_pictures(paths, step, args, rows)
+        except ValueError as e:  # a picture corrupt past its header
+            bar.close()
+            raise SystemExit(
+                f"step {done}: {e}. Fix or remove it from --data and run again (the run "
+                f"resumes from {last or 'step 0'}; without the picture its draws change)."
+            ) from None
         batch = dict(make_latents(pipe.vae, pictures, jax.random.fold_in(vae_key, step)))
         batch["context"] = context[[row[captions[i]] for i in idx]]
         batch["pooled"] = pooled[[row[captions[i]] for i in idx]]
         state, metrics = trainer.step(state, batch)
-        bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-        done = step + 1
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            bar.close()
+            raise SystemExit(
+                diverged(f"the loss is {loss}, the gradient norm {grad_norm}", done, args, last)
+            )
+        bar.set_postfix(loss=f"{loss:.4f}")
         if done % args.checkpoint_every == 0 or done == args.steps:
-            path = trainer.save_checkpoint(args.output, state)  # every process, 0 writes
+            try:
+                path = trainer.save_checkpoint(args.output, state, run)  # all; process 0 writes
+            except NonFiniteError:
+                bar.close()
+                raise SystemExit(
+                    diverged("the weights hold NaN or infinity", done, args, last)
+                ) from None
+            last = path
             if me == 0:
-                prune(args.output, args.keep)
+                prune(args.output, args.keep, path)
                 bar.write(f"saved {path}")
     return 0
+
+
+def diverged(what: str, step: int, args, last: str | None) -> str:
+    """The message of a run stopped at a non-finite step."""
+    good = f"the last good checkpoint is {last}" if last else "no checkpoint was saved"
+    return (
+        f"step {step}: {what}: training diverged, and stopped with nothing saved or pruned "
+        f"({good}). The usual cause is a learning rate too high (--learning-rate "
+        f"{args.learning_rate:g}): start again with a lower one, or a warm-up "
+        "(--lr-warmup-steps), in another --output (resuming here with these settings would "
+        "diverge the same way)."
+    )
 
 
 if __name__ == "__main__":

@@ -38,10 +38,13 @@ the optimizer state and the step, so a run resumes exactly where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import numbers
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -52,7 +55,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flax_latentup.models.base import read_json, write_json_atomic
+from flax_latentup.files import atomic_write
+from flax_latentup.models.base import read_json
 from flax_latentup.models.unet import FlaxUNet2DConditionModel
 from flax_latentup.models.vae import FlaxAutoencoderKL
 
@@ -66,6 +70,47 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
+
+SEED_LIMIT = 2**32  # jax.random.key keeps 32 bits of a seed (without jax_enable_x64)
+
+
+def _what(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    above: float | None = None,
+    high: float | None = None,
+    below: float | None = None,
+) -> float:
+    """``value`` as a float, if it is a finite real number (not a bool or a string) within
+    the bounds (``low``/``high`` inclusive, ``above``/``below`` exclusive)."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {_what(value)}")
+    x = float(value)
+    bounds = [(">=", low), (">", above), ("<=", high), ("<", below)]
+    bounds = [(sign, bound) for sign, bound in bounds if bound is not None]
+    tests = {">=": x.__ge__, ">": x.__gt__, "<=": x.__le__, "<": x.__lt__}
+    if not (math.isfinite(x) and all(tests[sign](bound) for sign, bound in bounds)):
+        want = " and ".join(f"{sign} {bound:g}" for sign, bound in bounds)
+        raise ValueError(f"{name} must be a finite number{' ' + want if want else ''}, got {x}")
+    return x
+
+
+def _integer(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int, if it is an integer (not a bool, a float or a string) within
+    ``[low, high]``."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {_what(value)}")
+    n = int(value)
+    if (low is not None and n < low) or (high is not None and n > high):
+        want = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {want}, got {n}")
+    return n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +132,11 @@ class TrainConfig:
     linear warm-up from 0 (diffusers' ``get_scheduler`` schedules of those names).
     ``seed``: with the step number it determines every random draw of a step, so a resumed
     run draws what an uninterrupted one would.
+
+    Every field is checked on construction: a value of the wrong type (a string such as
+    ``"1e-5"``, a bool for a number, a float for a step count) raises a TypeError, one out of
+    range or not finite a ValueError, each naming the field. Numbers are stored as Python
+    ``float``/``int`` (so :meth:`to_dict` is plain JSON).
     """
 
     learning_rate: float = 1e-5
@@ -108,16 +158,25 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.cfg_dropout <= 1.0:
-            raise ValueError(f"cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
-        if self.lr_schedule not in LR_SCHEDULES:
+        def put(name: str, value: Any) -> None:  # normalised value (frozen dataclass)
+            object.__setattr__(self, name, value)
+
+        for name in ("learning_rate", "adam_eps"):
+            put(name, _number(name, getattr(self, name), above=0.0))
+        for name in ("adam_b1", "adam_b2"):
+            put(name, _number(name, getattr(self, name), low=0.0, below=1.0))
+        put("weight_decay", _number("weight_decay", self.weight_decay, low=0.0))
+        if self.max_grad_norm is not None:
+            put("max_grad_norm", _number("max_grad_norm", self.max_grad_norm, above=0.0))
+        put("ema_decay", _number("ema_decay", self.ema_decay, low=0.0, high=1.0))
+        if not isinstance(self.ema_warmup, bool | np.bool_):
+            raise TypeError(f"ema_warmup must be a bool, got {_what(self.ema_warmup)}")
+        put("ema_warmup", bool(self.ema_warmup))
+        if not isinstance(self.lr_schedule, str) or self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.lr_warmup_steps < 0:
-            raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
-        if self.total_steps is not None and self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        put("lr_warmup_steps", _integer("lr_warmup_steps", self.lr_warmup_steps, low=0))
+        if self.total_steps is not None:
+            put("total_steps", _integer("total_steps", self.total_steps, low=1))
         if self.lr_schedule != "constant" and (
             self.total_steps is None or self.total_steps <= self.lr_warmup_steps
         ):
@@ -126,15 +185,19 @@ class TrainConfig:
                 f"given and exceed lr_warmup_steps ({self.lr_warmup_steps}); got "
                 f"{self.total_steps}"
             )
-        if self.sigma_scale < 0:
-            raise ValueError(f"sigma_scale must be >= 0, got {self.sigma_scale}")
-        if self.noise_aug_level < 0:
-            raise ValueError(f"noise_aug_level must be >= 0, got {self.noise_aug_level}")
+        put("sigma_loc", _number("sigma_loc", self.sigma_loc))
+        put("sigma_scale", _number("sigma_scale", self.sigma_scale, low=0.0))
+        put("cfg_dropout", _number("cfg_dropout", self.cfg_dropout, low=0.0, high=1.0))
+        put("noise_aug_level", _number("noise_aug_level", self.noise_aug_level, low=0.0))
         w = self.noise_aug_embed_weight
-        if w is not None and len(w) != NOISE_EMBED_DIM // 2:
-            raise ValueError(
-                f"noise_aug_embed_weight must hold {NOISE_EMBED_DIM // 2} values, got {len(w)}"
-            )
+        if w is not None:
+            n = NOISE_EMBED_DIM // 2
+            if isinstance(w, str | bytes) or not isinstance(w, Iterable):
+                raise TypeError(f"noise_aug_embed_weight must be {n} numbers, got {_what(w)}")
+            w = tuple(_number(f"noise_aug_embed_weight[{i}]", v) for i, v in enumerate(w))
+            if len(w) != n:
+                raise ValueError(f"noise_aug_embed_weight must hold {n} values, got {len(w)}")
+            put("noise_aug_embed_weight", w)
         if self.noise_aug_level > 0 and w is None:
             raise ValueError(
                 "noise_aug_level > 0 needs noise_aug_embed_weight: the embedding of a nonzero "
@@ -143,6 +206,7 @@ class TrainConfig:
                 "diffusers checkpoint does not carry. Pass them, or keep noise_aug_level=0 "
                 "(what the pipeline samples with)."
             )
+        put("seed", _integer("seed", self.seed, low=0, high=SEED_LIMIT - 1))
 
     def learning_rate_schedule(self) -> optax.Schedule:
         """The learning rate of the update after ``count`` updates (count = 0, 1, ...)."""
@@ -192,6 +256,24 @@ class TrainConfig:
         if d["noise_aug_embed_weight"] is not None:
             d["noise_aug_embed_weight"] = list(d["noise_aug_embed_weight"])
         return d
+
+    def changes_from(self, recorded: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+        """``(name, recorded value, this config's value)`` for each setting that differs from
+        ``recorded`` (a checkpoint's ``"config"``, as :meth:`to_dict` wrote it), in field order.
+
+        Only the fields ``recorded`` holds are compared (a checkpoint of an older build lacks
+        the newer ones). ``total_steps`` counts only when either schedule decays to 0 at it
+        (``"linear"``/``"cosine"``): under ``"constant"`` it changes no step.
+        """
+        old_schedule = recorded.get("lr_schedule", "constant")
+        steps_matter = self.lr_schedule != "constant" or old_schedule != "constant"
+        changes = []
+        for name, value in self.to_dict().items():
+            if name not in recorded or (name == "total_steps" and not steps_matter):
+                continue
+            if recorded[name] != value:
+                changes.append((name, recorded[name], value))
+        return changes
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,11 +477,21 @@ class Trainer:
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
         self.sharded = NamedSharding(mesh, P("data"))
+        ctx, pooled = (np.asarray(u, np.float32) for u in uncond)
+        d_ctx, d_cond = unet.config.cross_attention_dim, unet.config.time_cond_proj_dim
+        if ctx.ndim != 2 or ctx.shape[1] != d_ctx:
+            raise ValueError(
+                f"uncond[0] (the '' prompt's context) must be [L, {d_ctx}] (the UNet's "
+                f"cross_attention_dim), got shape {list(ctx.shape)}"
+            )
+        if pooled.ndim != 1 or (d_cond is not None and NOISE_EMBED_DIM + len(pooled) != d_cond):
+            want = "D" if d_cond is None else d_cond - NOISE_EMBED_DIM
+            raise ValueError(
+                f"uncond[1] (the '' prompt's pooled embedding) must be [{want}] (the UNet's "
+                f"time_cond_proj_dim less {NOISE_EMBED_DIM}), got shape {list(pooled.shape)}"
+            )
         # host values (the same in every process) placed on the whole mesh
-        self.uncond = jax.device_put(
-            (np.asarray(uncond[0], np.float32), np.asarray(uncond[1], np.float32)),
-            self.replicated,
-        )
+        self.uncond = jax.device_put((ctx, pooled), self.replicated)
         self.frozen = jax.device_put(_host(self.frozen), self.replicated)
         self.optimizer = self.config.optimizer()
         w = self.config.noise_aug_embed_weight
@@ -465,13 +557,65 @@ class Trainer:
     def _eval_fn(self, params, batch, draws):
         return self._loss(params, batch, draws)[0]
 
+    def check_batch(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """``batch``'s four entries as float32 host arrays, or a ValueError naming the entry
+        that does not fit the UNet: ``latents [B, H, W, C]`` and ``low_res [B, H/2, W/2, C]``
+        (``C`` = half the UNet's ``in_channels``), ``context [B, L, D]`` (``L`` and ``D`` as
+        the ``""`` prompt's context, ``D`` the UNet's ``cross_attention_dim``) and
+        ``pooled [B, P]`` (``P`` as the ``""`` prompt's pooled embedding), one ``B >= 1``."""
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batch must be a dict of arrays, got {type(batch).__name__}")
+        c = self.unet_config.in_channels // 2
+        (n_ctx, d_ctx), (d_pooled,) = self.uncond[0].shape, self.uncond[1].shape
+        layout = {
+            "latents": f"[B, H, W, {c}]",
+            "low_res": f"[B, H/2, W/2, {c}]",
+            "context": f"[B, {n_ctx}, {d_ctx}]",
+            "pooled": f"[B, {d_pooled}]",
+        }
+        what = ", ".join(f"{k} {v}" for k, v in layout.items())
+        missing = [k for k in layout if k not in batch]
+        if missing:
+            raise ValueError(f"batch lacks {', '.join(missing)}: a batch holds {what}")
+        arrays = {}
+        for k in layout:
+            try:
+                arrays[k] = np.asarray(batch[k], np.float32)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"batch[{k!r}] must be a float array {layout[k]}: {e}") from None
+        lat, low, ctx, pooled = arrays.values()
+        h, w = (lat.shape[1], lat.shape[2]) if lat.ndim == 4 else (0, 0)
+        want = {
+            "latents": (None, None, None, c),
+            "low_res": (None, h // 2, w // 2, c),
+            "context": (None, n_ctx, d_ctx),
+            "pooled": (None, d_pooled),
+        }
+        for k, shape in want.items():
+            got = arrays[k].shape
+            fits = len(got) == len(shape) and all(
+                s is None or s == g for s, g in zip(shape, got, strict=True)
+            )
+            if not fits:
+                raise ValueError(
+                    f"batch[{k!r}] must be {layout[k]}, got shape {list(got)} (a batch holds "
+                    f"{what})"
+                )
+        if h % 2 or w % 2:
+            raise ValueError(f"batch['latents'] must have even sides, got {h}x{w}")
+        rows = {k: v.shape[0] for k, v in arrays.items()}
+        if len(set(rows.values())) > 1 or lat.shape[0] < 1:
+            got = ", ".join(f"{k} {n}" for k, n in rows.items())
+            raise ValueError(
+                f"the batch's entries must share one first axis B >= 1 (rows), got {got}"
+            )
+        return arrays
+
     def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, Array]:
         """Put a host batch on the mesh, split along its first axis. With a mesh over several
-        processes, ``batch`` is this process's share, split over its devices in the mesh."""
-        return {
-            k: self._split(np.asarray(batch[k], np.float32))
-            for k in ("latents", "low_res", "context", "pooled")
-        }
+        processes, ``batch`` is this process's share, split over its devices in the mesh. The
+        batch is checked first (:meth:`check_batch`)."""
+        return {k: self._split(v) for k, v in self.check_batch(batch).items()}
 
     def _split(self, v: np.ndarray) -> Array:
         """``v`` (this process's rows) split along its first axis over the mesh."""
@@ -485,7 +629,8 @@ class Trainer:
         return jax.device_put(v, self.sharded)
 
     def step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
-        """One optimizer step on ``batch`` (``latents``, ``low_res``, ``context``, ``pooled``).
+        """One optimizer step on ``batch`` (``latents``, ``low_res``, ``context``, ``pooled``,
+        checked by :meth:`check_batch` before anything is compiled).
 
         The step's random draws come from ``config.seed`` and ``state.step``. ``state`` is
         donated (its buffers are reused): keep the returned one. Returns ``(state, metrics)``
@@ -502,27 +647,63 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
 
-    def save_checkpoint(self, folder: str | os.PathLike, state: TrainState) -> str:
+    def save_checkpoint(
+        self, folder: str | os.PathLike, state: TrainState, run: dict | None = None
+    ) -> str:
         """Write ``folder/checkpoint-<step>/`` and return its path.
 
         It holds ``unet/`` and ``unet_ema/`` (``save_pretrained`` folders), the optimizer
         state (``optimizer.safetensors``, leaves in tree order) and ``trainer_state.json``
-        (step, config). Everything is written under a temporary name first, so a run killed
-        mid-save leaves no ``checkpoint-*`` folder that is incomplete.
+        (strict JSON: ``step``, ``config``, and ``run`` if given: the run's settings beyond
+        the :class:`TrainConfig`, any JSON-serialisable dict of finite values; the example
+        script records its model, data folder, resolution, batch size and process count
+        there, to refuse a resume with other settings). Everything is written under a
+        temporary name first, so a run killed mid-save leaves no ``checkpoint-*`` folder that
+        is incomplete.
+
+        A state whose weights, EMA or optimizer state hold NaN or infinity (a diverged run)
+        is refused with :class:`NonFiniteError` (a ValueError) naming the step, and nothing
+        is written; so is a ``run`` that is not a dict of finite JSON values.
         """
         folder = os.fspath(folder)
         step = int(_host(state.step))
+        info: dict[str, Any] = {"step": step, "config": self.config.to_dict()}
+        if run is not None:
+            if not isinstance(run, Mapping):
+                raise TypeError(f"run must be a dict of settings, got {type(run).__name__}")
+            info["run"] = dict(run)
+        try:
+            text = json.dumps(info, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        except (TypeError, ValueError) as e:
+            raise ValueError(
+                f"checkpoint of step {step}: run must hold JSON values (str, int, finite "
+                f"float, bool, None, lists and dicts of them): {e}"
+            ) from None
+        params, ema, opt_state = _host((state.params, state.ema, state.opt_state))
+        bad = [
+            what
+            for what, tree in (("weights", params), ("EMA", ema), ("optimizer state", opt_state))
+            if not _all_finite(tree)
+        ]
+        if bad:
+            raise NonFiniteError(
+                f"refusing to save the checkpoint of step {step}: its {' and '.join(bad)} hold "
+                "NaN or infinite values (training diverged: a learning rate too high is the "
+                "usual cause); nothing was written"
+            )
         final = os.path.join(folder, f"checkpoint-{step:08d}")
         if jax.process_index() == 0:
             os.makedirs(folder, exist_ok=True)
             tmp = final + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            self.unet(state).save_pretrained(os.path.join(tmp, "unet"))
-            self.unet(state, ema=True).save_pretrained(os.path.join(tmp, "unet_ema"))
-            _save_leaves(_host(state.opt_state), os.path.join(tmp, _OPT_FILE))
-            info = {"step": step, "config": self.config.to_dict()}
-            write_json_atomic(info, os.path.join(tmp, _STATE_FILE))
+            frozen = _host(self.frozen)
+            for sub, weights in (("unet", params), ("unet_ema", ema)):
+                model = nnx.merge(self.graphdef, weights, frozen)
+                model.set_remat(False)
+                model.save_pretrained(os.path.join(tmp, sub))
+            _save_leaves(opt_state, os.path.join(tmp, _OPT_FILE))
+            atomic_write(os.path.join(tmp, _STATE_FILE), lambda f: f.write(text), text=True)
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -569,17 +750,47 @@ def _host(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
-def latest_checkpoint(folder: str | os.PathLike) -> str | None:
-    """The ``checkpoint-<step>`` folder with the highest step in ``folder`` (None if none)."""
+class NonFiniteError(ValueError):
+    """A train state holding NaN or infinite values (see :meth:`Trainer.save_checkpoint`)."""
+
+
+def _all_finite(tree: Any) -> bool:
+    return all(
+        bool(np.isfinite(x).all())
+        for x in jax.tree.leaves(tree)
+        if np.issubdtype(np.asarray(x).dtype, np.inexact)
+    )
+
+
+def checkpoint_folders(folder: str | os.PathLike) -> list[tuple[int, str]]:
+    """``(step, path)`` of the folders named exactly ``checkpoint-<digits>`` in ``folder``,
+    by step (none if ``folder`` does not exist). Other names (``checkpoint-best``, a killed
+    save's ``checkpoint-<digits>.tmp``) are not checkpoints of a run."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        return None
+        return []
     found = []
     for name in os.listdir(folder):
         m = _CHECKPOINT.match(name)
-        if m and os.path.isfile(os.path.join(folder, name, _STATE_FILE)):
-            found.append((int(m.group(1)), name))
-    return os.path.join(folder, max(found)[1]) if found else None
+        path = os.path.join(folder, name)
+        if m and os.path.isdir(path):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The ``checkpoint-<step>`` folder with the highest step in ``folder`` that holds a
+    ``trainer_state.json`` (None if none)."""
+    found = [
+        p for _, p in checkpoint_folders(folder) if os.path.isfile(os.path.join(p, _STATE_FILE))
+    ]
+    return found[-1] if found else None
+
+
+def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json``: ``step``, ``config`` (:meth:`TrainConfig.to_dict`)
+    and, if it was saved with one, ``run`` (see :meth:`Trainer.save_checkpoint`)."""
+    return read_json(os.path.join(os.fspath(path), _STATE_FILE))
 
 
 def _save_leaves(tree: Any, path: str) -> None:
@@ -618,11 +829,14 @@ def _load_leaves(template: Any, path: str) -> Any:
 
 __all__ = [
     "Draws",
+    "NonFiniteError",
     "TrainConfig",
     "TrainState",
     "Trainer",
     "denoiser_loss",
     "draw",
+    "checkpoint_folders",
+    "checkpoint_info",
     "karras_scalings",
     "latest_checkpoint",
     "make_latents",

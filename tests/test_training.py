@@ -1,10 +1,16 @@
 """The fine-tuning objective against an independent numpy computation, a short fine-tune of a
-tiny UNet whose loss must fall, and a checkpointed run resumed bit for bit."""
+tiny UNet whose loss must fall, a checkpointed run resumed bit for bit, and the checks of the
+settings, batches, pictures and checkpoints (the API's and the example script's)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
+import math
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +24,10 @@ from flax_latentup.configs import UNet2DConditionConfig
 from flax_latentup.sampling import noise_level_embedding as pipeline_noise_embedding
 from flax_latentup.training import (
     Draws,
+    NonFiniteError,
     TrainConfig,
     Trainer,
+    checkpoint_info,
     denoiser_loss,
     draw,
     karras_scalings,
@@ -293,15 +301,20 @@ def test_resume_is_bitwise_identical(setup, tmp_path):
         trainer.load_checkpoint(path)
 
 
-def test_example_draws_depend_on_seed_and_step_only(tmp_path):
+@pytest.fixture(scope="module")
+def finetune():
+    """examples/finetune.py as a module (its main runs in this process)."""
+    spec = importlib.util.spec_from_file_location("finetune", "examples/finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_draws_depend_on_seed_and_step_only(finetune, tmp_path):
     import argparse
-    import importlib.util
 
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location("finetune", "examples/finetune.py")
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
     for i, p in enumerate(make_pictures(3, 40, seed=1)):
         Image.fromarray(((p + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / f"{i}.png")
     (tmp_path / "1.txt").write_text("a photo of the cat\n")
@@ -316,12 +329,7 @@ def test_example_draws_depend_on_seed_and_step_only(tmp_path):
     assert idx_a == idx_b and not np.array_equal(a, c)
 
 
-def test_example_checks_schedule_before_loading(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("finetune", "examples/finetune.py")
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
+def test_example_checks_schedule_before_loading(finetune, tmp_path):
     argv = ["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data")]
     argv += ["--output", str(tmp_path / "run"), "--steps", "1000"]
     with pytest.raises(SystemExit, match="bad training settings: lr_schedule 'cosine'"):
@@ -561,3 +569,382 @@ def test_example_on_two_processes(flax_pipe_dir, tmp_path):
     assert sorted(os.listdir(run)) == ["checkpoint-00000002"]
     with open(run / "checkpoint-00000002" / "trainer_state.json") as f:
         assert json.load(f)["step"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, batches and checkpoints: the API's checks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(learning_rate=0.0), ValueError, "learning_rate must be a finite number > 0"),
+        (dict(learning_rate=-1e-5), ValueError, "learning_rate must be a finite number > 0"),
+        (dict(learning_rate=math.inf), ValueError, "learning_rate must be a finite number"),
+        (dict(learning_rate="1e-5"), TypeError, "learning_rate must be a real number, got str"),
+        (dict(learning_rate=True), TypeError, "learning_rate must be a real number, got bool"),
+        (dict(weight_decay=-0.1), ValueError, "weight_decay must be a finite number >= 0"),
+        (dict(weight_decay=math.nan), ValueError, "weight_decay must be a finite number"),
+        (dict(max_grad_norm=0.0), ValueError, "max_grad_norm must be a finite number > 0"),
+        (dict(max_grad_norm=math.nan), ValueError, "max_grad_norm must be a finite number"),
+        (dict(sigma_loc=math.nan), ValueError, "sigma_loc must be a finite number"),
+        (dict(sigma_scale=math.inf), ValueError, "sigma_scale must be a finite number >= 0"),
+        (dict(noise_aug_level=math.nan), ValueError, "noise_aug_level must be a finite number"),
+        (dict(adam_b1=1.0), ValueError, "adam_b1 must be a finite number >= 0 and < 1"),
+        (dict(adam_b2=-0.1), ValueError, "adam_b2 must be a finite number >= 0 and < 1"),
+        (dict(adam_eps=0.0), ValueError, "adam_eps must be a finite number > 0"),
+        (dict(ema_decay="0.99"), TypeError, "ema_decay must be a real number, got str"),
+        (dict(lr_warmup_steps=2.0), TypeError, "lr_warmup_steps must be an int, got float"),
+        (dict(total_steps=True), TypeError, "total_steps must be an int, got bool"),
+        (dict(total_steps="100"), TypeError, "total_steps must be an int, got str"),
+        (dict(seed=-1), ValueError, r"seed must be in \[0, "),
+        (dict(seed=1.0), TypeError, "seed must be an int, got float"),
+        (dict(noise_aug_embed_weight=(math.nan,) * 64), ValueError, r"noise_aug_embed_weight\[0\]"),
+    ],
+)
+def test_train_config_refuses_bad_values(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_train_config_normalises_numbers():
+    config = TrainConfig(learning_rate=np.float32(0.5), seed=np.int64(3), lr_warmup_steps=2)
+    assert type(config.learning_rate) is float and type(config.seed) is int
+    assert json.loads(json.dumps(config.to_dict(), allow_nan=False))["seed"] == 3
+
+
+def test_batch_is_checked_before_compiling(setup):
+    """Each malformed batch is refused by name before anything is traced or compiled (a
+    1-row context used to be broadcast over the batch)."""
+    trainer, batch = setup
+    state = trainer.init_state()
+    cases = [
+        ({k: v for k, v in batch.items() if k != "pooled"}, "batch lacks pooled"),
+        (dict(batch, context=batch["context"][:1]), "one first axis.*context 1"),
+        (dict(batch, pooled=batch["pooled"][:2]), "one first axis.*pooled 2"),
+        ({k: np.asarray(v)[:0] for k, v in batch.items()}, "B >= 1"),
+        (dict(batch, low_res=batch["latents"]), r"batch\['low_res'\] must be \[B, H/2, W/2, 4\]"),
+        (dict(batch, latents=np.asarray(batch["latents"])[..., :3]), r"batch\['latents'\]"),
+        (
+            dict(batch, context=batch["context"][..., :16]),
+            r"batch\['context'\] must be \[B, 7, 32\]",
+        ),
+        (dict(batch, pooled=batch["pooled"][:, :16]), r"batch\['pooled'\] must be \[B, 32\]"),
+        (dict(batch, latents=np.asarray(batch["latents"])[0]), r"batch\['latents'\]"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            trainer.step(state, bad)
+    # the "" prompt's embeddings must fit the UNet too
+    unet = trainer.unet(state)
+    with pytest.raises(ValueError, match=r"uncond\[0\].*\[L, 32\]"):
+        Trainer(unet, (np.zeros((L, 16)), np.zeros(D)))
+    with pytest.raises(ValueError, match=r"uncond\[1\].*\[32\]"):
+        Trainer(unet, (np.zeros((L, D)), np.zeros(D + 1)))
+
+
+def _poisoned(tree, value):
+    leaves, treedef = jax.tree.flatten(jax.device_get(tree))
+    leaves[0] = np.array(leaves[0])
+    leaves[0].flat[0] = value
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def test_checkpoint_refuses_nonfinite_weights(setup, tmp_path):
+    trainer, _ = setup
+    state = trainer.init_state()
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match="step 0: its weights hold NaN"):
+        trainer.save_checkpoint(run, state.replace(params=_poisoned(state.params, np.nan)))
+    with pytest.raises(NonFiniteError, match="step 0: its EMA hold NaN or infinite"):
+        trainer.save_checkpoint(run, state.replace(ema=_poisoned(state.ema, np.inf)))
+    assert not run.exists(), "nothing is written"
+
+
+def test_checkpoint_records_run_settings_as_strict_json(setup, tmp_path):
+    trainer, _ = setup
+    state = trainer.init_state()
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="step 0: run must hold JSON values"):
+        trainer.save_checkpoint(run, state, run={"resolution": math.nan})
+    assert not run.exists()
+    settings = {"model": "m", "data": "/d", "resolution": 128, "batch_size": 2}
+    path = trainer.save_checkpoint(run, state, run=settings)
+    assert checkpoint_info(path)["run"] == settings
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        info = json.loads(f.read(), parse_constant=refuse)
+    assert info["step"] == 0 and info["config"] == trainer.config.to_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# The example script's checks
+# --------------------------------------------------------------------------------------------
+
+
+class _ModelLoaded(Exception):
+    """Raised where the script would load the model: every check before it passed."""
+
+
+class _NoModel:
+    @staticmethod
+    def from_pretrained(*args, **kwargs):
+        raise _ModelLoaded
+
+
+def _save_picture(path, size, seed=0):
+    from PIL import Image
+
+    w, h = (size, size) if isinstance(size, int) else size
+    pixels = np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def _argv(model, data, output, *more):
+    return ["--model", str(model), "--data", str(data), "--output", str(output), *more]
+
+
+@pytest.mark.parametrize(
+    "more, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1, got 0"),
+        (["--keep", "-1"], "--keep must be >= 0, got -1"),
+        (["--seed", "-3"], "--seed must be >= 0, got -3"),
+        (["--learning-rate", "0"], "bad training settings: learning_rate must be a finite"),
+        (["--max-grad-norm", "nan"], "bad training settings: max_grad_norm must be a finite"),
+    ],
+)
+def test_example_checks_arguments_first(finetune, tmp_path, more, message):
+    argv = _argv(tmp_path / "no-model", tmp_path / "no-data", tmp_path / "run", *more)
+    with pytest.raises(SystemExit, match=message):
+        finetune.main(argv)
+    assert not (tmp_path / "run").exists()
+
+
+def test_example_checks_output_first(finetune, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    for output, message in (
+        (tmp_path / "file", "--output .*file' is a file; expected a folder"),
+        (tmp_path / "file" / "run", "--output .*run' lies under a file; expected a folder"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            finetune.main(_argv(tmp_path / "no-model", tmp_path / "no-data", output))
+
+
+def test_example_checks_pictures_first(finetune, tmp_path, monkeypatch):
+    """Every picture's header and caption is read before the model loads; the unreadable ones
+    are listed (ten, then a count); a folder named like a picture is no picture."""
+    monkeypatch.setattr(finetune, "FlaxStableDiffusionLatentUpscalePipeline", _NoModel)
+    data = tmp_path / "data"
+    data.mkdir()
+    _save_picture(data / "a.png", 130)
+    (data / "a.txt").write_bytes(b"caf\xe9 au lait\n")  # Latin-1, not UTF-8
+    (data / "nested.png").mkdir()
+    for i in range(11):
+        (data / f"bad{i:02d}.jpg").write_bytes(b"not a picture")
+    with pytest.raises(SystemExit) as e:
+        finetune.main(_argv(tmp_path / "model", data, tmp_path / "run", "--resolution", "128"))
+    msg = str(e.value.code)
+    assert msg.startswith("12 file(s) in --data cannot be read")
+    assert "a.txt: not a readable UTF-8 caption" in msg and "bad00.jpg: not a readable" in msg
+    assert "... and 2 more" in msg and "bad10.jpg" not in msg and "nested.png" not in msg
+
+    for i in range(11):
+        os.remove(data / f"bad{i:02d}.jpg")
+    (data / "a.txt").write_text("café au lait\n", encoding="utf-8")
+    with pytest.raises(_ModelLoaded):  # every check passed
+        finetune.main(_argv(tmp_path / "model", data, tmp_path / "run", "--resolution", "128"))
+    assert finetune.list_pictures(str(data)) == [str(data / "a.png")]
+    assert finetune.caption_of(str(data / "a.png")) == "café au lait"
+
+
+def test_example_decodes_pictures(finetune, tmp_path):
+    """16-bit grey PNGs are scaled, not clipped to white; a picture truncated past its header
+    passes the header check and fails when decoded, with an error naming it."""
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 48), 30000, np.uint16)).save(tmp_path / "grey16.png")
+    crop = finetune.load_crop(str(tmp_path / "grey16.png"), 32, np.random.default_rng(0))
+    np.testing.assert_allclose(crop, round(30000 / 257) / 127.5 - 1, atol=1e-6)
+
+    _save_picture(tmp_path / "cut.png", 64)
+    whole = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(whole[: len(whole) // 2])
+    path = str(tmp_path / "cut.png")
+    assert finetune.scan_pictures([path], 32) == ([""], [])
+    with pytest.raises(ValueError, match="cannot decode the picture .*cut.png"):
+        finetune.load_crop(path, 32, np.random.default_rng(0))
+
+
+def test_prune_keeps_what_it_must(finetune, tmp_path):
+    """Only ``checkpoint-<digits>`` folders count, newest by step number; the checkpoint just
+    written stays; killed saves' ``.tmp`` folders go."""
+    names = ["checkpoint-00000002", "checkpoint-00000004", "checkpoint-10", "checkpoint-best"]
+    names += ["checkpoint-00000003.tmp", "checkpoint-00000004.tmp", "checkpoint-9.tmp.keep"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-00000001").write_text("a file, not a checkpoint")
+    finetune.prune(str(tmp_path), 1, str(tmp_path / "checkpoint-00000004"))
+    assert sorted(os.listdir(tmp_path)) == [
+        "checkpoint-00000001",
+        "checkpoint-00000004",  # just written (an earlier run's checkpoint-10 is newer)
+        "checkpoint-00000004.tmp",  # being written
+        "checkpoint-10",
+        "checkpoint-9.tmp.keep",
+        "checkpoint-best",
+    ]
+    finetune.prune(str(tmp_path), 0)  # keep all: only the leftovers go
+    assert "checkpoint-00000004.tmp" not in os.listdir(tmp_path)
+    assert len(os.listdir(tmp_path)) == 5
+
+
+@pytest.fixture(scope="module")
+def diverged_run(finetune, flax_pipe_dir, tmp_path_factory):
+    """A real run of the script whose learning rate (1e30) makes step 2's loss NaN, with three
+    of four pictures under --resolution, a folder named like a picture, a user's
+    ``checkpoint-best`` and a killed save's leftover in --output: ``(argv, SystemExit
+    message, stderr)``."""
+    root = tmp_path_factory.mktemp("diverged")
+    data, run = root / "data", root / "run"
+    data.mkdir()
+    for i in range(3):
+        _save_picture(data / f"small{i}.png", (40, 60), seed=i)
+    _save_picture(data / "large.png", 136, seed=3)
+    (data / "small0.txt").write_text("a photo of the cat\n")
+    (data / "nested.png").mkdir()
+    (run / "checkpoint-best").mkdir(parents=True)
+    (run / "checkpoint-best" / "keep.txt").write_text("mine")
+    (run / "checkpoint-00000099.tmp").mkdir()
+    argv = _argv(flax_pipe_dir, data, run, "--resolution", "128", "--batch-size", "2")
+    argv += ["--steps", "3", "--checkpoint-every", "1", "--keep", "1"]
+    argv += ["--learning-rate", "1e30"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        finetune.main(argv)
+    return argv, e.value.code, err.getvalue()
+
+
+def test_example_stops_at_a_nonfinite_loss(diverged_run):
+    """A NaN loss stops the run (exit status 1) saving and pruning nothing: the last good
+    checkpoint stays, the user's checkpoint-best too; the killed save's leftover went with
+    the first pruning."""
+    argv, message, stderr = diverged_run
+    run = argv[argv.index("--output") + 1]
+    assert isinstance(message, str), "a message, exit status 1"
+    assert message.startswith("step 2: the loss is nan")
+    assert "learning rate too high (--learning-rate 1e+30)" in message
+    assert f"the last good checkpoint is {os.path.join(run, 'checkpoint-00000001')}" in message
+    assert sorted(os.listdir(run)) == ["checkpoint-00000001", "checkpoint-best"]
+    assert os.listdir(os.path.join(run, "checkpoint-best")) == ["keep.txt"]
+
+
+def test_example_warns_of_small_pictures_once(diverged_run):
+    _, _, stderr = diverged_run
+    warnings = [line for line in stderr.splitlines() if "upsampled" in line]
+    assert len(warnings) == 1, stderr[-2000:]
+    assert "3 of 4 pictures" in warnings[0] and "small0.png, small1.png" in warnings[0]
+
+
+def test_example_records_and_compares_settings(finetune, diverged_run, monkeypatch, capsys):
+    """The checkpoint records the run's settings; a resume with others is refused before the
+    model loads, listing each; --steps alone may change under a constant schedule; a run
+    already at --steps has nothing to do and loads nothing."""
+    monkeypatch.setattr(finetune, "FlaxStableDiffusionLatentUpscalePipeline", _NoModel)
+    argv, _, _ = diverged_run
+    run = argv[argv.index("--output") + 1]
+    info = checkpoint_info(os.path.join(run, "checkpoint-00000001"))
+    data = argv[argv.index("--data") + 1]
+    model = argv[argv.index("--model") + 1]
+    assert info["run"] == {
+        "model": os.path.realpath(model),
+        "data": os.path.realpath(data),
+        "resolution": 128,
+        "batch_size": 2,
+        "processes": 1,
+    }
+
+    def with_(**flags):
+        out = list(argv)
+        for flag, value in flags.items():
+            out[out.index("--" + flag.replace("_", "-")) + 1] = value
+        return out
+
+    with pytest.raises(SystemExit) as e:
+        finetune.main(with_(learning_rate="1e-4", batch_size="4", resolution="256"))
+    msg = e.value.code
+    assert "holds a run at step 1 (checkpoint-00000001) whose settings differ" in msg
+    assert "learning_rate (--learning-rate): 1e+30 -> 0.0001" in msg
+    assert "batch_size (--batch-size): 2 -> 4" in msg and "resolution (--resolution)" in msg
+    assert "choose another --output" in msg and "--steps" not in msg
+    with pytest.raises(_ModelLoaded):  # --steps alone, constant schedule: resumed
+        finetune.main(with_(steps="5"))
+    moved = os.path.join(os.path.dirname(run), "moved-data")
+    shutil.copytree(data, moved)
+    capsys.readouterr()
+    with pytest.raises(_ModelLoaded):  # a data folder that moved: resumed, with a note
+        finetune.main(with_(data=moved))
+    assert "note: --data was" in capsys.readouterr().err
+
+    def no_data(*args):
+        raise AssertionError("the pictures were read")
+
+    monkeypatch.setattr(finetune, "list_pictures", no_data)
+    assert finetune.main(with_(steps="1")) == 0
+    assert "at step 1 of --steps 1: nothing to do" in capsys.readouterr().out
+
+
+def _fake_checkpoint(folder, step, config: TrainConfig, run=None):
+    """A checkpoint folder holding only its trainer_state.json (what the checks read)."""
+    path = folder / f"checkpoint-{step:08d}"
+    path.mkdir(parents=True)
+    info = {"step": step, "config": config.to_dict(), **({"run": run} if run else {})}
+    (path / "trainer_state.json").write_text(json.dumps(info))
+    return path
+
+
+def test_example_resume_checks_of_schedules_and_older_checkpoints(finetune, tmp_path, monkeypatch):
+    monkeypatch.setattr(finetune, "FlaxStableDiffusionLatentUpscalePipeline", _NoModel)
+    data = tmp_path / "data"
+    data.mkdir()
+    _save_picture(data / "a.png", 128)
+    base = ["--resolution", "128", "--batch-size", "2", "--learning-rate", "1e-5"]
+
+    # linear schedule: --steps moves where the rate reaches 0, so it must stay
+    linear = tmp_path / "linear"
+    config = TrainConfig(learning_rate=1e-5, lr_schedule="linear", total_steps=10)
+    _fake_checkpoint(linear, 4, config)
+    argv = _argv(tmp_path / "model", data, linear, *base, "--lr-schedule", "linear")
+    with pytest.raises(
+        SystemExit, match=r"(?s)total_steps \(--steps\): 10 -> 12.*linear or cosine"
+    ):
+        finetune.main(argv + ["--steps", "12"])
+    with pytest.raises(_ModelLoaded):
+        finetune.main(argv + ["--steps", "10"])
+
+    # a checkpoint of an earlier build records no run settings: only its config is compared
+    older = tmp_path / "older"
+    _fake_checkpoint(older, 4, TrainConfig(learning_rate=1e-5, total_steps=10))
+    argv = _argv(tmp_path / "model", data, older, *base, "--steps", "10")
+    with pytest.raises(_ModelLoaded):
+        finetune.main(argv + ["--batch-size", "4"])
+    with pytest.raises(SystemExit, match=r"seed \(--seed\): 0 -> 1"):
+        finetune.main(argv + ["--seed", "1"])
+
+    # --no-resume into a folder with checkpoints of another run (a checkpoint-best is none)
+    with pytest.raises(SystemExit, match="checkpoints of an earlier run, up to step 4"):
+        finetune.main(argv + ["--no-resume"])
+    mine = tmp_path / "mine"
+    (mine / "checkpoint-best").mkdir(parents=True)
+    with pytest.raises(_ModelLoaded):
+        finetune.main(_argv(tmp_path / "model", data, mine, *base, "--no-resume"))
+    # a newer checkpoint folder without trainer_state.json is neither resumed nor pruned away
+    (older / "checkpoint-00000009").mkdir()
+    with pytest.raises(SystemExit, match="checkpoint-00000009 has no trainer_state.json"):
+        finetune.main(argv)
+    shutil.rmtree(older / "checkpoint-00000009")
