@@ -41,11 +41,51 @@ SHARED_KEYS = frozenset(
 )
 
 
+def check_devices(devices: Any, name: str = "devices") -> list[jax.Device]:
+    """``devices`` as a list, or a ValueError naming ``name``: it must be a non-empty sequence
+    (any iterable, read once) of distinct JAX devices of one platform."""
+    if isinstance(devices, jax.Device):
+        raise ValueError(f"{name} must be a sequence of JAX devices; got one device: pass [it]")
+    if isinstance(devices, str | bytes) or not hasattr(devices, "__iter__"):
+        raise ValueError(
+            f"{name} must be a sequence of JAX devices (e.g. jax.local_devices()), got "
+            f"{type(devices).__name__}"
+        )
+    devices = list(devices)
+    if not devices:
+        raise ValueError(f"{name} is empty")
+    for i, d in enumerate(devices):
+        if not isinstance(d, jax.Device):
+            raise ValueError(
+                f"{name}[{i}] must be a JAX device (from jax.devices()), got {type(d).__name__}"
+            )
+    if len(set(devices)) < len(devices):
+        raise ValueError(f"{name} lists a device more than once: {devices}")
+    platforms = sorted({d.platform for d in devices})
+    if len(platforms) > 1:
+        raise ValueError(f"{name} mixes platforms {platforms}: give devices of one")
+    return devices
+
+
+def check_mesh(mesh: Any, name: str = "mesh") -> Mesh:
+    """``mesh``, or a ValueError naming ``name`` unless it is a ``jax.sharding.Mesh`` with a
+    ``"data"`` axis (the batch is split along it; other axes hold copies)."""
+    if not isinstance(mesh, Mesh):
+        raise ValueError(
+            f"{name} must be a jax.sharding.Mesh with a 'data' axis (make_mesh(devices) makes "
+            f"one), got {type(mesh).__name__}"
+        )
+    if "data" not in mesh.axis_names:
+        raise ValueError(
+            f"{name} must have a 'data' axis (the batch is split along it), got axes "
+            f"{tuple(mesh.axis_names)}"
+        )
+    return mesh
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D ``("data",)`` mesh over ``devices`` (default: this process's local devices)."""
-    devices = list(devices) if devices is not None else jax.local_devices()
-    if not devices:
-        raise ValueError("devices is empty")
+    devices = check_devices(devices) if devices is not None else jax.local_devices()
     return Mesh(np.asarray(devices), ("data",))
 
 
@@ -107,8 +147,8 @@ def sharded_upscale(
     ``hooks``: ``(on_progress, on_callback)`` host functions for ``options.progress`` /
     ``options.callback`` (see :func:`~flax_latentup.pipeline.upscale_core`); the callback's
     latents are the whole padded batch, gathered at the steps it runs."""
-    mesh = mesh if mesh is not None else make_mesh()
-    batch, n = _pad_batch(batch, mesh.size)
+    mesh = check_mesh(mesh) if mesh is not None else make_mesh()
+    batch, n = _pad_batch(batch, mesh.shape["data"])  # other axes hold copies
     params = replicate_on_mesh(params, mesh)
     options, hooks = _with_hooks(options, hooks)
     program = _sharded_program(graphdefs, options, mesh, tuple(sorted(batch)), hooks)
@@ -130,7 +170,7 @@ def replicate_on_mesh(tree: Any, mesh: Mesh) -> Any:
 
 def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
     """Copy every leaf to each device, with a leading device axis (the pmap layout)."""
-    devices = list(devices) if devices is not None else jax.local_devices()
+    devices = check_devices(devices) if devices is not None else jax.local_devices()
     # one copy per device, stacked on a leading axis sharded over the devices
     sharding = NamedSharding(Mesh(np.asarray(devices), ("devices",)), P("devices"))
 
@@ -144,9 +184,13 @@ def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
 
 def shard(tree: Any, num_devices: int) -> Any:
     """Reshape each leaf ``[B, ...]`` to ``[num_devices, B // num_devices, ...]``."""
+    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+        raise ValueError(f"num_devices must be an int >= 1, got {num_devices!r}")
 
     def one(x):
         x = np.asarray(x)
+        if x.ndim == 0:
+            raise ValueError("shard: every leaf needs a leading batch axis, got a scalar")
         if x.shape[0] % num_devices:
             raise ValueError(f"batch of {x.shape[0]} does not divide over {num_devices} devices")
         return x.reshape(num_devices, x.shape[0] // num_devices, *x.shape[1:])
@@ -185,7 +229,7 @@ def pmap_upscale(
     """Run the core with ``jax.pmap`` over ``devices`` (default: all local devices):
     parameters replicated, per-image inputs sharded on a leading device axis. ``hooks`` as
     in :func:`sharded_upscale` (the first device makes the host calls)."""
-    devices = tuple(devices) if devices is not None else tuple(jax.local_devices())
+    devices = tuple(check_devices(devices) if devices is not None else jax.local_devices())
     batch, n = _pad_batch(batch, len(devices))
     per_image = {k: v for k, v in batch.items() if k not in SHARED_KEYS}
     sharded = shard(per_image, len(devices))

@@ -36,6 +36,7 @@ from flax_latentup.models.conv import (
     using_winograd_kernels,
     winograd_kernels,
 )
+from flax_latentup.models.layers import trace_settings
 from flax_latentup.models.unet import FlaxUNet2DConditionModel
 from flax_latentup.models.vae import FlaxAutoencoderKL
 from flax_latentup.sampling import (
@@ -79,6 +80,8 @@ class CoreOptions:
     ``noise``: "given" (``batch["noise"]``) or "keys" (drawn per image from ``batch["keys"]``).
     ``decode``: VAE-decode the result to pictures in [0, 1]. ``vae_sample_mode``: "sample" or
     "argmax" for the encode. ``progress``/``callback``: host callbacks from inside the loop.
+    ``settings``: :func:`~flax_latentup.models.layers.trace_settings` when the call was made
+    (attention and convolution choices are read while tracing, so they key the programs too).
     """
 
     cfg: bool
@@ -89,6 +92,7 @@ class CoreOptions:
     vae_sample_mode: str = "sample"
     progress: bool = False
     callback: bool = False
+    settings: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -723,13 +727,16 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         if self._encode_prompt_fn is None:
             graphdef = self.graphdefs.text_encoder
 
-            @jax.jit
-            def fn(state, ids):
+            @functools.partial(jax.jit, static_argnames="settings")
+            def fn(state, ids, settings):
+                del settings  # keys the compile cache (see CoreOptions.settings)
                 return _encode_text(nnx.merge(graphdef, state), ids)
 
             self._encode_prompt_fn = fn
         return self._encode_prompt_fn(
-            self.params["text_encoder"], jnp.asarray(self.tokenize(prompts))
+            self.params["text_encoder"],
+            jnp.asarray(self.tokenize(prompts)),
+            settings=trace_settings(),
         )
 
     # ---- compiled programs -------------------------------------------------------------------
@@ -884,8 +891,15 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
         if mesh is not None and devices is not None:
             raise ValueError("pass either devices or mesh, not both")
-        if devices is not None and not list(devices):
-            raise ValueError("devices is empty")
+        if not isinstance(use_pmap, bool | np.bool_):
+            raise ValueError(f"use_pmap must be True or False, got {use_pmap!r}")
+        if devices is not None or mesh is not None:
+            from flax_latentup import parallel
+
+            if devices is not None:
+                devices = parallel.check_devices(devices)
+            else:
+                parallel.check_mesh(mesh)
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable, got {type(callback).__name__}")
         if prompt is not None and prompt_embeds is not None:
@@ -1009,6 +1023,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             vae_sample_mode=vae_sample_mode,
             progress=show_bar,
             callback=callback is not None,
+            settings=trace_settings(),
         )
         device_list = (
             list(mesh.devices.flat)

@@ -44,6 +44,22 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     pipe._finish_images = spy
     res["device3"] = pipe(prompt=prompts[:2], image=low[:2], devices=[jax.devices()[3]], **kw).images
     assert seen["devices"] == [str(jax.devices()[3])], seen
+    pipe._finish_images = finish
+    # devices given as a generator (read once); a 2-D mesh splits the batch along "data" only,
+    # padded to that axis's size (the other axis holds copies)
+    res["generator5"] = pipe(prompt=prompts[:5], image=low[:5],
+                             devices=(d for d in jax.devices()[:2]), **kw).images
+    from jax.sharding import Mesh
+    from flax_latentup import parallel
+    padded_to, pad = [], parallel._pad_batch
+    def spy_pad(batch, multiple):
+        padded_to.append(multiple)
+        return pad(batch, multiple)
+    parallel._pad_batch = spy_pad
+    mesh2d = Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "model"))
+    res["mesh2d5"] = pipe(prompt=prompts[:5], image=low[:5], mesh=mesh2d, **kw).images
+    parallel._pad_batch = pad
+    assert padded_to == [4], padded_to
     np.savez({str(out_file)!r}, **res)
     print("ok")
     """
@@ -61,6 +77,8 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
         assert err <= 1e-5, f"image {i} alone differs from its batched run by {err:.3g}"
     np.testing.assert_allclose(res["single5"], res["single8"][:5], atol=1e-5)
     np.testing.assert_allclose(res["device3"], res["single8"][:2], atol=1e-5)
+    np.testing.assert_allclose(res["generator5"], res["two5"], atol=1e-6)
+    np.testing.assert_allclose(res["mesh2d5"], res["single5"], atol=1e-5)
 
 
 def test_callback_and_step_bar_on_several_devices(flax_pipe_dir, tmp_path):

@@ -654,3 +654,99 @@ def test_model_save_into_a_folder(flax_pipe, tmp_path):
         flax_pipe.vae.save_pretrained(tmp_path / "afile")
     with pytest.raises(NotADirectoryError, match="under a file"):
         flax_pipe.vae.save_pretrained(tmp_path / "afile" / "vae")
+
+
+def test_attention_and_conv_settings_reach_compiled_programs(flax_pipe):
+    """A call under attention_config / conv_config compiles for those settings (the programs
+    key on them) instead of reusing one traced under others; the results agree."""
+    from flax_latentup import attention_config, conv_config
+
+    counter = CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    low, noise = inputs(1, seed=21)
+    kw = dict(prompt="x", image=low, latents=noise, num_inference_steps=2, output_type="np")
+    base = flax_pipe(**kw).images
+    before = counter.count
+    assert np.array_equal(flax_pipe(**kw).images, base) and counter.count == before
+    with attention_config("chunked", query_chunk_size=16):
+        chunked = flax_pipe(**kw).images
+    after_attention = counter.count
+    assert after_attention > before, "attention_config did not reach the pipeline's program"
+    with conv_config("xla"):
+        xla = flax_pipe(**kw).images
+    assert counter.count > after_attention, "conv_config did not reach the pipeline's program"
+    np.testing.assert_allclose(chunked, base, atol=1e-5)
+    np.testing.assert_allclose(xla, base, atol=1e-5)
+    # the VAE's own compiled calls follow the settings as well
+    z = jnp.asarray(noise[:, :8, :8])
+    flax_pipe.vae.decode(z)
+    n = counter.count
+    with conv_config("xla"):
+        flax_pipe.vae.decode(z)
+    assert counter.count > n, "conv_config did not reach the VAE's compiled decode"
+
+
+def test_nested_attention_config_keeps_what_it_does_not_set():
+    from flax_latentup import attention_config
+    from flax_latentup.models.layers import attention_settings
+
+    with attention_config("chunked", query_chunk_size=1024):
+        with attention_config(query_chunk_size=64):
+            assert attention_settings()[:2] == ("chunked", 64)
+        with attention_config(None):
+            assert attention_settings()[0] is None
+        assert attention_settings()[:2] == ("chunked", 1024)
+    with pytest.raises(ValueError, match="query_chunk_size"):
+        with attention_config(query_chunk_size=0):
+            pass
+
+
+def test_module_inputs_checked(flax_pipe):
+    """Direct module calls: ids out of the vocabulary, an empty UNet batch and malformed
+    attention inputs get errors naming the argument (not NaN, a wrap-around or a broadcast)."""
+    from flax_latentup import attention
+    from flax_latentup.models.layers import attention as layers_attention
+
+    vocab = flax_pipe.text_encoder.config.vocab_size
+    for bad in (vocab, -1):
+        ids = np.zeros((1, 5), np.int32)
+        ids[0, 2] = bad
+        with pytest.raises(ValueError, match="input_ids must be in"):
+            flax_pipe.text_encoder(jnp.asarray(ids))
+    cfg = flax_pipe.unet.config
+    with pytest.raises(ValueError, match="sample holds no images"):
+        flax_pipe.unet(
+            jnp.zeros((0, 16, 16, cfg.in_channels)),
+            jnp.zeros((0,)),
+            jnp.zeros((0, 77, cfg.cross_attention_dim)),
+            jnp.zeros((0, cfg.time_cond_proj_dim)),
+        )
+    q = jnp.zeros((2, 8, 2, 4))
+    assert attention is layers_attention
+    with pytest.raises(ValueError, match="q must be"):
+        attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="k and v must be"):
+        attention(q, q[:1], q[:1])
+    with pytest.raises(ValueError, match="query_chunk_size"):
+        attention(q, q, q, implementation="chunked", query_chunk_size=0)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(devices=["cpu"]), r"devices\[0\] must be a JAX device"),
+        (dict(devices="cpu"), "devices must be a sequence"),
+        (dict(devices=jax.devices()[0]), "got one device"),
+        (dict(devices=jax.devices()[:1] * 2), "more than once"),
+        (dict(mesh=jax.devices()), "mesh must be a jax.sharding.Mesh"),
+        (
+            dict(mesh=jax.sharding.Mesh(np.asarray(jax.devices()), ("x",))),
+            "mesh must have a 'data' axis",
+        ),
+        (dict(use_pmap="no"), "use_pmap must be True or False"),
+    ],
+)
+def test_device_arguments_checked(flax_pipe, kw, message):
+    low, _ = inputs(1, seed=22)
+    with pytest.raises(ValueError, match=message):
+        flax_pipe(prompt="x", image=low, num_inference_steps=2, **kw)

@@ -6,6 +6,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from flax_latentup.configs import CLIPTextConfig
@@ -162,6 +163,15 @@ class FlaxCLIPTextModel(nnx.Module, PretrainedModel):
                 f"input_ids length {shape[1]} must be between 1 and "
                 f"max_position_embeddings={self.config.max_position_embeddings}"
             )
+        if not isinstance(input_ids, jax.core.Tracer) and np.size(input_ids):
+            # concrete ids (an eager call) are checked; under a trace they cannot be, and an id
+            # out of range would silently gather NaN or wrap around
+            lo, hi = int(np.min(input_ids)), int(np.max(input_ids))
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(
+                    f"input_ids must be in [0, {self.config.vocab_size}) (vocab_size), got "
+                    f"values in [{lo}, {hi}]"
+                )
 
     def pooling_positions(self, input_ids: Array) -> Array:
         """Index of the token each row is pooled at (transformers' two rules)."""

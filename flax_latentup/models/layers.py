@@ -238,9 +238,12 @@ class _AttentionSettings:
 _SETTINGS = _AttentionSettings()
 
 
+_KEEP: Any = object()  # attention_config's "not given": the enclosing block's choice
+
+
 @contextlib.contextmanager
 def attention_config(
-    implementation: str | None = None,
+    implementation: str | None = _KEEP,
     *,
     query_chunk_size: int | None = None,
     max_score_bytes: int | None = None,
@@ -250,17 +253,28 @@ def attention_config(
     ``implementation``: ``"xla"`` (full score matrix), ``"chunked"`` (queries in chunks of
     ``query_chunk_size``: memory linear in the sequence), ``"cudnn"`` (fused kernel, NVIDIA
     GPUs of compute capability >= 8.0, fp16/bf16, head_dim a multiple of 8 up to
-    :func:`cudnn_attention_max_head_dim`) or ``None`` for the automatic choice. Functions already
-    compiled keep the choice they were traced with.
+    :func:`cudnn_attention_max_head_dim`) or ``None`` for the automatic choice. What is not
+    given keeps the enclosing block's value. The package's compiled functions (the pipeline,
+    the VAE) key their caches on these settings (:func:`trace_settings`), so calls inside the
+    block compile for them; functions of your own keep what they were traced with.
     """
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
+    if implementation is not _KEEP and (
+        implementation is not None and implementation not in IMPLEMENTATIONS
+    ):
         raise ValueError(
             f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
         )
-    if query_chunk_size is not None and query_chunk_size < 1:
-        raise ValueError(f"query_chunk_size must be >= 1, got {query_chunk_size}")
+    for name, value in (
+        ("query_chunk_size", query_chunk_size),
+        ("max_score_bytes", max_score_bytes),
+    ):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     old = dataclasses.replace(_SETTINGS)
-    _SETTINGS.implementation = implementation
+    if implementation is not _KEEP:
+        _SETTINGS.implementation = implementation
     if query_chunk_size is not None:
         _SETTINGS.query_chunk_size = query_chunk_size
     if max_score_bytes is not None:
@@ -361,6 +375,16 @@ def _chunked_attention(
     return out[:, :lq] if pad else out
 
 
+def trace_settings() -> tuple:
+    """The package's trace-time settings (:func:`attention_settings` and the convolution
+    implementation of :func:`flax_latentup.models.conv.conv_config`) as one hashable value:
+    the compile caches of the VAE and the pipeline key on it, so a call under other settings
+    is compiled anew instead of reusing a program traced under the old ones."""
+    from flax_latentup.models.conv import current_conv_implementation
+
+    return (attention_settings(), current_conv_implementation())
+
+
 def attention_settings() -> tuple[str | None, int, int]:
     """The current settings as a hashable ``(implementation, query_chunk_size, max_score_bytes)``.
 
@@ -403,6 +427,23 @@ def attention(
     ``implementation`` overrides the automatic choice (see :func:`attention_config`); the
     cuDNN kernel takes no ``key_mask``.
     """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(f"attention: {name} must be [B, L, H, D], got shape {jnp.shape(x)}")
+    b, _, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
+        raise ValueError(
+            f"attention: k and v must be [{b}, Lk, {h}, {d}] for q of shape {q.shape}, got "
+            f"k {k.shape} and v {v.shape}"
+        )
+    if query_chunk_size is not None and (
+        isinstance(query_chunk_size, bool)
+        or not isinstance(query_chunk_size, int)
+        or query_chunk_size < 1
+    ):
+        raise ValueError(
+            f"attention: query_chunk_size must be an int >= 1, got {query_chunk_size!r}"
+        )
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     masked = key_mask is not None

@@ -335,6 +335,8 @@ class FlaxUNet2DConditionModel(nnx.Module, PretrainedModel):
                 f"sample must be an array [batch, height, width, channels] (NHWC), got shape {shape}"
             )
         b, h, w, c = shape
+        if b < 1:
+            raise ValueError(f"sample holds no images (a batch of 0, shape {shape})")
         if c != cfg.in_channels:
             raise ValueError(
                 f"sample has {c} channels in its last axis, the model takes in_channels="

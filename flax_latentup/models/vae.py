@@ -34,9 +34,9 @@ from flax_latentup.models.conv import (
 from flax_latentup.models.layers import (
     GroupNorm,
     attention,
-    attention_settings,
     call_block,
     get_activation,
+    trace_settings,
 )
 from flax_latentup.weights import KeyMap
 
@@ -471,13 +471,14 @@ def _vae_reshape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames=("part", "attention_key"))
-def _run(graphdef, state, x: Array, valid_hw: Array | None, *, part: str, attention_key):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("part", "settings"))
+def _run(graphdef, state, x: Array, valid_hw: Array | None, *, part: str, settings):
     """Encoder or decoder network on ``x``; ``valid_hw`` marks the valid part of a padded tile.
 
-    ``attention_key`` (the attention settings at call time) only keys the compile cache.
+    ``settings`` (:func:`~flax_latentup.models.layers.trace_settings` at call time) only keys
+    the compile cache.
     """
-    del attention_key
+    del settings
     model = nnx.merge(graphdef, state)
     valid = None if valid_hw is None else _Valid(valid_hw)
     if part == "encode":
@@ -657,7 +658,7 @@ class FlaxAutoencoderKL(nnx.Module, PretrainedModel):
 
     def _call(self, part: str, x: Array, valid_hw: Array | None = None) -> Array:
         graphdef, state = nnx.split(self)
-        return _run(graphdef, state, x, valid_hw, part=part, attention_key=attention_settings())
+        return _run(graphdef, state, x, valid_hw, part=part, settings=trace_settings())
 
     def _tiled(
         self, x: Array, part: str, tile_in: int, tile_out: int, out_size: Callable[[int], int]
@@ -675,7 +676,7 @@ class FlaxAutoencoderKL(nnx.Module, PretrainedModel):
         # part beyond the picture is zero; the network is told the valid size.
         padded = xp.pad(xp.asarray(x), ((0, 0), (0, tile_in), (0, tile_in), (0, 0)))
         graphdef, state = nnx.split(self)
-        key = attention_settings()
+        key = trace_settings()
         rows = []
         for i in range(0, height, step):
             row = []
@@ -683,7 +684,7 @@ class FlaxAutoencoderKL(nnx.Module, PretrainedModel):
                 vh, vw = min(tile_in, height - i), min(tile_in, width - j)
                 tile = padded[:, i : i + tile_in, j : j + tile_in]
                 valid = np.asarray([vh, vw], np.int32)
-                out = _run(graphdef, state, tile, valid, part=part, attention_key=key)
+                out = _run(graphdef, state, tile, valid, part=part, settings=key)
                 row.append((out, out_size(vh), out_size(vw)))
             rows.append(row)
         # all tiles are dispatched before the first one is waited for
