@@ -166,7 +166,8 @@ class FlaxCLIPTextModel(nnx.Module, PretrainedModel):
         if not isinstance(input_ids, jax.core.Tracer) and np.size(input_ids):
             # concrete ids (an eager call) are checked; under a trace they cannot be, and an id
             # out of range would silently gather NaN or wrap around
-            lo, hi = int(np.min(input_ids)), int(np.max(input_ids))
+            ids = np.asarray(input_ids)  # host values (jnp.min would stage under a trace)
+            lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(
                     f"input_ids must be in [0, {self.config.vocab_size}) (vocab_size), got "
