@@ -133,7 +133,14 @@ def open_weights(folder: str, candidates: Iterable[str]) -> TensorFile:
             return TensorFile(os.path.join(folder, s) for s in shards)
     present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     hint = ""
-    if any(p.endswith((".bin", ".ckpt", ".pt", ".pth")) for p in present):
+    if f"{os.sep}snapshots{os.sep}" in os.path.abspath(folder) and not any(
+        p.endswith((".safetensors", ".bin")) for p in present
+    ):
+        hint = (
+            "; this Hugging Face cache snapshot is incomplete (a download cut short?): "
+            "connect to the internet to complete it, or remove it from the cache"
+        )
+    elif any(p.endswith((".bin", ".ckpt", ".pt", ".pth")) for p in present):
         hint = (
             "; this folder holds torch pickles: turn them into safetensors with "
             "`flax-latentup convert` (needs the [torch] extra)"

@@ -750,3 +750,23 @@ def test_device_arguments_checked(flax_pipe, kw, message):
     low, _ = inputs(1, seed=22)
     with pytest.raises(ValueError, match=message):
         flax_pipe(prompt="x", image=low, num_inference_steps=2, **kw)
+
+
+def test_incomplete_hub_cache_is_named(pipe_dir, tmp_path, monkeypatch):
+    """A cached snapshot whose weights are missing (a download cut short) says so."""
+    import shutil
+
+    import huggingface_hub.constants as c
+
+    snap = tmp_path / "cache" / "models--someone--cut-short" / "snapshots" / ("0" * 40)
+    shutil.copytree(pipe_dir, snap)
+    for f in (snap / "unet").iterdir():
+        if f.name.endswith(".safetensors"):
+            f.unlink()
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(Exception, match="cache snapshot is incomplete"):
+        FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+            "someone/cut-short", cache_dir=str(tmp_path / "cache")
+        )
