@@ -32,11 +32,11 @@ from flax_latentup import hub
 from flax_latentup.models.base import read_json, write_json_atomic
 from flax_latentup.models.clip import FlaxCLIPTextModel
 from flax_latentup.models.conv import (
-    current_conv_implementation,
     using_winograd_kernels,
     winograd_kernels,
 )
 from flax_latentup.models.layers import trace_settings
+from flax_latentup.models.target import compiling_for
 from flax_latentup.models.unet import FlaxUNet2DConditionModel
 from flax_latentup.models.vae import FlaxAutoencoderKL
 from flax_latentup.sampling import (
@@ -599,7 +599,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         """The UNet's Winograd-transformed kernels under the current convolution settings,
         computed on the first call and kept (a pure function of the weights, ~16/9 of the
         wide 3x3 kernels' size): every later call skips the transform."""
-        key = current_conv_implementation()
+        key = trace_settings()[1:]  # the convolution setting and the device compiled for
         kernels = self._winograd.get(key)
         if kernels is None:
             graphdef = self.graphdefs.unet
@@ -1014,45 +1014,27 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             callback_steps=np.int32(callback_steps),
         )
         show_bar = not self._progress_bar_config.get("disable", False)
-        options = CoreOptions(
-            cfg=cfg,
-            text=text_mode,
-            image=kind,
-            noise=noise_mode,
-            decode=output_type != "latent" and self._vae_tiling is None,
-            vae_sample_mode=vae_sample_mode,
-            progress=show_bar,
-            callback=callback is not None,
-            settings=trace_settings(),
-        )
         device_list = (
             list(mesh.devices.flat)
             if mesh is not None
             else (list(devices) if devices is not None else jax.local_devices())
         )
         steps = schedule.num_inference_steps
-        with self._host_calls(steps, batch_size, callback, callback_steps, show_bar):
-            if use_pmap or len(device_list) > 1:
-                from flax_latentup import parallel
-
-                hooks = self._host_hooks
-                if use_pmap:
-                    out = parallel.pmap_upscale(
-                        self.graphdefs, self.params, batch, options, device_list, hooks=hooks
-                    )
-                else:
-                    mesh = mesh if mesh is not None else parallel.make_mesh(device_list)
-                    params = self._replicated.get(mesh)
-                    if params is None:  # copied to the devices once per mesh, then reused
-                        params = parallel.replicate_on_mesh(self.params, mesh)
-                        self._replicated = {mesh: params}
-                    out = parallel.sharded_upscale(
-                        self.graphdefs, params, batch, options, mesh, hooks=hooks
-                    )
-            else:
-                # one device: the one asked for (by `devices` or `mesh`), else JAX's default
-                device = device_list[0] if (devices is not None or mesh is not None) else None
-                out = self._run(options, batch, device)
+        # automatic choices (cuDNN attention, the CPU convolutions) follow the devices run on
+        with compiling_for(device_list[0]):
+            options = CoreOptions(
+                cfg=cfg,
+                text=text_mode,
+                image=kind,
+                noise=noise_mode,
+                decode=output_type != "latent" and self._vae_tiling is None,
+                vae_sample_mode=vae_sample_mode,
+                progress=show_bar,
+                callback=callback is not None,
+                settings=trace_settings(),
+            )
+            with self._host_calls(steps, batch_size, callback, callback_steps, show_bar):
+                out = self._dispatch(options, batch, device_list, devices, mesh, use_pmap)
 
         if output_type == "latent":
             images: Any = np.array(out["latents"])
@@ -1092,12 +1074,42 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                 images[bad] = self._decode(self._vae_fp32, latents[bad])
         return images
 
+    def _dispatch(
+        self,
+        options: CoreOptions,
+        batch: dict[str, Any],
+        device_list: list[Any],
+        devices: Any,
+        mesh: Any,
+        use_pmap: bool,
+    ) -> dict[str, Any]:
+        """Run the program on one device, or over several with pmap or a sharded jit."""
+        if use_pmap or len(device_list) > 1:
+            from flax_latentup import parallel
+
+            hooks = self._host_hooks
+            if use_pmap:
+                return parallel.pmap_upscale(
+                    self.graphdefs, self.params, batch, options, device_list, hooks=hooks
+                )
+            mesh = mesh if mesh is not None else parallel.make_mesh(device_list)
+            params = self._replicated.get(mesh)
+            if params is None:  # copied to the devices once per mesh, then reused
+                params = parallel.replicate_on_mesh(self.params, mesh)
+                self._replicated = {mesh: params}
+            return parallel.sharded_upscale(
+                self.graphdefs, params, batch, options, mesh, hooks=hooks
+            )
+        # one device: the one asked for (by `devices` or `mesh`), else JAX's default
+        device = device_list[0] if (devices is not None or mesh is not None) else None
+        return self._run(options, batch, device)
+
     def _run(self, options: CoreOptions, batch: dict[str, Any], device: Any = None):
         program = self._program(options)
         params = dict(self.params, unet_winograd=self._unet_winograd_kernels())
         inputs = jax.tree.map(jnp.asarray, batch)
         if device is not None:  # the program runs where its inputs are
-            key = (device, current_conv_implementation())  # the kernels follow the setting
+            key = (device, trace_settings())  # the kernels follow the settings
             placed = self._on_device.get(key)
             if placed is None:  # copied once per device, then reused
                 placed = jax.device_put(params, device)

@@ -770,3 +770,40 @@ def test_incomplete_hub_cache_is_named(pipe_dir, tmp_path, monkeypatch):
         FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
             "someone/cut-short", cache_dir=str(tmp_path / "cache")
         )
+
+
+def test_automatic_choices_follow_the_device_compiled_for():
+    """cuDNN attention and the CPU convolution forms are chosen for the device a program is
+    compiled for (compiling_for), not for the default backend: a GPU host running on its CPU
+    must not get cuDNN, a CPU host compiling for a GPU gets it."""
+    from flax_latentup.models.conv import use_winograd
+    from flax_latentup.models.layers import (
+        choose_attention_implementation,
+        cudnn_attention_max_head_dim,
+        trace_settings,
+    )
+    from flax_latentup.models.target import compiling_for
+
+    class Device:
+        def __init__(self, platform, compute_capability=None):
+            self.platform, self.compute_capability = platform, compute_capability
+
+    q = jnp.zeros((1, 64, 2, 64), jnp.bfloat16)
+    wide = (3, 3, 512, 512)
+    assert cudnn_attention_max_head_dim() is None  # this machine: a CPU
+    assert use_winograd((), wide, jnp.float32)
+    with compiling_for(Device("gpu", "9.0")):  # an H100
+        assert cudnn_attention_max_head_dim() == 256
+        assert choose_attention_implementation(q, q) == "cudnn"
+        assert not use_winograd((), wide, jnp.float32)
+        h100 = trace_settings()
+        with compiling_for(Device("cpu")):
+            assert cudnn_attention_max_head_dim() is None
+            assert choose_attention_implementation(q, q) == "xla"
+            assert use_winograd((), wide, jnp.float32)
+        with compiling_for(Device("gpu", "8.0")):  # an A100
+            assert cudnn_attention_max_head_dim() == 128
+            assert trace_settings() != h100, "programs for two GPUs must not share a cache entry"
+        with compiling_for(Device("gpu", "7.5")):  # a T4: no fused attention
+            assert choose_attention_implementation(q, q) == "xla"
+    assert trace_settings() != h100

@@ -77,7 +77,9 @@ def conv_config(implementation: str | None = None) -> Iterator[None]:
 
 
 def _cpu_float32(dtype) -> bool:
-    return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32
+    from flax_latentup.models.target import target_platform
+
+    return target_platform() == "cpu" and jnp.dtype(dtype) == jnp.float32
 
 
 def current_conv_implementation() -> str | None:

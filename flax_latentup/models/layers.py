@@ -299,12 +299,15 @@ def nvidia_compute_capability(device: Any) -> tuple[int, int] | None:
 
 
 def cudnn_attention_max_head_dim() -> int | None:
-    """The largest head dim cuDNN's fused (flash) attention takes on this backend's GPUs: 256 on
-    Hopper and later (compute capability >= 9.0), 128 on Ampere/Ada (>= 8.0), ``None`` where it
-    is not available (not an NVIDIA GPU, or an older one such as the T4, 7.5)."""
-    if jax.default_backend() != "gpu":
+    """The largest head dim cuDNN's fused (flash) attention takes on the GPU being compiled for
+    (:mod:`flax_latentup.models.target`): 256 on Hopper and later (compute capability >= 9.0),
+    128 on Ampere/Ada (>= 8.0), ``None`` where it is not available (not an NVIDIA GPU, or an
+    older one such as the T4, 7.5)."""
+    from flax_latentup.models.target import target_device, target_platform
+
+    if target_platform() != "gpu":
         return None
-    capability = nvidia_compute_capability(jax.local_devices()[0])
+    capability = nvidia_compute_capability(target_device())
     if capability is None or capability < (8, 0):
         return None
     return 256 if capability[0] >= 9 else 128
@@ -376,13 +379,15 @@ def _chunked_attention(
 
 
 def trace_settings() -> tuple:
-    """The package's trace-time settings (:func:`attention_settings` and the convolution
-    implementation of :func:`flax_latentup.models.conv.conv_config`) as one hashable value:
+    """The package's trace-time settings (:func:`attention_settings`, the convolution
+    implementation of :func:`flax_latentup.models.conv.conv_config` and the device compiled for,
+    :mod:`flax_latentup.models.target`) as one hashable value:
     the compile caches of the VAE and the pipeline key on it, so a call under other settings
     is compiled anew instead of reusing a program traced under the old ones."""
     from flax_latentup.models.conv import current_conv_implementation
+    from flax_latentup.models.target import target_key
 
-    return (attention_settings(), current_conv_implementation())
+    return (attention_settings(), current_conv_implementation(), target_key())
 
 
 def attention_settings() -> tuple[str | None, int, int]:
