@@ -11,7 +11,8 @@ is the text file with the same stem (``cat.png`` -> ``cat.txt``), else the empty
 Checkpoints go to ``--output/checkpoint-<step>/`` every ``--checkpoint-every`` steps and at
 the end; a new run with the same ``--output`` resumes from the latest one, drawing the same
 crops and noise as an uninterrupted run would (settings other than the checkpoint's are
-refused, listed). Arguments, pictures and captions are checked before the model loads; a
+refused, listed). Arguments, pictures and captions are checked before the model loads
+(``--resolution`` as soon as it has: the VAE's downsampling factor sets its unit); a
 non-finite loss stops the run (exit status 1) without saving. See FINETUNING.md.
 
 Several hosts (a TPU pod, a GPU cluster): start it on every host with the same arguments and
@@ -364,7 +365,10 @@ def main(argv=None) -> int:
         )
     share = args.batch_size // count
     rows = range(me * share, (me + 1) * share)  # this process's rows of every batch
-    pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(args.model)
+    try:
+        pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(args.model)
+    except (OSError, ValueError) as e:  # not found, not fetchable, not this pipeline
+        raise SystemExit(f"--model {args.model!r}: {e}") from None
     f = pipe.vae.config.downsample_factor
     if args.resolution % (2 * f) or args.resolution // f < 16:
         raise SystemExit(

@@ -431,6 +431,8 @@ def validate_upscale_args(args: argparse.Namespace) -> None:
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.prompt_file is not None:
+        if args.prompt:
+            raise UsageError("give either --prompt or --prompt-file, not both")
         if not os.path.isfile(args.prompt_file):
             raise UsageError(f"--prompt-file {args.prompt_file!r} is not a file")
         try:

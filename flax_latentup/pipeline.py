@@ -3,7 +3,8 @@
 One call runs text encoding, the optional VAE encode of pictures, the whole Euler loop
 (``lax.scan``) and the VAE decode as a single compiled program per input shape. Values that
 change between calls (prompts, guidance scale, seeds, the schedule) are arrays, so they do
-not recompile; a new step count compiles once for that count.
+not recompile; a new step count compiles once for that count, and guidance on (scale > 1) or
+off are two programs.
 
 The pure core, :func:`upscale_core`, maps ``(params, batch)`` to outputs and is what
 :mod:`flax_latentup.parallel` shards across devices.
@@ -612,11 +613,12 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         return self.unet.dtype
 
     def enable_vae_tiling(self, tile_sample_size: int | None = None) -> None:
-        """Decode (and encode) large pictures in overlapping tiles, as diffusers'
-        ``enable_vae_tiling()``: memory stays bounded by the tile size
+        """Decode the upscaled pictures in overlapping tiles, as diffusers'
+        ``enable_vae_tiling()`` does: memory stays bounded by the tile size
         (``tile_sample_size`` pixels, default ``vae.config.sample_size``) and every picture
         size reuses one compiled tile program. Results differ slightly from untiled ones
-        where tiles are blended."""
+        where tiles are blended. Picture inputs (half the output size) are still encoded whole,
+        inside the compiled program; ``vae.encode(x, tiled=True)`` tiles an encode directly."""
         self.vae.tile_sizes(tile_sample_size)  # validates the size
         self._vae_tiling = {"tile_sample_size": tile_sample_size}
 
@@ -642,7 +644,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         param_dtype=jnp.float32,
         token: str | bool | None = None,
     ) -> FlaxStableDiffusionLatentUpscalePipeline:
-        """Load a diffusers-layout pipeline folder or hub repo (torch or Flax weights).
+        """Load a diffusers-layout pipeline folder or hub repo (torch safetensors or Flax weights).
 
         ``dtype`` is the computation dtype of the three models (``jnp.bfloat16`` on TPU/GPU);
         sigmas and the Euler update stay float32. Only the needed files are fetched from the
@@ -968,6 +970,12 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                     )
             else:
                 negatives = _prompt_list("negative_prompt", negative_prompt or "", batch_size)
+                if text_mode == "embeds" and batch["prompt_embeds"].shape[1] != seq:
+                    raise ValueError(
+                        f"prompt_embeds of length {batch['prompt_embeds'].shape[1]} with guidance "
+                        f"need negative_prompt_embeds of that length: the negative prompt is "
+                        f"encoded at the tokenizer's {seq} tokens (encode_prompt makes both)"
+                    )
         noise_mode = "keys"
         if latents is not None:
             lat = _torch_to_numpy(latents) if _is_torch_tensor(latents) else np.asarray(latents)

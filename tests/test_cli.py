@@ -210,6 +210,10 @@ def test_killed_run_resumes_byte_identical(flax_pipe_dir, tmp_path):
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--guidance", "nan"], "--guidance"),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--prompt-file", "{tmp}/nope.txt"], "--prompt-file"),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--prompt-file", "{tmp}/in"], "is not a file"),
+        (
+            ["-i", "{tmp}/in", "-o", "{tmp}/o", "--prompt", "x", "--prompt-file", "{tmp}/in"],
+            "not both",
+        ),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--prompt-file", "{tmp}/latin1.txt"], "utf-8"),
         (["-i", "{tmp}/in", "-o", "{tmp}/in"], "would be the input itself"),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--report", "{tmp}/in"], "is a folder"),

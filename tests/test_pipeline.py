@@ -361,6 +361,10 @@ BAD = [
     ("image", dict(prompt="x", image=np.zeros((1, 64, 64, 3), np.int64))),
     ("image", dict(prompt="x", image=np.full((1, 8, 8, 4), None, object))),
     ("image", dict(prompt="x", image=np.full((1, 8, 8, 4), 1e300))),  # overflows float32
+    (  # short embeddings with guidance: the negative prompt would be 77 tokens
+        "negative_prompt_embeds",
+        dict(prompt_embeds=E[:, :10], pooled_prompt_embeds=P, guidance_scale=5.0),
+    ),
     ("latents", dict(prompt="x", latents=np.full((1, 16, 16, 4), 1e300))),
     ("latents", dict(prompt="x", latents=np.zeros((1, 16, 16, 4), np.int32))),
     ("negative_prompt", dict(prompt="a", negative_prompt=["a", "b"])),  # checked without CFG
