@@ -595,6 +595,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         self._replicated: dict[Any, Any] = {}
         self._winograd: dict[Any, Any] = {}
         self._on_device: dict[Any, Any] = {}
+        self._vae_placed: dict[Any, Any] = {}
 
     def _unet_winograd_kernels(self) -> dict:
         """The UNet's Winograd-transformed kernels under the current convolution settings,
@@ -1047,27 +1048,45 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         if output_type == "latent":
             images: Any = np.array(out["latents"])
         else:
-            images = self._finish_images(out)
+            # a decode on the host side (tiled, or a float16 retry) runs where the program ran
+            device = device_list[0] if (devices is not None or mesh is not None) else None
+            with compiling_for(device_list[0]):
+                images = self._finish_images(out, device)
             if output_type == "pil":
                 import PIL.Image
 
                 images = [PIL.Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
         return UpscalePipelineOutput(images=images) if return_dict else (images,)
 
-    def _decode(self, vae: FlaxAutoencoderKL, latents: np.ndarray) -> np.ndarray:
-        """Host-side decode of final latents to pictures in [0, 1] (tiled when enabled)."""
+    def _decode(
+        self, vae: FlaxAutoencoderKL, latents: np.ndarray, device: Any = None
+    ) -> np.ndarray:
+        """Host-side decode of final latents to pictures in [0, 1] (tiled when enabled), on
+        ``device`` if given (the VAE's weights are copied there once)."""
         z = jnp.asarray(latents / vae.config.scaling_factor, jnp.float32)
+        if device is not None:
+            key = (id(vae), device)
+            placed = self._vae_placed.get(key)
+            if placed is None:
+                graphdef, state = nnx.split(vae)
+                placed = nnx.merge(graphdef, jax.device_put(state, device))
+                self._vae_placed = {key: placed}  # one copy kept
+            vae, z = placed, jax.device_put(z, device)
         tiling = self._vae_tiling or {}
         decoded = vae.decode(z, tiled=bool(self._vae_tiling), **tiling)
         return np.clip(np.asarray(decoded, np.float32) / 2 + 0.5, 0.0, 1.0)
 
-    def _finish_images(self, out: dict[str, Any]) -> np.ndarray:
+    def _finish_images(self, out: dict[str, Any], device: Any = None) -> np.ndarray:
         """Pictures from the program's outputs; float16 decodes that overflowed (non-finite)
         are decoded again in float32, as the SD VAE is known to overflow in float16."""
         from flax_latentup.models.vae import nonfinite_images
 
         latents = np.asarray(out["latents"])
-        images = np.asarray(out["images"]) if "images" in out else self._decode(self.vae, latents)
+        images = (
+            np.asarray(out["images"])
+            if "images" in out
+            else self._decode(self.vae, latents, device)
+        )
         if self.vae.dtype == jnp.float16:
             bad = np.asarray(nonfinite_images(jnp.asarray(images)))
             if bad.any():
@@ -1079,7 +1098,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                     state = jax.tree.map(lambda x: x.astype(jnp.float32), self.params["vae"])
                     self._vae_fp32 = nnx.merge(graphdef, state)
                 images = images.copy()
-                images[bad] = self._decode(self._vae_fp32, latents[bad])
+                images[bad] = self._decode(self._vae_fp32, latents[bad], device)
         return images
 
     def _dispatch(

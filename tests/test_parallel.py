@@ -38,13 +38,29 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     # one device that is not the default one: the program runs there
     seen = {{}}
     finish = pipe._finish_images
-    def spy(out):
+    def spy(out, *rest):
         seen["devices"] = sorted(str(d) for d in out["latents"].devices())
-        return finish(out)
+        return finish(out, *rest)
     pipe._finish_images = spy
     res["device3"] = pipe(prompt=prompts[:2], image=low[:2], devices=[jax.devices()[3]], **kw).images
     assert seen["devices"] == [str(jax.devices()[3])], seen
     pipe._finish_images = finish
+    # a tiled decode (on the host side, after the program) runs on the device asked for too
+    import flax_latentup.models.vae as vae_module
+    tiles_on, run_tile = [], vae_module._run
+    def spy_run(*args, **kwargs):
+        out = run_tile(*args, **kwargs)
+        tiles_on.append(str(next(iter(out.devices()))))
+        return out
+    vae_module._run = spy_run
+    pipe.enable_vae_tiling(tile_sample_size=64)
+    res["tiled3"] = pipe(prompt=prompts[:2], image=low[:2], devices=[jax.devices()[3]], **kw).images
+    on3 = sorted(set(tiles_on))
+    tiles_on.clear()
+    res["tiled0"] = pipe(prompt=prompts[:2], image=low[:2], devices=jax.devices()[:1], **kw).images
+    pipe.disable_vae_tiling()
+    vae_module._run = run_tile
+    assert on3 == [str(jax.devices()[3])] and sorted(set(tiles_on)) == [str(jax.devices()[0])], (on3, tiles_on)
     # devices given as a generator (read once); a 2-D mesh splits the batch along "data" only,
     # padded to that axis's size (the other axis holds copies)
     res["generator5"] = pipe(prompt=prompts[:5], image=low[:5],
@@ -78,6 +94,7 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     np.testing.assert_allclose(res["single5"], res["single8"][:5], atol=1e-5)
     np.testing.assert_allclose(res["device3"], res["single8"][:2], atol=1e-5)
     np.testing.assert_allclose(res["generator5"], res["two5"], atol=1e-6)
+    np.testing.assert_allclose(res["tiled3"], res["tiled0"], atol=1e-6)
     np.testing.assert_allclose(res["mesh2d5"], res["single5"], atol=1e-5)
 
 
