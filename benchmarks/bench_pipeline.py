@@ -253,9 +253,9 @@ def _worker_jax(spec: dict) -> dict:
     stash: dict = {}
     finish = pipe._finish_images
 
-    def keep_latents(out):
+    def keep_latents(out, *rest):
         stash["latents"] = np.asarray(out["latents"])
-        return finish(out)
+        return finish(out, *rest)
 
     pipe._finish_images = keep_latents  # the final latents too, for the comparison
     graphdef, state = nnx.split(pipe.unet)
