@@ -679,12 +679,9 @@ class Trainer:
                 f"checkpoint of step {step}: run must hold JSON values (str, int, finite "
                 f"float, bool, None, lists and dicts of them): {e}"
             ) from None
-        params, ema, opt_state = _host((state.params, state.ema, state.opt_state))
-        bad = [
-            what
-            for what, tree in (("weights", params), ("EMA", ema), ("optimizer state", opt_state))
-            if not _all_finite(tree)
-        ]
+        finite = _host(_all_finite(state.params, state.ema, state.opt_state))  # on device
+        names = ("weights", "EMA", "optimizer state")
+        bad = [what for what, ok in zip(names, finite, strict=True) if not ok]
         if bad:
             raise NonFiniteError(
                 f"refusing to save the checkpoint of step {step}: its {' and '.join(bad)} hold "
@@ -697,12 +694,9 @@ class Trainer:
             tmp = final + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            frozen = _host(self.frozen)
-            for sub, weights in (("unet", params), ("unet_ema", ema)):
-                model = nnx.merge(self.graphdef, weights, frozen)
-                model.set_remat(False)
-                model.save_pretrained(os.path.join(tmp, sub))
-            _save_leaves(opt_state, os.path.join(tmp, _OPT_FILE))
+            self.unet(state).save_pretrained(os.path.join(tmp, "unet"))
+            self.unet(state, ema=True).save_pretrained(os.path.join(tmp, "unet_ema"))
+            _save_leaves(_host(state.opt_state), os.path.join(tmp, _OPT_FILE))
             atomic_write(os.path.join(tmp, _STATE_FILE), lambda f: f.write(text), text=True)
             if os.path.exists(final):
                 shutil.rmtree(final)
@@ -754,12 +748,16 @@ class NonFiniteError(ValueError):
     """A train state holding NaN or infinite values (see :meth:`Trainer.save_checkpoint`)."""
 
 
-def _all_finite(tree: Any) -> bool:
-    return all(
-        bool(np.isfinite(x).all())
-        for x in jax.tree.leaves(tree)
-        if np.issubdtype(np.asarray(x).dtype, np.inexact)
-    )
+@jax.jit
+def _all_finite(*trees: Any) -> tuple[Array, ...]:
+    """For each tree, whether all its floating-point values are finite (reduced where the
+    arrays are, so only the answers reach the host)."""
+
+    def finite(tree: Any) -> Array:
+        leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else True
+
+    return tuple(jnp.asarray(finite(t)) for t in trees)
 
 
 def checkpoint_folders(folder: str | os.PathLike) -> list[tuple[int, str]]:
