@@ -387,7 +387,9 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
         "float32) when the dtype is float32, else JAX's default. No effect on CPUs",
     )
     p.add_argument(
-        "--tile", action="store_true", help="tiled VAE decode (large outputs, less memory)"
+        "--tile",
+        action="store_true",
+        help="tiled VAE encode and decode (large pictures, less memory)",
     )
     p.add_argument(
         "--ext", choices=OUT_EXTS, default="png", help="output format (default: %(default)s)"

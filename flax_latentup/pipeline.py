@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_latentup import hub
 from flax_latentup.models.base import read_json, write_json_atomic
@@ -39,7 +40,7 @@ from flax_latentup.models.conv import (
 from flax_latentup.models.layers import trace_settings
 from flax_latentup.models.target import compiling_for
 from flax_latentup.models.unet import FlaxUNet2DConditionModel
-from flax_latentup.models.vae import FlaxAutoencoderKL
+from flax_latentup.models.vae import DiagonalGaussianDistribution, FlaxAutoencoderKL
 from flax_latentup.sampling import (
     EulerSchedulerConfig,
     denoise,
@@ -77,7 +78,8 @@ class CoreOptions:
     """Static choices that select a compiled program (everything else is an array input).
 
     ``cfg``: classifier-free guidance on. ``text``: "ids" (token ids, encoded in the program) or
-    "embeds" (precomputed). ``image``: "latents" or "pixels" (VAE-encoded in the program).
+    "embeds" (precomputed). ``image``: "latents", "pixels" (VAE-encoded in the program) or
+    "posterior" (the VAE posterior's moments, encoded outside it, e.g. in tiles).
     ``noise``: "given" (``batch["noise"]``) or "keys" (drawn per image from ``batch["keys"]``).
     ``decode``: VAE-decode the result to pictures in [0, 1]. ``vae_sample_mode``: "sample" or
     "argmax" for the encode. ``progress``/``callback``: host callbacks from inside the loop.
@@ -206,7 +208,8 @@ def upscale_core(
 
     - text: ``ids [B, L]`` (+ ``negative_ids [B, L]`` under CFG), or ``prompt_embeds [B, L, D]``
       and ``pooled [B, D]`` (+ ``negative_prompt_embeds``, ``negative_pooled``);
-    - ``image``: low-res latents ``[B, h, w, 4]`` or pictures ``[B, 8h, 8w, 3]`` in [-1, 1];
+    - ``image``: low-res latents ``[B, h, w, 4]``, pictures ``[B, 8h, 8w, 3]`` in [-1, 1], or
+      the VAE posterior's moments ``[B, h, w, 8]`` (mean, then log-variance);
     - ``keys [B, 2]`` (uint32 key data, one key per image) and/or ``noise [B, 2h, 2w, 4]``;
     - shared: ``sigmas [N + 1]`` float32, ``timesteps [N]``, ``init_noise_sigma []``,
       ``guidance_scale []``, ``callback_steps []`` int32.
@@ -250,8 +253,12 @@ def upscale_core(
 
     # Low-res latents.
     image = batch["image"]
-    if options.image == "pixels":
-        posterior = vae.encode(image)
+    if options.image in ("pixels", "posterior"):
+        posterior = (
+            vae.encode(image)
+            if options.image == "pixels"
+            else DiagonalGaussianDistribution.from_moments(image)
+        )
         if options.vae_sample_mode == "argmax":
             low = posterior.mode()
         else:
@@ -614,12 +621,12 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         return self.unet.dtype
 
     def enable_vae_tiling(self, tile_sample_size: int | None = None) -> None:
-        """Decode the upscaled pictures in overlapping tiles, as diffusers'
-        ``enable_vae_tiling()`` does: memory stays bounded by the tile size
-        (``tile_sample_size`` pixels, default ``vae.config.sample_size``) and every picture
-        size reuses one compiled tile program. Results differ slightly from untiled ones
-        where tiles are blended. Picture inputs (half the output size) are still encoded whole,
-        inside the compiled program; ``vae.encode(x, tiled=True)`` tiles an encode directly."""
+        """Run the VAE in overlapping tiles, as diffusers' ``enable_vae_tiling()`` does: the
+        upscaled pictures are decoded, and picture inputs larger than one tile encoded, tile by
+        tile, so memory stays bounded by the tile size (``tile_sample_size`` pixels, default
+        ``vae.config.sample_size``) and every picture size reuses one compiled tile program
+        per direction. Results differ slightly from untiled ones where tiles are blended. With
+        several devices, each tile is split over them along the batch."""
         self.vae.tile_sizes(tile_sample_size)  # validates the size
         self._vae_tiling = {"tile_sample_size": tile_sample_size}
 
@@ -925,7 +932,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         h, w = (
             (arr.shape[1], arr.shape[2])
             if kind == "latents"
-            else (arr.shape[1] // 8, arr.shape[2] // 8)
+            else (arr.shape[1] // factor, arr.shape[2] // factor)
         )
         cfg = guidance > 1.0
         width = self.text_encoder.config.hidden_size
@@ -1029,8 +1036,14 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             else (list(devices) if devices is not None else jax.local_devices())
         )
         steps = schedule.num_inference_steps
+        # host-side VAE work (tiled encode and decode, a float16 retry) runs where the program
+        # runs: on its device, or split over its devices
+        where = self._vae_placement(device_list, devices, mesh)
         # automatic choices (cuDNN attention, the CPU convolutions) follow the devices run on
         with compiling_for(device_list[0]):
+            if kind == "pixels" and self._tiles(arr.shape[1:3]):
+                batch["image"] = self._encode_tiled(arr, where)
+                kind = "posterior"
             options = CoreOptions(
                 cfg=cfg,
                 text=text_mode,
@@ -1048,44 +1061,96 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         if output_type == "latent":
             images: Any = np.array(out["latents"])
         else:
-            # a decode on the host side (tiled, or a float16 retry) runs where the program ran
-            device = device_list[0] if (devices is not None or mesh is not None) else None
             with compiling_for(device_list[0]):
-                images = self._finish_images(out, device)
+                images = self._finish_images(out, where)
             if output_type == "pil":
                 import PIL.Image
 
                 images = [PIL.Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
         return UpscalePipelineOutput(images=images) if return_dict else (images,)
 
-    def _decode(
-        self, vae: FlaxAutoencoderKL, latents: np.ndarray, device: Any = None
-    ) -> np.ndarray:
+    # ---- host-side VAE work ------------------------------------------------------------------
+
+    @staticmethod
+    def _vae_placement(device_list: list[Any], devices: Any, mesh: Any) -> Any:
+        """Where host-side VAE calls run: ``None`` (JAX's default device), the one device asked
+        for, or a mesh whose ``"data"`` axis splits their batch (several devices)."""
+        if mesh is not None and mesh.shape["data"] > 1:
+            return mesh
+        if len(device_list) > 1 and mesh is None:
+            from flax_latentup import parallel
+
+            return parallel.make_mesh(device_list)
+        return device_list[0] if (devices is not None or mesh is not None) else None
+
+    def _tiles(self, pixel_hw: tuple[int, int]) -> bool:
+        """Whether tiling is on and a picture of ``pixel_hw`` is larger than one tile."""
+        if self._vae_tiling is None:
+            return False
+        tile, _ = self.vae.tile_sizes(**self._vae_tiling)
+        return max(pixel_hw) > tile
+
+    def _placed_vae(self, vae: FlaxAutoencoderKL, where: Any) -> FlaxAutoencoderKL:
+        """``vae`` with its weights on ``where`` (copied once, then reused)."""
+        if where is None:
+            return vae
+        key = (id(vae), where)
+        placed = self._vae_placed.get(key)
+        if placed is None:
+            graphdef, state = nnx.split(vae)
+            if isinstance(where, Mesh):
+                from flax_latentup import parallel
+
+                shared = self._replicated.get(where) if vae is self.vae else None
+                state = shared["vae"] if shared else parallel.replicate_on_mesh(state, where)
+            else:
+                shared = [p for (d, _), p in self._on_device.items() if d == where]
+                state = (
+                    shared[0]["vae"] if shared and vae is self.vae else jax.device_put(state, where)
+                )
+            placed = nnx.merge(graphdef, state)
+            # copies for one placement are kept (the VAE, and its float32 twin if used)
+            kept = {k: v for k, v in self._vae_placed.items() if k[1] == where}
+            self._vae_placed = {**kept, key: placed}
+        return placed
+
+    @staticmethod
+    def _vae_input(x: np.ndarray, where: Any) -> Array:
+        """``x`` on ``where``; over a mesh, padded to the ``"data"`` axis and split along it."""
+        if isinstance(where, Mesh):
+            pad = (-x.shape[0]) % where.shape["data"]
+            if pad:
+                x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+            return jax.device_put(x, NamedSharding(where, PartitionSpec("data")))
+        return jnp.asarray(x) if where is None else jax.device_put(x, where)
+
+    def _encode_tiled(self, pixels: np.ndarray, where: Any) -> np.ndarray:
+        """The VAE posterior's moments ``[B, h, w, 2 * C]`` float32 of ``pixels`` (in [-1, 1]),
+        encoded in tiles (diffusers' tiled encode) on ``where``."""
+        vae = self._placed_vae(self.vae, where)
+        x = self._vae_input(pixels, where)
+        posterior = vae.encode(x, tiled=True, **self._vae_tiling)
+        moments = np.concatenate([np.asarray(posterior.mean), np.asarray(posterior.logvar)], -1)
+        return moments[: pixels.shape[0]].astype(np.float32)
+
+    def _decode(self, vae: FlaxAutoencoderKL, latents: np.ndarray, where: Any = None) -> np.ndarray:
         """Host-side decode of final latents to pictures in [0, 1] (tiled when enabled), on
-        ``device`` if given (the VAE's weights are copied there once)."""
-        z = jnp.asarray(latents / vae.config.scaling_factor, jnp.float32)
-        if device is not None:
-            key = (id(vae), device)
-            placed = self._vae_placed.get(key)
-            if placed is None:
-                graphdef, state = nnx.split(vae)
-                placed = nnx.merge(graphdef, jax.device_put(state, device))
-                self._vae_placed = {key: placed}  # one copy kept
-            vae, z = placed, jax.device_put(z, device)
+        ``where`` (see :meth:`_vae_placement`)."""
+        vae = self._placed_vae(vae, where)
+        z = self._vae_input((latents / vae.config.scaling_factor).astype(np.float32), where)
         tiling = self._vae_tiling or {}
         decoded = vae.decode(z, tiled=bool(self._vae_tiling), **tiling)
-        return np.clip(np.asarray(decoded, np.float32) / 2 + 0.5, 0.0, 1.0)
+        decoded = np.asarray(decoded, np.float32)[: latents.shape[0]]
+        return np.clip(decoded / 2 + 0.5, 0.0, 1.0)
 
-    def _finish_images(self, out: dict[str, Any], device: Any = None) -> np.ndarray:
+    def _finish_images(self, out: dict[str, Any], where: Any = None) -> np.ndarray:
         """Pictures from the program's outputs; float16 decodes that overflowed (non-finite)
         are decoded again in float32, as the SD VAE is known to overflow in float16."""
         from flax_latentup.models.vae import nonfinite_images
 
         latents = np.asarray(out["latents"])
         images = (
-            np.asarray(out["images"])
-            if "images" in out
-            else self._decode(self.vae, latents, device)
+            np.asarray(out["images"]) if "images" in out else self._decode(self.vae, latents, where)
         )
         if self.vae.dtype == jnp.float16:
             bad = np.asarray(nonfinite_images(jnp.asarray(images)))
@@ -1098,8 +1163,23 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                     state = jax.tree.map(lambda x: x.astype(jnp.float32), self.params["vae"])
                     self._vae_fp32 = nnx.merge(graphdef, state)
                 images = images.copy()
-                images[bad] = self._decode(self._vae_fp32, latents[bad], device)
+                images[bad] = self._decode(self._vae_fp32, latents[bad], where)
         return images
+
+    def _params_on_mesh(self, mesh: Mesh) -> dict[str, Any]:
+        """The parameters replicated over ``mesh``: copied once per mesh, then reused (the
+        VAE's copy made for host-side VAE work on that mesh, if any, is taken as it is)."""
+        params = self._replicated.get(mesh)
+        if params is None:
+            from flax_latentup import parallel
+
+            params = dict(self.params)
+            vae = self._vae_placed.get((id(self.vae), mesh))
+            if vae is not None:
+                params["vae"] = nnx.split(vae)[1]
+            params = parallel.replicate_on_mesh(params, mesh)
+            self._replicated = {mesh: params}
+        return params
 
     def _dispatch(
         self,
@@ -1120,12 +1200,8 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                     self.graphdefs, self.params, batch, options, device_list, hooks=hooks
                 )
             mesh = mesh if mesh is not None else parallel.make_mesh(device_list)
-            params = self._replicated.get(mesh)
-            if params is None:  # copied to the devices once per mesh, then reused
-                params = parallel.replicate_on_mesh(self.params, mesh)
-                self._replicated = {mesh: params}
             return parallel.sharded_upscale(
-                self.graphdefs, params, batch, options, mesh, hooks=hooks
+                self.graphdefs, self._params_on_mesh(mesh), batch, options, mesh, hooks=hooks
             )
         # one device: the one asked for (by `devices` or `mesh`), else JAX's default
         device = device_list[0] if (devices is not None or mesh is not None) else None
@@ -1139,6 +1215,9 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             key = (device, trace_settings())  # the kernels follow the settings
             placed = self._on_device.get(key)
             if placed is None:  # copied once per device, then reused
+                vae = self._vae_placed.get((id(self.vae), device))  # from host-side VAE work
+                if vae is not None:
+                    params["vae"] = nnx.split(vae)[1]
                 placed = jax.device_put(params, device)
                 self._on_device = {key: placed}
             params, inputs = placed, jax.device_put(inputs, device)

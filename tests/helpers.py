@@ -6,6 +6,7 @@ biases) so that parity tests exercise every weight, not only the matrices.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -414,3 +415,18 @@ def make_torch_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextlib.contextmanager
+def torch_tiling(model, tile_sample_size: int):
+    """diffusers' ``enable_tiling()`` with a small tile (the latent tile follows the factor)."""
+    factor = 2 ** (len(model.config.block_out_channels) - 1)
+    old = (model.tile_sample_min_size, model.tile_latent_min_size)
+    model.enable_tiling()
+    model.tile_sample_min_size = tile_sample_size
+    model.tile_latent_min_size = tile_sample_size // factor
+    try:
+        yield model
+    finally:
+        model.disable_tiling()
+        model.tile_sample_min_size, model.tile_latent_min_size = old

@@ -98,6 +98,78 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     np.testing.assert_allclose(res["mesh2d5"], res["single5"], atol=1e-5)
 
 
+def test_tiled_vae_work_is_split_over_the_devices(flax_pipe_dir, tmp_path):
+    """With tiling on and several devices, the tiled encode of the pictures and the tiled
+    decode of the results run on all devices (each tile split along the batch, an odd batch
+    padded), with one copy of the VAE's weights shared with the sampling program; the float16
+    retry and a batch-split input to the VAE alone go the same way. Results equal one
+    device's."""
+    out_file = tmp_path / "tiled.npz"
+    code = f"""
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    import flax_latentup.models.vae as vae_module
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+    assert jax.device_count() == 4, jax.devices()
+    pipe = P.from_pretrained({flax_pipe_dir!r}); pipe.set_progress_bar_config(disable=True)
+    pixels = np.random.default_rng(2).uniform(0, 1, (3, 128, 96, 3)).astype(np.float32)
+    kw = dict(prompt="a cat", image=pixels, num_inference_steps=2, guidance_scale=0.0, rng=3,
+              output_type="np")
+    calls, run_tile = [], vae_module._run
+    def spy_run(graphdef, state, x, *args, **kwargs):
+        out = run_tile(graphdef, state, x, *args, **kwargs)
+        calls.append((kwargs["part"], x.shape[0], len(out.sharding.device_set), out.dtype))
+        return out
+    vae_module._run = spy_run
+    res = {{}}
+    pipe.enable_vae_tiling(tile_sample_size=64)
+    res["single"] = pipe(devices=jax.devices()[:1], **kw).images
+    assert {{c[0] for c in calls}} == {{"encode", "decode"}}, calls
+    assert all(c[1:3] == (3, 1) for c in calls), calls
+    for path, extra in (("sharded", {{}}), ("pmap", dict(use_pmap=True))):
+        calls.clear()
+        res[path] = pipe(**extra, **kw).images
+        assert {{c[0] for c in calls}} == {{"encode", "decode"}}, (path, calls)
+        assert all(c[1:3] == (4, 4) for c in calls), (path, calls)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    shared = jax.tree.leaves(pipe._replicated[mesh]["vae"])
+    placed = jax.tree.leaves(nnx.split(pipe._vae_placed[(id(pipe.vae), mesh)])[1])
+    assert len(shared) == len(placed) and all(a is b for a, b in zip(shared, placed))
+    # the float16 retry of an overflowing (tiled) decode runs over the devices too
+    pipe16 = P.from_pretrained({flax_pipe_dir!r}, dtype=jnp.float16)
+    pipe16.enable_vae_tiling(tile_sample_size=64)
+    latents = np.random.default_rng(4).standard_normal((3, 32, 24, 4)).astype(np.float32)
+    latents[1] *= 1e5
+    calls.clear()
+    res["retry"] = pipe16._finish_images({{"latents": latents}}, mesh)
+    decodes = [(c[1:3], str(c[3])) for c in calls if c[0] == "decode"]
+    assert decodes[0] == ((4, 4), "float16") and decodes[-1] == ((4, 4), "float32"), calls
+    res["retry_want"] = pipe._decode(pipe.vae, latents[1:2])
+    # the VAE alone: an input whose batch is split over the devices splits its tiles
+    z = jnp.asarray(latents[:, :20, :12] / 1e3)
+    calls.clear()
+    res["vae_one"] = pipe.vae.decode(z, tiled=True, tile_sample_size=64)
+    assert calls and all(c[2] == 1 for c in calls), calls
+    calls.clear()
+    z4 = jax.device_put(np.concatenate([z, z[:1]]), NamedSharding(mesh, PartitionSpec("data")))
+    res["vae_split"] = pipe.vae.decode(z4, tiled=True, tile_sample_size=64)[:3]
+    assert calls and all(c[2] == 4 for c in calls), calls
+    np.savez({str(out_file)!r}, **res)
+    print("ok")
+    """
+    proc = run_python(code, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert finish(proc).strip().endswith("ok")
+    res = dict(np.load(out_file))
+    assert res["single"].shape == (3, 256, 192, 3)
+    for path in ("sharded", "pmap"):
+        err = np.max(np.abs(res[path] - res["single"]))
+        assert err <= 1e-5, f"{path}: max abs difference {err:.3g} from one device"
+    assert np.isfinite(res["retry"]).all()
+    np.testing.assert_allclose(res["retry"][1:2], res["retry_want"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(res["vae_split"], res["vae_one"], rtol=0, atol=1e-5)
+
+
 def test_callback_and_step_bar_on_several_devices(flax_pipe_dir, tmp_path):
     """The step bar and ``callback`` work on the sharded-jit and pmap paths: every step once,
     in order, with the whole batch's latents (the padding of an odd batch cut), as on one

@@ -466,6 +466,66 @@ def test_vae_tiling_in_pipeline(flax_pipe):
         flax_pipe.enable_vae_tiling(tile_sample_size=50)
 
 
+def tiling_on(pipe, tile_sample_size: int):
+    """``pipe.enable_vae_tiling(tile_sample_size)`` for the ``with`` block."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def block():
+        pipe.enable_vae_tiling(tile_sample_size=tile_sample_size)
+        try:
+            yield pipe
+        finally:
+            pipe.disable_vae_tiling()
+
+    return block()
+
+
+def test_tiled_encode_and_decode_match_diffusers(torch_pipe, flax_pipe):
+    """With VAE tiling on, a picture larger than one tile is encoded in tiles and the output
+    decoded in tiles, as diffusers does with its VAE's tiling on (64-px tiles: a 128x96 picture
+    in, 256x192 out). diffusers samples the posterior with a torch generator, so both sides
+    take its mode: torch is fed the mode latents of its own tiled encode."""
+    pixels = np.random.default_rng(12).uniform(-1, 1, (2, 128, 96, 3)).astype(np.float32)
+    _, noise = inputs(2, seed=13, h=16, w=12)
+    kw = dict(num_inference_steps=2, guidance_scale=0.0)
+    with helpers.torch_tiling(torch_pipe.vae, 64), torch.no_grad():
+        mode = torch_pipe.vae.encode(nchw(pixels)).latent_dist.mode()
+        low = (mode * torch_pipe.vae.config.scaling_factor).numpy().transpose(0, 2, 3, 1)
+        want = run_torch(torch_pipe, ["a photo"] * 2, low, noise, **kw)
+    call = dict(prompt="a photo", image=pixels, latents=noise, output_type="np", **kw)
+    with tiling_on(flax_pipe, 64):
+        got = flax_pipe(vae_sample_mode="argmax", **call).images
+    assert_close(got, want)
+    # the tiles matter: an untiled run is far from diffusers' tiled one
+    untiled = flax_pipe(vae_sample_mode="argmax", **call).images
+    assert np.max(np.abs(untiled - want)) > 10 * TOL, "64-px tiles on 128-px pictures must tile"
+
+
+def test_tiled_encode_samples_the_posterior(flax_pipe):
+    """Sampled tiled encode: image i's low-res latent is ``mean + std * eps`` of the tiled
+    posterior, ``eps`` drawn from ``fold_in(fold_in(key, i), 1)`` as for an untiled encode."""
+    pixels = np.random.default_rng(14).uniform(-1, 1, (2, 128, 96, 3)).astype(np.float32)
+    kw = dict(prompt="a photo", num_inference_steps=2, guidance_scale=0.0, output_type="latent")
+    with tiling_on(flax_pipe, 64):
+        got = np.asarray(flax_pipe(image=pixels, rng=5, **kw).images)
+        mode = np.asarray(flax_pipe(image=pixels, rng=5, vae_sample_mode="argmax", **kw).images)
+    post = flax_pipe.vae.encode(jnp.asarray(pixels), tiled=True, tile_sample_size=64)
+    key = jax.random.key(5)
+    eps = np.stack(
+        [
+            jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), 1), (16, 12, 4))
+            for i in range(2)
+        ]
+    )
+    low = (np.asarray(post.mean) + np.asarray(post.std) * eps) * flax_pipe.vae.config.scaling_factor
+    want = np.asarray(flax_pipe(image=low, rng=5, **kw).images)
+    scale = float(np.max(np.abs(want)))
+    err = float(np.max(np.abs(got - want)))
+    assert err <= 1e-5 * scale, f"sampled tiled encode: max abs error {err:.3g} (scale {scale:.3g})"
+    assert np.max(np.abs(mode - want)) > 1e-2 * scale, "the sample must differ from the mode"
+
+
 def test_float16_decode_retried_in_float32(pipe_dir, flax_pipe):
     """A float16 VAE decode that overflows is redone in float32 for the affected images."""
     from flax_latentup import nonfinite_images

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -59,21 +58,6 @@ def max_err(a, b) -> float:
     return float(np.max(np.abs(a - b)))
 
 
-@contextlib.contextmanager
-def torch_tiling(model, tile_sample_size: int):
-    """diffusers' ``enable_tiling()`` with a small tile (the latent tile follows the factor)."""
-    factor = 2 ** (len(model.config.block_out_channels) - 1)
-    old = (model.tile_sample_min_size, model.tile_latent_min_size)
-    model.enable_tiling()
-    model.tile_sample_min_size = tile_sample_size
-    model.tile_latent_min_size = tile_sample_size // factor
-    try:
-        yield model
-    finally:
-        model.disable_tiling()
-        model.tile_sample_min_size, model.tile_latent_min_size = old
-
-
 @pytest.fixture(scope="module")
 def vae(tiny_vae) -> FlaxAutoencoderKL:
     return FlaxAutoencoderKL.from_pretrained(tiny_vae[1])
@@ -110,7 +94,7 @@ def test_parity_with_each_convolution_implementation(tiny_vae, implementation):
             model, flax_model, pictures(1, 16, 24), latents(1, 12, 10), enc_tol=1e-4, dec_tol=1e-4
         )
         z = latents(1, 20, 28)
-        with torch_tiling(model, TILE):
+        with helpers.torch_tiling(model, TILE):
             ref = torch_decode(model, z)
         err = max_err(flax_model.decode(z, tiled=True, tile_sample_size=TILE), ref)
         assert err <= 1e-3, f"{implementation} tiled decode: max abs error {err:.3g} > 1e-3"
@@ -162,7 +146,7 @@ TILE = 16  # pixels; 8 latents with the tiny model's factor 2
 def test_tiled_decode_matches_diffusers(tiny_vae, vae, hw):
     model, _ = tiny_vae
     z = latents(2, *hw)
-    with torch_tiling(model, TILE):
+    with helpers.torch_tiling(model, TILE):
         ref = torch_decode(model, z)
     got = vae.decode(z, tiled=True, tile_sample_size=TILE)
     err = max_err(got, ref)
@@ -174,7 +158,7 @@ def test_tiled_decode_matches_diffusers(tiny_vae, vae, hw):
 def test_tiled_encode_matches_diffusers(tiny_vae, vae):
     model, _ = tiny_vae
     x = pictures(2, 40, 56)
-    with torch_tiling(model, TILE):
+    with helpers.torch_tiling(model, TILE):
         ref_mean, ref_logvar = torch_encode(model, x)
     post = vae.encode(x, tiled=True, tile_sample_size=TILE)
     for name, got, ref in (("mean", post.mean, ref_mean), ("logvar", post.logvar, ref_logvar)):
@@ -194,7 +178,7 @@ def test_one_tile_is_not_tiled(tiny_vae, vae):
         np.asarray(vae.encode(x, tiled=True, tile_sample_size=TILE).mean),
         np.asarray(vae.encode(x).mean),
     )
-    with torch_tiling(model, TILE):
+    with helpers.torch_tiling(model, TILE):
         err = max_err(vae.decode(z, tiled=True, tile_sample_size=TILE), torch_decode(model, z))
     assert err <= 1e-4, f"one-tile decode: max abs error {err:.3g} > 1e-4"
 

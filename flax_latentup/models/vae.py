@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from flax_latentup.configs import AutoencoderKLConfig
 from flax_latentup.models.base import PretrainedModel
@@ -518,6 +519,19 @@ def _check_input(name: str, x, channels: int, multiple: int = 1) -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def _tile_sharding(x) -> NamedSharding | None:
+    """Where the tiles of ``x`` go: ``None`` (wherever the weights are) unless ``x`` is a
+    concrete array split over several devices, whose tiles are then split the same way along
+    the batch axis (so the tile program runs on all those devices, each on its images)."""
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return None
+    sharding = x.sharding
+    if len(sharding.device_set) < 2 or not isinstance(sharding, NamedSharding):
+        return None
+    batch_axes = sharding.spec[0] if len(sharding.spec) else None
+    return NamedSharding(sharding.mesh, PartitionSpec(batch_axes))
+
+
 def _blend(a, b, extent: int, axis: int, xp):
     """``b`` whose first ``extent`` rows (``axis``) fade in linearly from ``a``'s last ones."""
     extent = min(a.shape[axis], b.shape[axis], extent)
@@ -563,7 +577,10 @@ class FlaxAutoencoderKL(nnx.Module, PretrainedModel):
     tiles of ``tile_sample_size`` pixels (default ``config.sample_size``; latent tiles of
     ``tile_sample_size / f``) overlapping by a quarter, each run through one compiled
     program of the tile's shape, and blended linearly; an input that fits in one tile is
-    processed whole, exactly as without tiling.
+    processed whole, exactly as without tiling. A tiled call on an input whose batch is split
+    over several devices (a ``NamedSharding``) splits every tile the same way, so that all
+    those devices work on the tiles at once; keep the weights replicated on them
+    (``nnx.split`` the model, ``jax.device_put(state, NamedSharding(mesh, P()))``, merge).
     """
 
     config_class = AutoencoderKLConfig
@@ -672,6 +689,8 @@ class FlaxAutoencoderKL(nnx.Module, PretrainedModel):
         # Concrete inputs are cut and blended with numpy on the host, so that a new picture
         # size compiles nothing at all; under an outer trace the same steps run in jnp.
         xp = jnp if isinstance(x, jax.core.Tracer) else np
+        # An input split over several devices has its tiles split the same way along the batch.
+        placement = _tile_sharding(x)
         # Zero padding past the bottom/right edges makes every tile a fixed-shape slice whose
         # part beyond the picture is zero; the network is told the valid size.
         padded = xp.pad(xp.asarray(x), ((0, 0), (0, tile_in), (0, tile_in), (0, 0)))
@@ -683,6 +702,8 @@ class FlaxAutoencoderKL(nnx.Module, PretrainedModel):
             for j in range(0, width, step):
                 vh, vw = min(tile_in, height - i), min(tile_in, width - j)
                 tile = padded[:, i : i + tile_in, j : j + tile_in]
+                if placement is not None:
+                    tile = jax.device_put(tile, placement)
                 valid = np.asarray([vh, vw], np.int32)
                 out = _run(graphdef, state, tile, valid, part=part, settings=key)
                 row.append((out, out_size(vh), out_size(vw)))
