@@ -225,10 +225,15 @@ def pmap_upscale(
     options: CoreOptions,
     devices: Sequence[jax.Device] | None = None,
     hooks: Hooks | None = None,
+    *,
+    replicated: bool = False,
 ) -> dict[str, np.ndarray]:
     """Run the core with ``jax.pmap`` over ``devices`` (default: all local devices):
     parameters replicated, per-image inputs sharded on a leading device axis. ``hooks`` as
-    in :func:`sharded_upscale` (the first device makes the host calls)."""
+    in :func:`sharded_upscale` (the first device makes the host calls).
+
+    ``replicated=True``: ``params`` are already copied to ``devices`` by :func:`replicate`
+    (do that once for many calls: otherwise every call copies all weights to every device)."""
     devices = tuple(check_devices(devices) if devices is not None else jax.local_devices())
     batch, n = _pad_batch(batch, len(devices))
     per_image = {k: v for k, v in batch.items() if k not in SHARED_KEYS}
@@ -236,7 +241,7 @@ def pmap_upscale(
     sharded.update({k: np.asarray(v) for k, v in batch.items() if k in SHARED_KEYS})
     options, hooks = _with_hooks(options, hooks)
     program = _pmap_program(graphdefs, options, devices, tuple(sorted(batch)), hooks)
-    out = program(replicate(params, devices), sharded)
+    out = program(params if replicated else replicate(params, devices), sharded)
     return {k: np.asarray(v).reshape(-1, *v.shape[2:])[:n] for k, v in out.items()}
 
 

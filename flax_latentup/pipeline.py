@@ -600,6 +600,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         self._encode_prompt_fn = None
         self._vae_fp32 = None
         self._replicated: dict[Any, Any] = {}
+        self._pmap_replicated: dict[Any, Any] = {}
         self._winograd: dict[Any, Any] = {}
         self._on_device: dict[Any, Any] = {}
         self._vae_placed: dict[Any, Any] = {}
@@ -1196,8 +1197,19 @@ class FlaxStableDiffusionLatentUpscalePipeline:
 
             hooks = self._host_hooks
             if use_pmap:
+                key = tuple(device_list)
+                params = self._pmap_replicated.get(key)
+                if params is None:  # copied to the devices once, then reused
+                    params = parallel.replicate(self.params, device_list)
+                    self._pmap_replicated = {key: params}
                 return parallel.pmap_upscale(
-                    self.graphdefs, self.params, batch, options, device_list, hooks=hooks
+                    self.graphdefs,
+                    params,
+                    batch,
+                    options,
+                    device_list,
+                    hooks=hooks,
+                    replicated=True,
                 )
             mesh = mesh if mesh is not None else parallel.make_mesh(device_list)
             return parallel.sharded_upscale(

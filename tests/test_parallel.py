@@ -24,12 +24,17 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     low = rng.standard_normal((8, 8, 8, 4)).astype(np.float32)
     prompts = [f"a photo of the cat {{i}}" for i in range(8)]
     kw = dict(num_inference_steps=2, guidance_scale=6.0, negative_prompt="dog", output_type="np", rng=42)
+    from flax_latentup import parallel
+    copies, replicate = [], parallel.replicate
+    parallel.replicate = lambda *a, **k: copies.append(1) or replicate(*a, **k)
     res = {{}}
     for n in (8, 5):
         res[f"sharded{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], **kw).images
         res[f"pmap{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], use_pmap=True, **kw).images
         res[f"single{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], devices=jax.devices()[:1], **kw).images
         res[f"two{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], devices=jax.devices()[:2], **kw).images
+    assert len(copies) == 1, "the pmap path copies the weights to the devices once, not per call"
+    parallel.replicate = replicate
     # image i alone, with the key of index i
     key = jax.random.key(42)
     for i in (0, 4, 7):
@@ -66,7 +71,6 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     res["generator5"] = pipe(prompt=prompts[:5], image=low[:5],
                              devices=(d for d in jax.devices()[:2]), **kw).images
     from jax.sharding import Mesh
-    from flax_latentup import parallel
     padded_to, pad = [], parallel._pad_batch
     def spy_pad(batch, multiple):
         padded_to.append(multiple)
