@@ -622,7 +622,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         return self.unet.dtype
 
     def enable_vae_tiling(self, tile_sample_size: int | None = None) -> None:
-        """Run the VAE in overlapping tiles, as diffusers' ``enable_vae_tiling()`` does: the
+        """Run the VAE in overlapping tiles, as diffusers' ``vae.enable_tiling()`` does: the
         upscaled pictures are decoded, and picture inputs larger than one tile encoded, tile by
         tile, so memory stays bounded by the tile size (``tile_sample_size`` pixels, default
         ``vae.config.sample_size``) and every picture size reuses one compiled tile program
