@@ -343,6 +343,12 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
         help="hub repo id or local folder (default: %(default)s)",
     )
     p.add_argument(
+        "--variant",
+        default=None,
+        help="weights variant of --model to load, e.g. fp16 (NAME.fp16.safetensors; default: "
+        "the plain weights)",
+    )
+    p.add_argument(
         "--prompt", default="", help="text prompt for every image (a sidecar NAME.txt overrides it)"
     )
     p.add_argument("--prompt-file", help="file whose text is the prompt for every image")
@@ -455,12 +461,17 @@ def check_report_path(path: str) -> None:
         raise UsageError(f"--report {path!r} cannot be written: {e}") from None
 
 
-def resolve_model(model: str) -> str:
-    """The local folder of ``--model`` (fetched from the hub if needed); a UsageError if unknown."""
+def resolve_model(model: str, variant: str | None = None) -> str:
+    """The local folder of ``--model`` (fetched from the hub if needed, with the weights of
+    ``variant``); a UsageError if unknown."""
     from flax_latentup import hub
 
     try:
-        return hub.resolve(model, allow_patterns=hub.PIPELINE_PATTERNS)
+        allow, ignore = hub.with_variant(hub.PIPELINE_PATTERNS, hub.check_variant(variant))
+    except ValueError as e:
+        raise UsageError(f"--variant: {e}") from None
+    try:
+        return hub.resolve(model, allow_patterns=allow, ignore_patterns=ignore)
     except hub.HubError as e:
         raise UsageError(f"--model: {e}") from None
 
@@ -588,7 +599,7 @@ def run_upscale(args: argparse.Namespace) -> int:
                 "output folder (or a --suffix / --ext that differs)"
             )
     files.new_file_mode()  # read while no other thread runs
-    model_dir = resolve_model(args.model)
+    model_dir = resolve_model(args.model, args.variant)
     process = (0, 1)  # (index, count) among the processes sharing the work
     if args.distributed:
         import jax
@@ -621,6 +632,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "version": __version__,
         "model": args.model,
+        "variant": args.variant,
         "settings": {
             "steps": args.steps,
             "guidance": args.guidance,
@@ -663,7 +675,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     pipe = None
     if groups:
         pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
-            model_dir, dtype=jnp.dtype(dtype)
+            model_dir, dtype=jnp.dtype(dtype), variant=args.variant
         )
         pipe.set_progress_bar_config(disable=True)
         if args.tile:

@@ -2,13 +2,14 @@
 
 Hub downloads go through ``huggingface_hub.snapshot_download`` and so honour ``HF_HUB_OFFLINE``,
 ``HF_HOME``/``HF_HUB_CACHE`` and tokens. Only the files the port needs are fetched
-(safetensors weights, configs, tokenizer files), never torch pickles or weight variants such as
-``*.fp16.safetensors`` (which would double the download).
+(safetensors weights, configs, tokenizer files), never torch pickles, and weight variants such as
+``*.fp16.safetensors`` only when asked for (``variant="fp16"``, in place of the plain files).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 # What the Flax pipeline needs from a diffusers-layout repo.
@@ -25,6 +26,37 @@ PIPELINE_PATTERNS = (
 VARIANT_PATTERNS = ("*.*.safetensors", "*.*.bin", "*.index.*.json")
 # Weights file names tried in order: this package's own format, then the torch ones.
 MODEL_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json")
+_VARIANT = re.compile(r"[A-Za-z0-9_]+")
+
+
+def check_variant(variant: str | None) -> str | None:
+    """``variant`` (e.g. ``"fp16"``), or a ValueError: letters, digits and ``_`` only."""
+    if variant is not None and (not isinstance(variant, str) or not _VARIANT.fullmatch(variant)):
+        raise ValueError(
+            f"variant must be a weights variant name such as 'fp16' (letters, digits, _), "
+            f"got {variant!r}"
+        )
+    return variant
+
+
+def with_variant(
+    patterns: Sequence[str], variant: str | None
+) -> tuple[list[str], list[str] | None]:
+    """``(allow, ignore)`` download patterns: ``patterns`` less weight variants, or, for a
+    ``variant``, with its weights files (``NAME.fp16.safetensors``, its shards and index) in
+    place of the plain ones."""
+    if variant is None:
+        return list(patterns), list(VARIANT_PATTERNS)
+    out = []
+    for p in patterns:
+        if p.endswith(".safetensors.index.json"):
+            out.append(p[: -len("json")] + f"{variant}.json")
+        elif p.endswith(".safetensors"):
+            stem = p[: -len(".safetensors")]
+            out += [f"{stem}.{variant}.safetensors", f"{stem}.{variant}-*.safetensors"]
+        else:
+            out.append(p)
+    return out, None
 
 
 class HubError(OSError):

@@ -652,18 +652,24 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         *,
         param_dtype=jnp.float32,
         token: str | bool | None = None,
+        variant: str | None = None,
     ) -> FlaxStableDiffusionLatentUpscalePipeline:
         """Load a diffusers-layout pipeline folder or hub repo (torch safetensors or Flax weights).
 
         ``dtype`` is the computation dtype of the three models (``jnp.bfloat16`` on TPU/GPU);
         sigmas and the Euler update stay float32. Only the needed files are fetched from the
         hub (safetensors, configs, tokenizer); ``HF_HUB_OFFLINE=1`` uses the cache only.
+        ``variant`` (e.g. ``"fp16"``) loads each model's ``NAME.fp16.safetensors`` (and fetches
+        only those) instead of the plain weights, as in diffusers; they are cast to
+        ``param_dtype`` on loading.
         """
         from transformers import CLIPTokenizer
 
+        allow, ignore = hub.with_variant(hub.PIPELINE_PATTERNS, hub.check_variant(variant))
         folder = hub.resolve(
             path_or_repo_id,
-            allow_patterns=hub.PIPELINE_PATTERNS,
+            allow_patterns=allow,
+            ignore_patterns=ignore,
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
@@ -677,7 +683,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                 f"{index_path}: `_class_name` is {name!r}, expected one of {PIPELINE_CLASS_NAMES}"
             )
         check_pipeline_folder(folder)
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
         text_encoder = FlaxCLIPTextModel.from_pretrained(folder, "text_encoder", **kw)
         vae = FlaxAutoencoderKL.from_pretrained(folder, "vae", **kw)
         unet = FlaxUNet2DConditionModel.from_pretrained(folder, "unet", **kw)

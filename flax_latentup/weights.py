@@ -105,17 +105,29 @@ def _dtype_name(name: str) -> str:
     return name
 
 
-def open_weights(folder: str, candidates: Iterable[str]) -> TensorFile:
-    """Open the first weights file of ``candidates`` present in ``folder``.
+def variant_name(name: str, variant: str | None) -> str:
+    """``name`` of a weights file with ``variant`` before its last extension, as diffusers and
+    transformers name them: ``model.safetensors`` -> ``model.fp16.safetensors``,
+    ``model.safetensors.index.json`` -> ``model.safetensors.index.fp16.json``."""
+    if variant is None:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def open_weights(folder: str, candidates: Iterable[str], variant: str | None = None) -> TensorFile:
+    """Open the first weights file of ``candidates`` present in ``folder`` (their ``variant``,
+    e.g. ``"fp16"``, when given: ``NAME.fp16.safetensors``).
 
     A sharded checkpoint (``NAME.index.json`` next to the shards) is read through its index.
     """
-    candidates = list(candidates)
-    for name in candidates:
+    names = list(candidates)
+    candidates = [variant_name(name, variant) for name in names]
+    for base, name in zip(names, candidates, strict=True):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             return TensorFile(path)
-        index = path + ".index.json"
+        index = os.path.join(folder, variant_name(base + ".index.json", variant))
         if os.path.isfile(index):
             try:
                 with open(index) as f:
@@ -140,6 +152,8 @@ def open_weights(folder: str, candidates: Iterable[str]) -> TensorFile:
             "; this Hugging Face cache snapshot is incomplete (a download cut short?): "
             "connect to the internet to complete it, or remove it from the cache"
         )
+    elif variant is not None:
+        hint = f"; variant {variant!r} not found here (without variant=, the plain files load)"
     elif any(p.endswith((".bin", ".ckpt", ".pt", ".pth")) for p in present):
         hint = (
             "; this folder holds torch pickles: turn them into safetensors with "

@@ -205,6 +205,7 @@ def test_killed_run_resumes_byte_identical(flax_pipe_dir, tmp_path):
         (["-i", "{tmp}/in", "-o", "{tmp}/in/out", "-r"], "inside input folder"),
         (["-i", "{tmp}/in", "-o", "{tmp}/in/a.png/x"], "not writable"),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "-n", "{tmp}/no-such-model"], "--model"),
+        (["-i", "{tmp}/in", "-o", "{tmp}/o", "--variant", "../fp16"], "--variant"),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--steps", "0"], "--steps"),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--batch-size", "0"], "--batch-size"),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--guidance", "nan"], "--guidance"),

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from flax_latentup_convert import convert_checkpoint
 from safetensors.torch import load_file
 
@@ -158,11 +161,8 @@ def test_hub_fetches_no_weight_variants():
         "vae/diffusion_pytorch_model.fp16-00001-of-00001.safetensors",
         "vae/diffusion_pytorch_model.safetensors.index.fp16.json",
     ]
-    got = set(
-        filter_repo_objects(
-            repo, allow_patterns=hub.PIPELINE_PATTERNS, ignore_patterns=hub.VARIANT_PATTERNS
-        )
-    )
+    allow, ignore = hub.with_variant(hub.PIPELINE_PATTERNS, None)
+    got = set(filter_repo_objects(repo, allow_patterns=allow, ignore_patterns=ignore))
     assert got == {
         "model_index.json",
         "scheduler/scheduler_config.json",
@@ -177,6 +177,63 @@ def test_hub_fetches_no_weight_variants():
         "vae/diffusion_pytorch_model-00002-of-00002.safetensors",
         "vae/diffusion_pytorch_model.safetensors.index.json",
     }
+    # a variant takes its own weights (and shards, and index) in place of the plain ones
+    allow, ignore = hub.with_variant(hub.PIPELINE_PATTERNS, "fp16")
+    got = set(filter_repo_objects(repo, allow_patterns=allow, ignore_patterns=ignore))
+    assert got == {
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.fp16.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.fp16-00001-of-00001.safetensors",
+        "vae/diffusion_pytorch_model.safetensors.index.fp16.json",
+    }
+
+
+def test_weight_variants_load(torch_pipe_dir, tmp_path):
+    """``variant="fp16"`` loads the ``NAME.fp16.safetensors`` files diffusers writes with
+    ``save_pretrained(variant="fp16")`` (one of them sharded here), the plain files without it;
+    a missing variant and a malformed name are named in the errors."""
+    import copy
+
+    from diffusers import StableDiffusionLatentUpscalePipeline
+
+    from flax_latentup import FlaxAutoencoderKL, WeightsError
+
+    folder = tmp_path / "p"
+    shutil.copytree(torch_pipe_dir, folder)
+    torch_pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(torch_pipe_dir)
+    half = copy.deepcopy(torch_pipe).to(torch.float16)
+    half.save_pretrained(folder, variant="fp16")
+    (folder / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    half.vae.save_pretrained(folder / "vae", variant="fp16", max_shard_size="100KB")
+    assert (folder / "vae" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    assert not (folder / "vae" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    assert (folder / "text_encoder" / "model.fp16.safetensors").is_file()
+
+    plain = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(folder))
+    fp16 = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(folder), variant="fp16")
+    for part in ("text_encoder", "vae", "unet"):
+        a, b = jax.tree.leaves(plain.params[part]), jax.tree.leaves(fp16.params[part])
+        assert all(x.dtype == y.dtype == jnp.float32 for x, y in zip(a, b, strict=True))
+        # the variant's weights are the plain ones rounded to float16, and not the plain ones
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(x).astype(np.float16))
+        assert any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True)), part
+    vae = FlaxAutoencoderKL.from_pretrained(str(folder), "vae", variant="fp16")
+    leaves = jax.tree.leaves(nnx.state(vae)), jax.tree.leaves(fp16.params["vae"])
+    for x, y in zip(*leaves, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    with pytest.raises(WeightsError, match="variant 'bf16' not found"):
+        FlaxAutoencoderKL.from_pretrained(str(folder), "vae", variant="bf16")
+    with pytest.raises(ValueError, match="variant must be"):
+        FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(folder), variant="fp16/x")
 
 
 def test_malformed_shard_index_and_pickle(tmp_path):

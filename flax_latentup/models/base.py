@@ -22,6 +22,7 @@ from flax_latentup.weights import (
     load_state,
     open_weights,
     save_flax_weights,
+    variant_name,
 )
 
 M = TypeVar("M", bound="PretrainedModel")
@@ -93,27 +94,33 @@ class PretrainedModel:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool | None = None,
         token: str | bool | None = None,
+        variant: str | None = None,
     ) -> M:
         """Load from a local folder or a hub repo id (``config.json`` + safetensors weights).
 
         ``dtype`` is the computation dtype, ``param_dtype`` the dtype the weights are stored in
         on the device. Folders written by :meth:`save_pretrained` (``flax_model.safetensors``)
         load without conversion; torch safetensors are mapped through the strict loader.
+        ``variant`` (e.g. ``"fp16"``) loads ``NAME.fp16.safetensors`` (and fetches only it)
+        instead of the plain weights, as in diffusers.
         """
         dtype = _check_dtype("dtype", dtype)
         param_dtype = _check_dtype("param_dtype", param_dtype)
+        allow, ignore = hub.with_variant(hub.MODEL_PATTERNS, hub.check_variant(variant))
         folder = hub.resolve(
             path_or_repo_id,
             subfolder=subfolder,
-            allow_patterns=hub.MODEL_PATTERNS,
+            allow_patterns=allow,
+            ignore_patterns=ignore,
             revision=revision,
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
         )
         config = cls.config_class.from_dict(read_json(os.path.join(folder, CONFIG_NAME)))
-        tensors = open_weights(folder, (FLAX_WEIGHTS_NAME, *cls.torch_weights_names))
-        torch_layout = not tensors.paths[0].endswith(FLAX_WEIGHTS_NAME)
+        tensors = open_weights(folder, (FLAX_WEIGHTS_NAME, *cls.torch_weights_names), variant)
+        flax_name = variant_name(FLAX_WEIGHTS_NAME, variant)
+        torch_layout = os.path.basename(tensors.paths[0]) != flax_name
         return cls.from_tensors(
             config,
             tensors,
