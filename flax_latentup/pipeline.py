@@ -1080,14 +1080,12 @@ class FlaxStableDiffusionLatentUpscalePipeline:
 
     @staticmethod
     def _vae_placement(device_list: list[Any], devices: Any, mesh: Any) -> Any:
-        """Where host-side VAE calls run: ``None`` (JAX's default device), the one device asked
-        for, or a mesh whose ``"data"`` axis splits their batch (several devices)."""
-        if mesh is not None and mesh.shape["data"] > 1:
-            return mesh
-        if len(device_list) > 1 and mesh is None:
+        """Where host-side VAE calls run, as the program: ``None`` (JAX's default device), the
+        one device asked for, or a mesh whose ``"data"`` axis splits their batch."""
+        if len(device_list) > 1:
             from flax_latentup import parallel
 
-            return parallel.make_mesh(device_list)
+            return mesh if mesh is not None else parallel.make_mesh(device_list)
         return device_list[0] if (devices is not None or mesh is not None) else None
 
     def _tiles(self, pixel_hw: tuple[int, int]) -> bool:
@@ -1185,7 +1183,8 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             if vae is not None:
                 params["vae"] = nnx.split(vae)[1]
             params = parallel.replicate_on_mesh(params, mesh)
-            self._replicated = {mesh: params}
+            # one copy of the weights on the devices: the pmap layout's goes
+            self._replicated, self._pmap_replicated = {mesh: params}, {}
         return params
 
     def _dispatch(
@@ -1207,7 +1206,8 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                 params = self._pmap_replicated.get(key)
                 if params is None:  # copied to the devices once, then reused
                     params = parallel.replicate(self.params, device_list)
-                    self._pmap_replicated = {key: params}
+                    # one copy of the weights on the devices: the sharded layout's goes
+                    self._pmap_replicated, self._replicated = {key: params}, {}
                 return parallel.pmap_upscale(
                     self.graphdefs,
                     params,

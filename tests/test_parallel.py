@@ -105,9 +105,9 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
 def test_tiled_vae_work_is_split_over_the_devices(flax_pipe_dir, tmp_path):
     """With tiling on and several devices, the tiled encode of the pictures and the tiled
     decode of the results run on all devices (each tile split along the batch, an odd batch
-    padded), with one copy of the VAE's weights shared with the sampling program; the float16
-    retry and a batch-split input to the VAE alone go the same way. Results equal one
-    device's."""
+    padded), with the sampling program's copy of the VAE's weights (also on a mesh whose data
+    axis is 1); the float16 retry goes the same way, and so does a batch-split input to the
+    VAE alone when its weights are on those devices. Results equal one device's."""
     out_file = tmp_path / "tiled.npz"
     code = f"""
     import jax, jax.numpy as jnp, numpy as np
@@ -131,15 +131,24 @@ def test_tiled_vae_work_is_split_over_the_devices(flax_pipe_dir, tmp_path):
     res["single"] = pipe(devices=jax.devices()[:1], **kw).images
     assert {{c[0] for c in calls}} == {{"encode", "decode"}}, calls
     assert all(c[1:3] == (3, 1) for c in calls), calls
+    def one_vae_copy(mesh):
+        shared = jax.tree.leaves(pipe._replicated[mesh]["vae"])
+        placed = jax.tree.leaves(nnx.split(pipe._vae_placed[(id(pipe.vae), mesh)])[1])
+        assert len(shared) == len(placed) and all(a is b for a, b in zip(shared, placed))
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
     for path, extra in (("sharded", {{}}), ("pmap", dict(use_pmap=True))):
         calls.clear()
         res[path] = pipe(**extra, **kw).images
         assert {{c[0] for c in calls}} == {{"encode", "decode"}}, (path, calls)
         assert all(c[1:3] == (4, 4) for c in calls), (path, calls)
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    shared = jax.tree.leaves(pipe._replicated[mesh]["vae"])
-    placed = jax.tree.leaves(nnx.split(pipe._vae_placed[(id(pipe.vae), mesh)])[1])
-    assert len(shared) == len(placed) and all(a is b for a, b in zip(shared, placed))
+        if path == "sharded":
+            one_vae_copy(mesh)
+    # one layout of the weights is kept on the devices: the pmap call let the sharded one go
+    assert pipe._replicated == {{}} and len(pipe._pmap_replicated) == 1
+    mesh12 = Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
+    res["mesh12"] = pipe(mesh=mesh12, **kw).images
+    one_vae_copy(mesh12)
+    assert pipe._pmap_replicated == {{}}
     # the float16 retry of an overflowing (tiled) decode runs over the devices too
     pipe16 = P.from_pretrained({flax_pipe_dir!r}, dtype=jnp.float16)
     pipe16.enable_vae_tiling(tile_sample_size=64)
@@ -150,15 +159,19 @@ def test_tiled_vae_work_is_split_over_the_devices(flax_pipe_dir, tmp_path):
     decodes = [(c[1:3], str(c[3])) for c in calls if c[0] == "decode"]
     assert decodes[0] == ((4, 4), "float16") and decodes[-1] == ((4, 4), "float32"), calls
     res["retry_want"] = pipe._decode(pipe.vae, latents[1:2])
-    # the VAE alone: an input whose batch is split over the devices splits its tiles
+    # the VAE alone: an input whose batch is split over the devices that hold the weights
+    # splits its tiles; with the weights elsewhere, the tiles run where the weights are
     z = jnp.asarray(latents[:, :20, :12] / 1e3)
     calls.clear()
     res["vae_one"] = pipe.vae.decode(z, tiled=True, tile_sample_size=64)
     assert calls and all(c[2] == 1 for c in calls), calls
-    calls.clear()
     z4 = jax.device_put(np.concatenate([z, z[:1]]), NamedSharding(mesh, PartitionSpec("data")))
-    res["vae_split"] = pipe.vae.decode(z4, tiled=True, tile_sample_size=64)[:3]
-    assert calls and all(c[2] == 4 for c in calls), calls
+    graphdef, state = nnx.split(pipe.vae)
+    vae4 = nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
+    for name, vae, devices in (("vae_split", vae4, 4), ("vae_elsewhere", pipe.vae, 1)):
+        calls.clear()
+        res[name] = vae.decode(z4, tiled=True, tile_sample_size=64)[:3]
+        assert calls and all(c[2] == devices for c in calls), (name, calls)
     np.savez({str(out_file)!r}, **res)
     print("ok")
     """
@@ -171,7 +184,9 @@ def test_tiled_vae_work_is_split_over_the_devices(flax_pipe_dir, tmp_path):
         assert err <= 1e-5, f"{path}: max abs difference {err:.3g} from one device"
     assert np.isfinite(res["retry"]).all()
     np.testing.assert_allclose(res["retry"][1:2], res["retry_want"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(res["mesh12"], res["single"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(res["vae_split"], res["vae_one"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(res["vae_elsewhere"], res["vae_one"], rtol=0, atol=1e-5)
 
 
 def test_callback_and_step_bar_on_several_devices(flax_pipe_dir, tmp_path):

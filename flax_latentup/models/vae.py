@@ -519,16 +519,23 @@ def _check_input(name: str, x, channels: int, multiple: int = 1) -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
-def _tile_sharding(x) -> NamedSharding | None:
-    """Where the tiles of ``x`` go: ``None`` (wherever the weights are) unless ``x`` is a
-    concrete array split over several devices, whose tiles are then split the same way along
-    the batch axis (so the tile program runs on all those devices, each on its images)."""
+def _tile_sharding(x, state) -> NamedSharding | None:
+    """Where the tiles of ``x`` go: ``None`` (where the weights ``state`` are) unless ``x`` is
+    a concrete array whose batch axis is split over several devices that all hold the weights;
+    its tiles are then split the same way (the tile program runs on all of them at once)."""
     if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
         return None
     sharding = x.sharding
-    if len(sharding.device_set) < 2 or not isinstance(sharding, NamedSharding):
+    if not isinstance(sharding, NamedSharding) or len(sharding.device_set) < 2:
         return None
     batch_axes = sharding.spec[0] if len(sharding.spec) else None
+    if batch_axes is None:  # each device holds the whole batch: nothing to split
+        return None
+    devices = sharding.device_set
+    for w in jax.tree.leaves(state):
+        # weights elsewhere (or not yet placed) would be copied to the devices at every tile
+        if not (isinstance(w, jax.Array) and w.committed and w.sharding.device_set == devices):
+            return None
     return NamedSharding(sharding.mesh, PartitionSpec(batch_axes))
 
 
@@ -578,9 +585,10 @@ class FlaxAutoencoderKL(nnx.Module, PretrainedModel):
     ``tile_sample_size / f``) overlapping by a quarter, each run through one compiled
     program of the tile's shape, and blended linearly; an input that fits in one tile is
     processed whole, exactly as without tiling. A tiled call on an input whose batch is split
-    over several devices (a ``NamedSharding``) splits every tile the same way, so that all
-    those devices work on the tiles at once; keep the weights replicated on them
-    (``nnx.split`` the model, ``jax.device_put(state, NamedSharding(mesh, P()))``, merge).
+    over several devices (a ``NamedSharding``), with the weights replicated on those devices
+    (``nnx.split`` the model, ``jax.device_put(state, NamedSharding(mesh, P()))``, merge),
+    splits every tile the same way, so that all of them work on the tiles at once; otherwise
+    the tiles run where the weights are.
     """
 
     config_class = AutoencoderKLConfig
@@ -689,12 +697,13 @@ class FlaxAutoencoderKL(nnx.Module, PretrainedModel):
         # Concrete inputs are cut and blended with numpy on the host, so that a new picture
         # size compiles nothing at all; under an outer trace the same steps run in jnp.
         xp = jnp if isinstance(x, jax.core.Tracer) else np
-        # An input split over several devices has its tiles split the same way along the batch.
-        placement = _tile_sharding(x)
+        # An input whose batch is split over the devices that hold the weights has its tiles
+        # split the same way.
+        graphdef, state = nnx.split(self)
+        placement = _tile_sharding(x, state)
         # Zero padding past the bottom/right edges makes every tile a fixed-shape slice whose
         # part beyond the picture is zero; the network is told the valid size.
         padded = xp.pad(xp.asarray(x), ((0, 0), (0, tile_in), (0, tile_in), (0, 0)))
-        graphdef, state = nnx.split(self)
         key = trace_settings()
         rows = []
         for i in range(0, height, step):
