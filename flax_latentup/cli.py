@@ -149,7 +149,7 @@ def check_output_dir(outdir: str, inputs: Sequence[str], recursive: bool) -> Non
                         "outputs would be read back as inputs; choose another output folder"
                     )
     try:
-        files.probe_writable(outdir)
+        files.probe_writable(outdir, create=False)  # made once every check has passed
     except OSError as e:
         raise UsageError(f"output folder {outdir!r} is not writable: {e}") from None
 
@@ -349,6 +349,19 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
         "the plain weights)",
     )
     p.add_argument(
+        "--unet",
+        default=None,
+        metavar="MODEL",
+        help="a UNet to run in place of --model's: a folder holding config.json and its weights "
+        "(e.g. a fine-tuning checkpoint's unet_ema/) or a hub repo id",
+    )
+    p.add_argument(
+        "--vae",
+        default=None,
+        metavar="MODEL",
+        help="a VAE to run in place of --model's (folder or hub repo id, as --unet)",
+    )
+    p.add_argument(
         "--prompt", default="", help="text prompt for every image (a sidecar NAME.txt overrides it)"
     )
     p.add_argument("--prompt-file", help="file whose text is the prompt for every image")
@@ -456,24 +469,75 @@ def check_report_path(path: str) -> None:
     if os.path.isdir(path):
         raise UsageError(f"--report {path!r} is a folder; give a file path")
     try:
-        files.probe_writable(os.path.dirname(path) or ".")
+        files.probe_writable(os.path.dirname(path) or ".", create=False)
     except OSError as e:
         raise UsageError(f"--report {path!r} cannot be written: {e}") from None
 
 
-def resolve_model(model: str, variant: str | None = None) -> str:
+def resolve_model(model: str, variant: str | None = None, skip: Sequence[str] = ()) -> str:
     """The local folder of ``--model`` (fetched from the hub if needed, with the weights of
-    ``variant``); a UsageError if unknown."""
+    ``variant``, without the components in ``skip``); a UsageError if unknown."""
     from flax_latentup import hub
 
     try:
-        allow, ignore = hub.with_variant(hub.PIPELINE_PATTERNS, hub.check_variant(variant))
+        allow, ignore = hub.pipeline_patterns(hub.check_variant(variant), skip=skip)
     except ValueError as e:
         raise UsageError(f"--variant: {e}") from None
     try:
         return hub.resolve(model, allow_patterns=allow, ignore_patterns=ignore)
     except hub.HubError as e:
         raise UsageError(f"--model: {e}") from None
+
+
+def resolve_component(flag: str, name: str) -> str:
+    """The local folder of a ``--unet``/``--vae`` model (fetched from the hub if needed); a
+    UsageError if unknown or if it holds no ``config.json`` (naming the subfolders that do,
+    as a fine-tuning checkpoint's ``unet/`` and ``unet_ema/``)."""
+    from flax_latentup import hub
+
+    try:
+        folder = hub.resolve(name, allow_patterns=hub.MODEL_PATTERNS)
+    except hub.HubError as e:
+        raise UsageError(f"{flag}: {e}") from None
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        inner = sorted(
+            d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, "config.json"))
+        )
+        hint = f"; its subfolders {', '.join(inner)} have one: pass one of them" if inner else ""
+        raise UsageError(f"{flag}: {name!r} holds no config.json{hint}")
+    return folder
+
+
+def check_components_fit(model_dir: str, given: dict[str, str]) -> None:
+    """A UsageError unless the components of ``model_dir`` and those ``given`` (``{"unet":
+    folder, ...}``) fit together, from their configs alone (no weights are read)."""
+    from flax_latentup.configs import (
+        AutoencoderKLConfig,
+        CLIPTextConfig,
+        UNet2DConditionConfig,
+        check_components,
+    )
+    from flax_latentup.models.base import read_json
+
+    classes = {
+        "text_encoder": CLIPTextConfig,
+        "vae": AutoencoderKLConfig,
+        "unet": UNet2DConditionConfig,
+    }
+    configs = {}
+    for part, cls in classes.items():
+        folder = given.get(part, os.path.join(model_dir, part))
+        where = f"--{part}" if part in given else "--model"
+        try:
+            configs[part] = cls.from_dict(read_json(os.path.join(folder, "config.json")))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{where}: {e}") from None
+    try:
+        check_components(configs["text_encoder"], configs["vae"], configs["unet"])
+    except ValueError as e:
+        flags = " and ".join(f"--{part}" for part in given)
+        verb = "does" if len(given) == 1 else "do"
+        raise UsageError(f"{flags} {verb} not fit --model: {e}") from None
 
 
 def enable_compile_cache(path: str) -> None:
@@ -599,7 +663,21 @@ def run_upscale(args: argparse.Namespace) -> int:
                 "output folder (or a --suffix / --ext that differs)"
             )
     files.new_file_mode()  # read while no other thread runs
-    model_dir = resolve_model(args.model, args.variant)
+    components = {part: getattr(args, part) for part in ("unet", "vae")}
+    components = {part: name for part, name in components.items() if name is not None}
+    model_dir = resolve_model(args.model, args.variant, skip=tuple(components))
+    components = {part: resolve_component(f"--{part}", n) for part, n in components.items()}
+    if components:
+        check_components_fit(model_dir, components)
+    for folder, flag in (
+        (args.output, "output"),
+        (os.path.dirname(args.report or ""), "--report"),
+    ):
+        try:
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"{flag} folder {folder!r} cannot be made: {e}") from None
     process = (0, 1)  # (index, count) among the processes sharing the work
     if args.distributed:
         import jax
@@ -633,6 +711,8 @@ def run_upscale(args: argparse.Namespace) -> int:
         "version": __version__,
         "model": args.model,
         "variant": args.variant,
+        "unet": args.unet,
+        "vae": args.vae,
         "settings": {
             "steps": args.steps,
             "guidance": args.guidance,
@@ -674,8 +754,14 @@ def run_upscale(args: argparse.Namespace) -> int:
 
     pipe = None
     if groups:
+        from flax_latentup.pipeline import MODEL_CLASSES
+
+        given = {
+            part: MODEL_CLASSES[part].from_pretrained(folder, dtype=jnp.dtype(dtype))
+            for part, folder in components.items()
+        }
         pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
-            model_dir, dtype=jnp.dtype(dtype), variant=args.variant
+            model_dir, dtype=jnp.dtype(dtype), variant=args.variant, **given
         )
         pipe.set_progress_bar_config(disable=True)
         if args.tile:

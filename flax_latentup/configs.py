@@ -706,3 +706,26 @@ class AutoencoderKLConfig:
             norm_num_groups=8,
             sample_size=32,
         )
+
+
+def check_components(text_encoder_config: Any, vae_config: Any, unet_config: Any) -> None:
+    """ValueError unless the three models' configs fit together as the upscaler: the UNet
+    takes the noisy latents and the upsampled image condition on channels, cross-attends to
+    the text encoder's hidden states and is conditioned on its pooled output."""
+    latent = vae_config.latent_channels
+    width = text_encoder_config.hidden_size
+    if unet_config.in_channels != 2 * latent:
+        raise ValueError(
+            f"unet.config.in_channels ({unet_config.in_channels}) must be twice the VAE's "
+            f"latent_channels ({latent}): noisy latents and the upsampled image condition"
+        )
+    if unet_config.cross_attention_dim != width:
+        raise ValueError(
+            f"unet.config.cross_attention_dim ({unet_config.cross_attention_dim}) must equal "
+            f"the text encoder's hidden_size ({width})"
+        )
+    if unet_config.time_cond_proj_dim != 128 + width:
+        raise ValueError(
+            f"unet.config.time_cond_proj_dim ({unet_config.time_cond_proj_dim}) must be 128 + "
+            f"the text encoder's hidden_size ({width})"
+        )

@@ -59,6 +59,18 @@ def with_variant(
     return out, None
 
 
+def pipeline_patterns(
+    variant: str | None = None, skip: Sequence[str] = ()
+) -> tuple[list[str], list[str] | None]:
+    """``(allow, ignore)`` download patterns for a pipeline repo: :data:`PIPELINE_PATTERNS` with
+    the weights of ``variant`` (see :func:`with_variant`), less the subfolders in ``skip``
+    (components given otherwise, e.g. a fine-tuned UNet)."""
+    allow, ignore = with_variant(PIPELINE_PATTERNS, variant)
+    if skip:
+        ignore = [*(ignore or ()), *(f"{part}/*" for part in skip)]
+    return allow, ignore
+
+
 class HubError(OSError):
     """A model folder or hub repo that cannot be found or fetched."""
 

@@ -218,6 +218,29 @@ def _pmap_program(
     )
 
 
+def _check_replicated(params: Any, devices: Sequence[jax.Device]) -> None:
+    """ValueError unless every leaf of ``params`` is in :func:`replicate`'s layout over
+    exactly ``devices``."""
+    want = set(devices)
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        if (
+            not isinstance(x, jax.Array)
+            or x.ndim == 0
+            or x.shape[0] != len(devices)
+            or set(x.sharding.device_set) != want
+        ):
+            where = (
+                f"on {len(x.sharding.device_set)} device(s), leading axis {x.shape[:1]}"
+                if isinstance(x, jax.Array)
+                else f"a {type(x).__name__}"
+            )
+            raise ValueError(
+                "replicated=True: params must be replicate(params, devices) over the "
+                f"{len(devices)} devices this call runs on; params{jax.tree_util.keystr(path)} "
+                f"is {where}"
+            )
+
+
 def pmap_upscale(
     graphdefs: GraphDefs,
     params: dict[str, Any],
@@ -235,6 +258,8 @@ def pmap_upscale(
     ``replicated=True``: ``params`` are already copied to ``devices`` by :func:`replicate`
     (do that once for many calls: otherwise every call copies all weights to every device)."""
     devices = tuple(check_devices(devices) if devices is not None else jax.local_devices())
+    if replicated:
+        _check_replicated(params, devices)
     batch, n = _pad_batch(batch, len(devices))
     per_image = {k: v for k, v in batch.items() if k not in SHARED_KEYS}
     sharded = shard(per_image, len(devices))

@@ -21,7 +21,7 @@ import numbers
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_latentup import hub
+from flax_latentup.configs import check_components
 from flax_latentup.models.base import read_json, write_json_atomic
 from flax_latentup.models.clip import FlaxCLIPTextModel
 from flax_latentup.models.conv import (
@@ -125,14 +126,72 @@ def preferred_dtype(device: Any = None) -> jnp.dtype:
 
 
 PIPELINE_PARTS = ("text_encoder", "vae", "unet", "tokenizer", "scheduler")
+# The models among the parts: their classes, whose ``config_class`` reads ``config.json``.
+MODEL_CLASSES = {
+    "text_encoder": FlaxCLIPTextModel,
+    "vae": FlaxAutoencoderKL,
+    "unet": FlaxUNet2DConditionModel,
+}
 
 
-def check_pipeline_folder(folder: str) -> None:
-    """FileNotFoundError unless ``folder`` has the pipeline's subfolders and a tokenizer's
-    files (an empty ``tokenizer/`` would load as a tokenizer without a vocabulary)."""
+def _check_component_types(**components: Any) -> None:
+    """TypeError naming the first component that is not what the pipeline runs (a torch model
+    given for a Flax one, say); ``None`` values are skipped."""
+    for name, value in components.items():
+        if value is None:
+            continue
+        if name in MODEL_CLASSES:
+            cls = MODEL_CLASSES[name]
+            if not isinstance(value, cls):
+                raise TypeError(
+                    f"{name} must be a {cls.__name__} (e.g. {cls.__name__}.from_pretrained(...)), "
+                    f"got {type(value).__module__}.{type(value).__name__}"
+                )
+        elif name == "tokenizer":
+            if not callable(value) or not isinstance(getattr(value, "model_max_length", None), int):
+                raise TypeError(
+                    "tokenizer must be a CLIP tokenizer from transformers (callable, with an int "
+                    f"model_max_length), got {type(value).__module__}.{type(value).__name__}"
+                )
+
+
+def _check_tokenizer_vocab(tokenizer: Any, text_config: Any) -> None:
+    try:
+        size = len(tokenizer)
+    except TypeError:
+        return
+    if size > text_config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {size} tokens but the text encoder's vocab_size is "
+            f"{text_config.vocab_size}: they do not belong together"
+        )
+
+
+def _scheduler_config(scheduler: Any) -> tuple[EulerSchedulerConfig, dict[str, Any]]:
+    """``(config, the dict saved as scheduler_config.json)`` from an
+    :class:`~flax_latentup.sampling.EulerSchedulerConfig`, a config dict, or a diffusers
+    ``EulerDiscreteScheduler`` (its ``config``); unsupported options raise by name."""
+    if isinstance(scheduler, EulerSchedulerConfig):
+        return scheduler, scheduler.to_dict()
+    config = getattr(scheduler, "config", scheduler)
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            "scheduler must be an EulerSchedulerConfig, a scheduler config dict or a diffusers "
+            f"EulerDiscreteScheduler, got {type(scheduler).__module__}.{type(scheduler).__name__}"
+        )
+    config = dict(config)
+    return EulerSchedulerConfig.from_dict(config), config
+
+
+def check_pipeline_folder(folder: str, skip: Sequence[str] = ()) -> None:
+    """FileNotFoundError unless ``folder`` has the pipeline's subfolders (those in ``skip``
+    aside: components given otherwise) and a tokenizer's files (an empty ``tokenizer/`` would
+    load as a tokenizer without a vocabulary)."""
     for part in PIPELINE_PARTS:
-        if not os.path.isdir(os.path.join(folder, part)):
+        if part not in skip and not os.path.isdir(os.path.join(folder, part)):
             raise FileNotFoundError(f"pipeline folder {folder} has no `{part}/` subfolder")
+    if "tokenizer" in skip:
+        return
     tok = os.path.join(folder, "tokenizer")
     has = set(os.listdir(tok))
     if not ({"vocab.json", "merges.txt"} <= has or "tokenizer.json" in has):
@@ -551,34 +610,22 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         vae: FlaxAutoencoderKL,
         unet: FlaxUNet2DConditionModel,
         tokenizer: Any,
-        scheduler_config: EulerSchedulerConfig | dict[str, Any],
+        scheduler_config: EulerSchedulerConfig | Mapping[str, Any] | Any,
     ):
-        if isinstance(scheduler_config, dict):
-            self._scheduler_dict = dict(scheduler_config)
-            scheduler_config = EulerSchedulerConfig.from_dict(scheduler_config)
-        else:
-            self._scheduler_dict = scheduler_config.to_dict()
+        """Assemble a pipeline from loaded parts (see :attr:`components`). ``scheduler_config``
+        is an :class:`~flax_latentup.sampling.EulerSchedulerConfig`, a
+        ``scheduler_config.json`` dict or a diffusers ``EulerDiscreteScheduler``. Parts that
+        do not fit together (the UNet's channels and text widths against the VAE's and text
+        encoder's configs, the tokenizer's size against the vocabulary) raise a ValueError."""
+        _check_component_types(text_encoder=text_encoder, vae=vae, unet=unet, tokenizer=tokenizer)
+        scheduler_config, self._scheduler_dict = _scheduler_config(scheduler_config)
+        check_components(text_encoder.config, vae.config, unet.config)
+        _check_tokenizer_vocab(tokenizer, text_encoder.config)
         self.text_encoder = text_encoder
         self.vae = vae
         self.unet = unet
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
-        latent = vae.config.latent_channels
-        if unet.config.in_channels != 2 * latent:
-            raise ValueError(
-                f"unet.config.in_channels ({unet.config.in_channels}) must be twice the VAE's "
-                f"latent_channels ({latent}): noisy latents and the upsampled image condition"
-            )
-        if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-            raise ValueError(
-                f"unet.config.cross_attention_dim ({unet.config.cross_attention_dim}) must equal "
-                f"the text encoder's hidden_size ({text_encoder.config.hidden_size})"
-            )
-        if unet.config.time_cond_proj_dim != 128 + text_encoder.config.hidden_size:
-            raise ValueError(
-                f"unet.config.time_cond_proj_dim ({unet.config.time_cond_proj_dim}) must be 128 + "
-                f"the text encoder's hidden_size ({text_encoder.config.hidden_size})"
-            )
         self._progress_bar_config: dict[str, Any] = {}
         self._programs: dict[CoreOptions, Callable] = {}
         self._encode_prompt_fn: Callable | None = None
@@ -653,6 +700,11 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         param_dtype=jnp.float32,
         token: str | bool | None = None,
         variant: str | None = None,
+        text_encoder: FlaxCLIPTextModel | None = None,
+        vae: FlaxAutoencoderKL | None = None,
+        unet: FlaxUNet2DConditionModel | None = None,
+        tokenizer: Any = None,
+        scheduler: Any = None,
     ) -> FlaxStableDiffusionLatentUpscalePipeline:
         """Load a diffusers-layout pipeline folder or hub repo (torch safetensors or Flax weights).
 
@@ -662,10 +714,28 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         ``variant`` (e.g. ``"fp16"``) loads each model's ``NAME.fp16.safetensors`` (and fetches
         only those) instead of the plain weights, as in diffusers; they are cast to
         ``param_dtype`` on loading.
+
+        ``text_encoder``, ``vae``, ``unet``, ``tokenizer`` and ``scheduler`` replace the
+        repo's component of that name, as in diffusers (a fine-tuned UNet, another VAE): it is
+        neither fetched nor loaded, and is used as given (its own dtype). ``scheduler`` is an
+        :class:`~flax_latentup.sampling.EulerSchedulerConfig`, a config dict or a diffusers
+        ``EulerDiscreteScheduler``. Every component is checked against the others' configs
+        before any weights are read.
         """
         from transformers import CLIPTokenizer
 
-        allow, ignore = hub.with_variant(hub.PIPELINE_PATTERNS, hub.check_variant(variant))
+        given = {
+            "text_encoder": text_encoder,
+            "vae": vae,
+            "unet": unet,
+            "tokenizer": tokenizer,
+            "scheduler": scheduler,
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        _check_component_types(**given)
+        if scheduler is not None:
+            _scheduler_config(scheduler)  # unsupported options raise here, before any loading
+        allow, ignore = hub.pipeline_patterns(hub.check_variant(variant), skip=tuple(given))
         folder = hub.resolve(
             path_or_repo_id,
             allow_patterns=allow,
@@ -682,18 +752,46 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             raise ValueError(
                 f"{index_path}: `_class_name` is {name!r}, expected one of {PIPELINE_CLASS_NAMES}"
             )
-        check_pipeline_folder(folder)
+        check_pipeline_folder(folder, skip=tuple(given))
+        configs = {
+            part: given[part].config
+            if part in given
+            else model.config_class.from_dict(read_json(os.path.join(folder, part, "config.json")))
+            for part, model in MODEL_CLASSES.items()
+        }
+        check_components(configs["text_encoder"], configs["vae"], configs["unet"])
+        if tokenizer is None:
+            tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+        _check_tokenizer_vocab(tokenizer, configs["text_encoder"])
         kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
-        text_encoder = FlaxCLIPTextModel.from_pretrained(folder, "text_encoder", **kw)
-        vae = FlaxAutoencoderKL.from_pretrained(folder, "vae", **kw)
-        unet = FlaxUNet2DConditionModel.from_pretrained(folder, "unet", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-        scheduler = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
-        return cls(text_encoder, vae, unet, tokenizer, scheduler)
+        models = {
+            part: given[part] if part in given else model.from_pretrained(folder, part, **kw)
+            for part, model in MODEL_CLASSES.items()
+        }
+        if scheduler is None:
+            scheduler = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+        return cls(models["text_encoder"], models["vae"], models["unet"], tokenizer, scheduler)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    @property
+    def components(self) -> dict[str, Any]:
+        """The pipeline's parts by the names the constructor takes, as in diffusers:
+        ``FlaxStableDiffusionLatentUpscalePipeline(**{**pipe.components, "unet": my_unet})``
+        builds a pipeline that shares the others."""
+        return {
+            "text_encoder": self.text_encoder,
+            "vae": self.vae,
+            "unet": self.unet,
+            "tokenizer": self.tokenizer,
+            "scheduler_config": self.scheduler_config,
+        }
+
+    def save_pretrained(self, path: str | os.PathLike, *, torch_layout: bool = False) -> None:
         """Write the pipeline in the diffusers layout with Flax weights into the folder
         ``path`` (created if needed; a link to a folder is followed).
+
+        ``torch_layout=True`` writes torch checkpoints instead (state-dict keys and layouts, as
+        the hub's repo), which diffusers' ``StableDiffusionLatentUpscalePipeline.from_pretrained``
+        loads (and this package too): a UNet fine-tuned here, say, goes back to torch.
 
         Its five subfolders and ``model_index.json`` are written beside ``path`` first and put
         in place at the end, each replacing the entry of that name; other content of ``path``
@@ -702,27 +800,36 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         from flax_latentup import __version__
         from flax_latentup.files import staged_entries
 
+        if torch_layout:
+            index = {
+                "_class_name": "StableDiffusionLatentUpscalePipeline",
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+            }
+        else:
+            index = {
+                "_class_name": "FlaxStableDiffusionLatentUpscalePipeline",
+                "text_encoder": ["flax_latentup", "FlaxCLIPTextModel"],
+                "vae": ["flax_latentup", "FlaxAutoencoderKL"],
+                "unet": ["flax_latentup", "FlaxUNet2DConditionModel"],
+            }
+        index |= {
+            "_flax_latentup_version": __version__,
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        }
         with staged_entries(path, (*PIPELINE_PARTS, "model_index.json")) as tmp:
-            self.text_encoder.save_pretrained(os.path.join(tmp, "text_encoder"))
-            self.vae.save_pretrained(os.path.join(tmp, "vae"))
-            self.unet.save_pretrained(os.path.join(tmp, "unet"))
+            for part in MODEL_CLASSES:
+                getattr(self, part).save_pretrained(
+                    os.path.join(tmp, part), torch_layout=torch_layout
+                )
             self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
             os.makedirs(os.path.join(tmp, "scheduler"))
             write_json_atomic(
                 self._scheduler_dict, os.path.join(tmp, "scheduler", "scheduler_config.json")
             )
-            write_json_atomic(
-                {
-                    "_class_name": "FlaxStableDiffusionLatentUpscalePipeline",
-                    "_flax_latentup_version": __version__,
-                    "text_encoder": ["flax_latentup", "FlaxCLIPTextModel"],
-                    "vae": ["flax_latentup", "FlaxAutoencoderKL"],
-                    "unet": ["flax_latentup", "FlaxUNet2DConditionModel"],
-                    "tokenizer": ["transformers", "CLIPTokenizer"],
-                    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-                },
-                os.path.join(tmp, "model_index.json"),
-            )
+            write_json_atomic(index, os.path.join(tmp, "model_index.json"))
 
     # ---- text --------------------------------------------------------------------------------
 

@@ -183,6 +183,7 @@ class Rule:
     torch_name: str
     to_flax: Callable[[np.ndarray], np.ndarray]
     torch_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+    to_torch: Callable[[np.ndarray], np.ndarray]
 
 
 def _same(x):
@@ -191,7 +192,7 @@ def _same(x):
 
 TORCH_RULES: tuple[Rule, ...] = (
     # nn.Linear: weight [out, in] -> kernel [in, out]
-    Rule("kernel", 2, "weight", lambda w: w.T, lambda s: s[::-1]),
+    Rule("kernel", 2, "weight", lambda w: w.T, lambda s: s[::-1], lambda k: k.T),
     # nn.Conv2d: weight [out, in, kh, kw] -> kernel [kh, kw, in, out]
     Rule(
         "kernel",
@@ -199,12 +200,13 @@ TORCH_RULES: tuple[Rule, ...] = (
         "weight",
         lambda w: w.transpose(2, 3, 1, 0),
         lambda s: (s[3], s[2], s[0], s[1]),
+        lambda k: k.transpose(3, 2, 0, 1),
     ),
     # nn.LayerNorm / nn.GroupNorm: weight -> scale
-    Rule("scale", None, "weight", _same, _same),
+    Rule("scale", None, "weight", _same, _same, _same),
     # nn.Embedding: weight -> embedding
-    Rule("embedding", None, "weight", _same, _same),
-    Rule("bias", None, "bias", _same, _same),
+    Rule("embedding", None, "weight", _same, _same, _same),
+    Rule("bias", None, "bias", _same, _same, _same),
 )
 
 
@@ -228,12 +230,15 @@ class KeyMap:
     for keys that carry no learned value (buffers) and are dropped without complaint;
     ``reshape(canonical_key, stored_shape)`` returns the shape the stored array is reshaped
     to (same number of elements) before the rule table applies, e.g. a 1x1 convolution
-    weight ``[out, in, 1, 1]`` stored for a linear layer.
+    weight ``[out, in, 1, 1]`` stored for a linear layer. ``export(canonical_key)`` is the
+    key a torch-layout save writes (``rename`` must map it back).
     """
 
     rename: Callable[[str], str] = _same
     ignore: Callable[[str], bool] = lambda key: False
     reshape: Callable[[str, tuple[int, ...]], tuple[int, ...]] = lambda key, shape: shape
+    # canonical key -> the key written by a torch-layout save (the published spelling)
+    export: Callable[[str], str] = _same
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,14 +345,40 @@ def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
     return {path_to_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def save_flax_weights(model: nnx.Module, path: str, metadata: dict[str, str] | None = None) -> None:
-    """Write the model's parameters to ``path`` (safetensors, NNX paths as keys), atomically."""
+def torch_state_dict(model: nnx.Module, key_map: KeyMap | None = None) -> dict[str, np.ndarray]:
+    """The model's parameters as its torch counterpart's state dict (numpy arrays): the rule
+    table run backwards, keys spelled by ``key_map.export``. Loading it back with
+    ``torch_layout=True`` gives the same parameters bit for bit."""
+    key_map = key_map or KeyMap()
+    out: dict[str, np.ndarray] = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        arr = np.asarray(jax.device_get(var[...]))
+        key, rule = torch_key(path, arr.ndim)
+        out[key_map.export(key)] = np.ascontiguousarray(rule.to_torch(arr) if rule else arr)
+    return out
+
+
+def save_flax_weights(
+    model: nnx.Module,
+    path: str,
+    metadata: dict[str, str] | None = None,
+    *,
+    torch_layout: bool = False,
+    key_map: KeyMap | None = None,
+) -> None:
+    """Write the model's parameters to ``path`` (safetensors), atomically: NNX paths as keys,
+    or with ``torch_layout`` the torch state dict (:func:`torch_state_dict`) that diffusers and
+    transformers load."""
     from safetensors.numpy import save_file
 
     from flax_latentup.files import new_file_mode, temporary_prefix
 
-    arrays = {k: np.asarray(jax.device_get(v)) for k, v in flat_params(model).items()}
-    meta = {"format": "flax", "library": "flax_latentup"}
+    if torch_layout:
+        arrays = torch_state_dict(model, key_map)
+        meta = {"format": "pt"}  # what transformers requires of a safetensors checkpoint
+    else:
+        arrays = {k: np.asarray(jax.device_get(v)) for k, v in flat_params(model).items()}
+        meta = {"format": "flax", "library": "flax_latentup"}
     meta.update(metadata or {})
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, temporary_prefix() + name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,7 +143,16 @@ def test_npy_latents_and_options(flax_pipe_dir, tmp_path):
     np.save(nchw / "t.npy", rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
     assert run_cli("-i", nchw, "-o", tmp_path / "o2", "-n", flax_pipe_dir, *COMMON) == 1
     assert "--nchw" in read_report(tmp_path / "o2")["failed"][0]["reason"]
-    assert run_cli("-i", nchw, "-o", tmp_path / "o3", "-n", flax_pipe_dir, "--nchw", *COMMON) == 0
+    # --unet / --vae replace the model folder's own: here it has none of them
+    shutil.copytree(flax_pipe_dir, tmp_path / "bare")
+    shutil.rmtree(tmp_path / "bare" / "unet")
+    shutil.rmtree(tmp_path / "bare" / "vae")
+    parts = {p: os.path.join(flax_pipe_dir, p) for p in ("unet", "vae")}
+    argv = ("--nchw", "--unet", parts["unet"], "--vae", parts["vae"])
+    assert run_cli("-i", nchw, "-o", tmp_path / "o3", "-n", tmp_path / "bare", *argv, *COMMON) == 0
+    report = read_report(tmp_path / "o3")
+    assert (report["unet"], report["vae"]) == (parts["unet"], parts["vae"])
+    assert [e["output"] for e in report["done"]] == [str(tmp_path / "o3" / "t.png")]
 
 
 def cli_subprocess(*argv):
@@ -231,6 +241,32 @@ def test_usage_errors_before_loading(tmp_path, capsys, argv, message):
     code = run_cli(*argv, "--no-compile-cache")
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_component_flags_are_checked_before_loading(flax_pipe_dir, tmp_path, capsys):
+    """--unet / --vae folders are checked for a config and for fitting --model's other
+    components, from the configs alone (these folders hold no weights), before any loading."""
+    write_png(str(tmp_path / "in" / "a.png"))
+    checkpoint = tmp_path / "checkpoint-00000100"
+    for sub in ("unet", "unet_ema"):
+        (checkpoint / sub).mkdir(parents=True)
+        shutil.copy(os.path.join(flax_pipe_dir, "unet", "config.json"), checkpoint / sub)
+    vae = tmp_path / "vae8"
+    vae.mkdir()
+    with open(os.path.join(flax_pipe_dir, "vae", "config.json")) as f:
+        config = json.load(f)
+    (vae / "config.json").write_text(json.dumps({**config, "latent_channels": 8}))
+    base = ("-i", tmp_path / "in", "-o", tmp_path / "o", "-n", flax_pipe_dir, "--no-compile-cache")
+    cases = [
+        (("--unet", checkpoint), "its subfolders unet, unet_ema have one: pass one of them"),
+        (("--unet", tmp_path / "missing"), "--unet: model folder not found"),
+        (("--vae", vae), "--vae does not fit --model: unet.config.in_channels (8) must be twice"),
+        (("--unet", checkpoint / "unet_ema", "--vae", vae), "--unet and --vae do not fit"),
+    ]
+    for extra, message in cases:
+        assert run_cli(*base, *extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "o").exists()
 
 
 def test_version_and_convert_help(capsys):

@@ -193,6 +193,23 @@ def test_hub_fetches_no_weight_variants():
         "vae/diffusion_pytorch_model.fp16-00001-of-00001.safetensors",
         "vae/diffusion_pytorch_model.safetensors.index.fp16.json",
     }
+    # components given to from_pretrained (unet=..., vae=...) are not fetched at all
+    allow, ignore = hub.pipeline_patterns("fp16", skip=("unet", "vae"))
+    got = set(filter_repo_objects(repo, allow_patterns=allow, ignore_patterns=ignore))
+    assert got == {
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.fp16.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/vocab.json",
+    }
+    allow, ignore = hub.pipeline_patterns(None, skip=("tokenizer",))
+    got = set(filter_repo_objects(repo, allow_patterns=allow, ignore_patterns=ignore))
+    assert {f for f in got if f.startswith(("tokenizer/", "unet/"))} == {
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    }
 
 
 def test_weight_variants_load(torch_pipe_dir, tmp_path):

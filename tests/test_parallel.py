@@ -40,6 +40,13 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
         pipe(prompt=prompts[:5], image=low[:5], use_pmap=True, **kw)
     assert len(copies) == 1, copies
     parallel.replicate = replicate
+    # weights replicated over other devices than the call's are named, before any compiling
+    try:
+        on_two = parallel.replicate({{"w": np.zeros(3, np.float32)}}, jax.devices()[:2])
+        parallel.pmap_upscale(None, on_two, {{}}, None, devices=jax.devices()[:4], replicated=True)
+        raise AssertionError("no error")
+    except ValueError as e:
+        assert "over the 4 devices this call runs on; params['w'] is on 2 device(s)" in str(e), e
     # image i alone, with the key of index i
     key = jax.random.key(42)
     for i in (0, 4, 7):

@@ -13,6 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from flax import nnx
 
 from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
 from flax_latentup.models.conv import conv_config
@@ -321,6 +322,58 @@ def test_save_and_reload(flax_pipe, tmp_path):
     assert again.scheduler_config == flax_pipe.scheduler_config
 
 
+def test_torch_layout_save_goes_back_to_diffusers(torch_pipe, flax_pipe, tmp_path):
+    """A torch-layout save is what diffusers and transformers load: every component's state
+    dict equals, bit for bit, the torch pipeline the port was loaded from, with no key missing
+    or left over; and it loads back here."""
+    from diffusers import AutoencoderKL, StableDiffusionLatentUpscalePipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from flax_latentup import FlaxUNet2DConditionModel
+
+    folder = tmp_path / "torch"
+    flax_pipe.save_pretrained(folder, torch_layout=True)
+    for part, name in (
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("vae", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "model.safetensors"),
+    ):
+        assert sorted(os.listdir(folder / part)) == ["config.json", name]
+    classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+    for part, cls in classes.items():
+        model, info = cls.from_pretrained(str(folder / part), output_loading_info=True)
+        problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
+        assert not problems and not info.get("error_msgs"), (part, problems)
+        want = getattr(torch_pipe, part).state_dict()
+        got = model.state_dict()
+        assert sorted(got) == sorted(want), part
+        for key, value in want.items():
+            assert torch.equal(got[key], value), f"{part}: {key}"
+    loaded = StableDiffusionLatentUpscalePipeline.from_pretrained(str(folder))
+    public = [
+        {k: v for k, v in p.scheduler.config.items() if not k.startswith("_")}
+        for p in (loaded, torch_pipe)
+    ]
+    assert public[0] == public[1]
+    assert loaded.tokenizer.get_vocab() == torch_pipe.tokenizer.get_vocab()
+    # and back into the port
+    again = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(folder))
+    for part in ("unet", "vae", "text_encoder"):
+        got = jax.tree.leaves(nnx.state(getattr(again, part)))
+        want = jax.tree.leaves(nnx.state(getattr(flax_pipe, part)))
+        assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)), part
+    # a model folder holding Flax weights (which load first here) is refused, untouched
+    flax_pipe.unet.save_pretrained(tmp_path / "unet")
+    before = sorted(os.listdir(tmp_path / "unet"))
+    with pytest.raises(FileExistsError, match="flax_model.safetensors"):
+        flax_pipe.unet.save_pretrained(tmp_path / "unet", torch_layout=True)
+    assert sorted(os.listdir(tmp_path / "unet")) == before
+    flax_pipe.unet.save_pretrained(tmp_path / "unet_pt", torch_layout=True)
+    assert FlaxUNet2DConditionModel.from_pretrained(str(tmp_path / "unet_pt")).config == (
+        flax_pipe.unet.config
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input: every error names the argument, before anything compiles
 # --------------------------------------------------------------------------------------------
@@ -408,6 +461,110 @@ def test_missing_component_folder(pipe_dir, tmp_path):
     shutil.rmtree(tmp_path / "p" / "vae")
     with pytest.raises(FileNotFoundError, match="vae"):
         FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(tmp_path / "p"))
+
+
+def test_given_components_replace_the_folders(pipe_dir, flax_pipe, tmp_path):
+    """Components given to from_pretrained are used as they are, and the folder's own are not
+    read: a folder without unet/, vae/, tokenizer/ and scheduler/ loads with them given."""
+    import shutil
+
+    from diffusers import EulerDiscreteScheduler
+
+    from flax_latentup.sampling import EulerSchedulerConfig
+
+    shutil.copytree(pipe_dir, tmp_path / "p")
+    for part in ("unet", "vae", "tokenizer", "scheduler"):
+        shutil.rmtree(tmp_path / "p" / part)
+    scheduler = EulerDiscreteScheduler.from_pretrained(os.path.join(pipe_dir, "scheduler"))
+    pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+        str(tmp_path / "p"),
+        unet=flax_pipe.unet,
+        vae=flax_pipe.vae,
+        tokenizer=flax_pipe.tokenizer,
+        scheduler=scheduler,
+    )
+    assert pipe.unet is flax_pipe.unet and pipe.vae is flax_pipe.vae
+    assert pipe.tokenizer is flax_pipe.tokenizer
+    assert pipe.scheduler_config == flax_pipe.scheduler_config
+    assert pipe.scheduler_config == EulerSchedulerConfig.from_dict(dict(scheduler.config))
+    # the text encoder still came from the folder, with the requested dtype
+    assert pipe.text_encoder is not flax_pipe.text_encoder
+    leaves = jax.tree.leaves(nnx.state(pipe.text_encoder))
+    want = jax.tree.leaves(nnx.state(flax_pipe.text_encoder))
+    assert all(np.array_equal(a, b) for a, b in zip(leaves, want, strict=True))
+    # components rebuild the pipeline, with one part swapped
+    again = FlaxStableDiffusionLatentUpscalePipeline(**{**pipe.components, "vae": pipe.vae})
+    assert again.unet is flax_pipe.unet and again.scheduler_config == pipe.scheduler_config
+    # without the part given, its missing folder is named
+    with pytest.raises(FileNotFoundError, match="unet"):
+        FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+            str(tmp_path / "p"),
+            vae=flax_pipe.vae,
+            tokenizer=flax_pipe.tokenizer,
+            scheduler=scheduler,
+        )
+
+
+def test_given_components_checked_before_any_weights_are_read(pipe_dir, flax_pipe, tmp_path):
+    """A given component of the wrong kind, or one that does not fit the folder's, is named
+    before any weights are read (here there are none to read)."""
+    import json
+    import shutil
+
+    from flax_latentup import ConfigError
+
+    shutil.copytree(pipe_dir, tmp_path / "p")
+    for part in ("text_encoder", "vae", "unet"):
+        for f in os.listdir(tmp_path / "p" / part):
+            if f.endswith(".safetensors"):
+                os.remove(tmp_path / "p" / part / f)
+    cfg_path = tmp_path / "p" / "vae" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["latent_channels"] = 8
+    cfg_path.write_text(json.dumps(cfg))
+    folder = str(tmp_path / "p")
+    load = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained
+    # the folder's 8-channel VAE against the given 4-channel latent UNet
+    with pytest.raises(ValueError, match=r"unet.config.in_channels \(8\) must be twice"):
+        load(folder, unet=flax_pipe.unet)
+    # the folder's text encoder (hidden 32) against a UNet made for another width
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        load(folder, vae=flax_pipe.vae, unet=_unet_with(flax_pipe, cross_attention_dim=16))
+    with pytest.raises(TypeError, match="unet must be a FlaxUNet2DConditionModel"):
+        load(folder, unet=torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="tokenizer must be a CLIP tokenizer"):
+        load(folder, tokenizer="openai/clip-vit-large-patch14")
+    with pytest.raises(TypeError, match="scheduler must be"):
+        load(folder, scheduler=42)
+    # a scheduler option the port does not implement, before the folder is even looked up
+    with pytest.raises(ConfigError, match="prediction_type"):
+        load(str(tmp_path / "nowhere"), scheduler={"prediction_type": "epsilon"})
+
+    class BigTokenizer:
+        model_max_length = 77
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("not called")
+
+        def __len__(self):
+            return 49408
+
+    with pytest.raises(ValueError, match="vocab_size is 1000"):
+        load(folder, vae=flax_pipe.vae, tokenizer=BigTokenizer())
+    with pytest.raises(ValueError, match="vocab_size"):
+        FlaxStableDiffusionLatentUpscalePipeline(
+            **{**flax_pipe.components, "tokenizer": BigTokenizer()}
+        )
+
+
+def _unet_with(pipe, **changes):
+    """An abstract UNet (shapes only) whose config differs from ``pipe``'s in ``changes``."""
+    import dataclasses
+
+    from flax_latentup import FlaxUNet2DConditionModel
+
+    config = dataclasses.replace(pipe.unet.config, **changes)
+    return FlaxUNet2DConditionModel.abstract(config)
 
 
 def test_offline_hub_error(tmp_path, monkeypatch):
@@ -677,7 +834,7 @@ def test_save_keeps_other_content_and_the_folder_itself(flax_pipe, tmp_path, mon
     again = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(target))
     assert again.unet.config == flax_pipe.unet.config
 
-    def broken(self, path):
+    def broken(self, path, **kwargs):
         raise OSError("disk full")
 
     before = {p: p.stat().st_mtime_ns for p in target.rglob("*")}

@@ -160,14 +160,31 @@ class PretrainedModel:
             if hasattr(module, "remat"):
                 module.remat = bool(enabled)
 
-    def save_pretrained(self, path: str | os.PathLike) -> None:
+    def save_pretrained(self, path: str | os.PathLike, *, torch_layout: bool = False) -> None:
         """Write ``config.json`` and ``flax_model.safetensors`` to the folder ``path``.
+
+        ``torch_layout=True`` writes the torch checkpoint instead (``model.safetensors`` /
+        ``diffusion_pytorch_model.safetensors``: torch state-dict keys and layouts), which
+        diffusers and transformers load (``UNet2DConditionModel.from_pretrained(path)``) and
+        this package too. A folder already holding ``flax_model.safetensors`` is refused for
+        it, since that file would load first here.
 
         Each file is written to a temporary name and renamed, so an interrupted save never
         leaves a half-written file under the final name.
         """
         path = check_save_folder(path)
+        name = self.torch_weights_names[0] if torch_layout else FLAX_WEIGHTS_NAME
+        if torch_layout and os.path.isfile(os.path.join(path, FLAX_WEIGHTS_NAME)):
+            raise FileExistsError(
+                f"{path} holds {FLAX_WEIGHTS_NAME}, which from_pretrained loads before the torch "
+                f"weights: remove it, or save the torch layout into another folder"
+            )
         os.makedirs(path, exist_ok=True)
         remove_stale_temporaries(path, recursive=False, own=False)  # of a killed save
-        save_flax_weights(self, os.path.join(path, FLAX_WEIGHTS_NAME))  # type: ignore[arg-type]
+        save_flax_weights(
+            self,  # type: ignore[arg-type]
+            os.path.join(path, name),
+            torch_layout=torch_layout,
+            key_map=self.key_map,
+        )
         write_json_atomic(self.config.to_dict(), os.path.join(path, CONFIG_NAME))

@@ -130,7 +130,13 @@ class FlaxCLIPTextModel(nnx.Module, PretrainedModel):
 
     config_class = CLIPTextConfig
     torch_weights_names = ("model.safetensors",)
-    key_map = KeyMap(rename=_clip_rename, ignore=lambda k: bool(_CLIP_IGNORED.match(k)))
+    # Saved with the "text_model." prefix of the published checkpoints, which transformers 4
+    # and 5 both load.
+    key_map = KeyMap(
+        rename=_clip_rename,
+        ignore=lambda k: bool(_CLIP_IGNORED.match(k)),
+        export=lambda k: "text_model." + k,
+    )
 
     def __init__(
         self,
