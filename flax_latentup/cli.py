@@ -434,7 +434,8 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-compile-cache",
         action="store_true",
-        help="do not use the persistent compilation cache",
+        help="do not turn on this command's compilation cache (JAX's own settings, such as "
+        "JAX_COMPILATION_CACHE_DIR, still apply)",
     )
     p.add_argument(
         "--report", default=None, help=f"JSON report path (default: OUTDIR/{REPORT_NAME})"

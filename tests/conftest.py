@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import sys
+import tempfile
 
 import pytest
 
 # Keep XLA and torch from fighting over the two cores, and JAX on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the session: this process, the pytest-xdist workers
+# and the subprocesses they start (all inherit the environment). Many tests compile the same
+# tiny programs (each batch-command run, each fake-device process). Tests that check what
+# compiles count lowerings, which a cache hit does not skip. The process that made the
+# folder removes it at the end of the session.
+if "FLAX_LATENTUP_TESTS_COMPILE_CACHE" not in os.environ:
+    os.environ["FLAX_LATENTUP_TESTS_COMPILE_CACHE"] = tempfile.mkdtemp(
+        prefix="flax-latentup-tests-jax-cache-"
+    )
+    atexit.register(
+        shutil.rmtree, os.environ["FLAX_LATENTUP_TESTS_COMPILE_CACHE"], ignore_errors=True
+    )
+_COMPILE_CACHE = os.environ["FLAX_LATENTUP_TESTS_COMPILE_CACHE"]
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILE_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+if "jax" in sys.modules:  # imported by a plugin before the environment was set
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from tests import helpers  # noqa: E402
 

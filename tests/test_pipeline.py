@@ -213,11 +213,14 @@ def test_prompt_embeds_match_prompt(flax_pipe):
 
 
 class CompileCounter:
+    """Counts programs lowered for compiling: every jit cache miss, whether the backend
+    compile then runs or the persistent compilation cache has the program."""
+
     def __init__(self):
         self.count = 0
 
     def __call__(self, event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
             self.count += 1
 
 
@@ -372,6 +375,92 @@ def test_torch_layout_save_goes_back_to_diffusers(torch_pipe, flax_pipe, tmp_pat
     assert FlaxUNet2DConditionModel.from_pretrained(str(tmp_path / "unet_pt")).config == (
         flax_pipe.unet.config
     )
+
+
+class FakeHubApi:
+    """huggingface_hub.HfApi with one repo kept in a local folder: upload_folder deletes the
+    repo's files matching delete_patterns that the upload does not bring (huggingface_hub's
+    own pattern matching), then copies the upload in."""
+
+    repo: str = ""
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, *, private=None, exist_ok=False):
+        import types
+
+        FakeHubApi.calls.append(("create_repo", repo_id, private, exist_ok, self.token))
+        return types.SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id, folder_path, delete_patterns, **kwargs):
+        import shutil
+
+        from huggingface_hub.utils import filter_repo_objects
+
+        FakeHubApi.calls.append(("upload_folder", repo_id, kwargs))
+        uploaded = {
+            os.path.relpath(os.path.join(root, f), folder_path)
+            for root, _, files in os.walk(folder_path)
+            for f in files
+        }
+        present = [
+            os.path.relpath(os.path.join(root, f), self.repo)
+            for root, _, files in os.walk(self.repo)
+            for f in files
+        ]
+        for f in filter_repo_objects(present, allow_patterns=delete_patterns):
+            if f not in uploaded:
+                os.remove(os.path.join(self.repo, f))
+        shutil.copytree(folder_path, self.repo, dirs_exist_ok=True)
+        return "commit-info"
+
+
+def test_push_to_hub_uploads_what_save_writes(flax_pipe, tmp_path, monkeypatch):
+    """push_to_hub creates the repo, then uploads save_pretrained's files in one commit that
+    replaces the pipeline's (or model's) own entries and keeps the repo's other files; what
+    lands loads back. A bad repo id is refused before anything is saved."""
+    import huggingface_hub
+
+    from flax_latentup import FlaxUNet2DConditionModel
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHubApi)
+    FakeHubApi.repo, FakeHubApi.calls = str(tmp_path / "repo"), []
+    (tmp_path / "repo" / "unet").mkdir(parents=True)
+    (tmp_path / "repo" / "unet" / "flax_model.safetensors").write_text("an older upload")
+    (tmp_path / "repo" / "README.md").write_text("model card")
+    got = flax_pipe.push_to_hub("me/upscaler", torch_layout=True, private=True, token="t")
+    assert got == "commit-info"
+    assert FakeHubApi.calls[0] == ("create_repo", "me/upscaler", True, True, "t")
+    assert FakeHubApi.calls[1][:2] == ("upload_folder", "me/upscaler")
+    assert not (tmp_path / "repo" / "unet" / "flax_model.safetensors").exists()
+    assert (tmp_path / "repo" / "README.md").read_text() == "model card"
+    again = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(tmp_path / "repo"))
+    got = jax.tree.leaves(nnx.state(again.unet))
+    want = jax.tree.leaves(nnx.state(flax_pipe.unet))
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    # a model alone: its weights files of the other layout go, other files stay
+    FakeHubApi.repo = str(tmp_path / "unet-repo")
+    os.makedirs(FakeHubApi.repo)
+    for name in ("diffusion_pytorch_model.safetensors", "notes.md"):
+        (tmp_path / "unet-repo" / name).write_text("older")
+    flax_pipe.unet.push_to_hub("me/unet")
+    assert sorted(os.listdir(FakeHubApi.repo)) == [
+        "config.json",
+        "flax_model.safetensors",
+        "notes.md",
+    ]
+    unet = FlaxUNet2DConditionModel.from_pretrained(FakeHubApi.repo)
+    assert unet.config == flax_pipe.unet.config
+    # a malformed repo id: nothing is saved, nothing created
+    FakeHubApi.calls = []
+    saves = []
+    monkeypatch.setattr(type(flax_pipe), "save_pretrained", lambda *a, **k: saves.append(a))
+    for bad in ("me/up/scaler", "", None):
+        with pytest.raises(ValueError, match="repo_id"):
+            flax_pipe.push_to_hub(bad)
+    assert saves == [] and FakeHubApi.calls == []
 
 
 # --------------------------------------------------------------------------------------------
