@@ -501,11 +501,9 @@ def resolve_component(flag: str, name: str) -> str:
     except hub.HubError as e:
         raise UsageError(f"{flag}: {e}") from None
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        inner = sorted(
-            d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, "config.json"))
-        )
-        hint = f"; its subfolders {', '.join(inner)} have one: pass one of them" if inner else ""
-        raise UsageError(f"{flag}: {name!r} holds no config.json{hint}")
+        from flax_latentup.models.base import missing_config_message
+
+        raise UsageError(f"{flag}: {missing_config_message(folder)}")
     return folder
 
 

@@ -259,6 +259,7 @@ def test_component_flags_are_checked_before_loading(flax_pipe_dir, tmp_path, cap
     base = ("-i", tmp_path / "in", "-o", tmp_path / "o", "-n", flax_pipe_dir, "--no-compile-cache")
     cases = [
         (("--unet", checkpoint), "its subfolders unet, unet_ema have one: pass one of them"),
+        (("--vae", tmp_path / "in"), "--vae: config.json not found in"),
         (("--unet", tmp_path / "missing"), "--unet: model folder not found"),
         (("--vae", vae), "--vae does not fit --model: unet.config.in_channels (8) must be twice"),
         (("--unet", checkpoint / "unet_ema", "--vae", vae), "--unet and --vae do not fit"),

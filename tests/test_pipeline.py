@@ -453,6 +453,12 @@ def test_push_to_hub_uploads_what_save_writes(flax_pipe, tmp_path, monkeypatch):
     ]
     unet = FlaxUNet2DConditionModel.from_pretrained(FakeHubApi.repo)
     assert unet.config == flax_pipe.unet.config
+    # a model loaded from a folder that holds it in a subfolder says which
+    with pytest.raises(
+        FileNotFoundError,
+        match="subfolders text_encoder, unet, vae have one: pass one of them as subfolder=",
+    ):
+        FlaxUNet2DConditionModel.from_pretrained(str(tmp_path / "repo"))
     # a malformed repo id: nothing is saved, nothing created
     FakeHubApi.calls = []
     saves = []

@@ -56,6 +56,19 @@ def write_json_atomic(data: dict[str, Any], path: str) -> None:
     atomic_write(path, write, text=True)
 
 
+def missing_config_message(folder: str, how: str = "") -> str:
+    """Why ``folder`` cannot be loaded as a model: no ``config.json``; names its subfolders
+    that have one (a pipeline's ``unet/``, a fine-tuning checkpoint's ``unet_ema/``)."""
+    try:
+        inner = sorted(
+            d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, CONFIG_NAME))
+        )
+    except OSError:
+        inner = []
+    hint = f"; its subfolders {', '.join(inner)} have one: pass one of them{how}" if inner else ""
+    return f"{CONFIG_NAME} not found in {folder}{hint}"
+
+
 def _check_dtype(name: str, dtype) -> jnp.dtype:
     try:
         dt = jnp.dtype(dtype)
@@ -117,7 +130,10 @@ class PretrainedModel:
             local_files_only=local_files_only,
             token=token,
         )
-        config = cls.config_class.from_dict(read_json(os.path.join(folder, CONFIG_NAME)))
+        config_path = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(missing_config_message(folder, " as subfolder="))
+        config = cls.config_class.from_dict(read_json(config_path))
         tensors = open_weights(folder, (FLAX_WEIGHTS_NAME, *cls.torch_weights_names), variant)
         flax_name = variant_name(FLAX_WEIGHTS_NAME, variant)
         torch_layout = os.path.basename(tensors.paths[0]) != flax_name
