@@ -649,6 +649,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
         self._replicated: dict[Any, Any] = {}
         self._pmap_replicated: dict[Any, Any] = {}
         self._winograd: dict[Any, Any] = {}
+        self._winograd_on_mesh: dict[Any, Any] = {}
         self._on_device: dict[Any, Any] = {}
         self._vae_placed: dict[Any, Any] = {}
 
@@ -1320,6 +1321,19 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             self._replicated, self._pmap_replicated = {mesh: params}, {}
         return params
 
+    def _mesh_winograd_kernels(self, mesh: Mesh) -> dict:
+        """:meth:`_unet_winograd_kernels` replicated over ``mesh`` for the current settings,
+        copied once and kept (one entry), so calls over several devices skip the transform
+        too. Empty where no convolution runs as Winograd (off the CPU)."""
+        key = (mesh, trace_settings()[1:])
+        kernels = self._winograd_on_mesh.get(key)
+        if kernels is None:
+            from flax_latentup import parallel
+
+            kernels = parallel.replicate_on_mesh(self._unet_winograd_kernels(), mesh)
+            self._winograd_on_mesh = {key: kernels}
+        return kernels
+
     def _dispatch(
         self,
         options: CoreOptions,
@@ -1341,6 +1355,7 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                     params = parallel.replicate(self.params, device_list)
                     # one copy of the weights on the devices: the sharded layout's goes
                     self._pmap_replicated, self._replicated = {key: params}, {}
+                    self._winograd_on_mesh = {}
                 return parallel.pmap_upscale(
                     self.graphdefs,
                     params,
@@ -1351,8 +1366,11 @@ class FlaxStableDiffusionLatentUpscalePipeline:
                     replicated=True,
                 )
             mesh = mesh if mesh is not None else parallel.make_mesh(device_list)
+            params = dict(
+                self._params_on_mesh(mesh), unet_winograd=self._mesh_winograd_kernels(mesh)
+            )
             return parallel.sharded_upscale(
-                self.graphdefs, self._params_on_mesh(mesh), batch, options, mesh, hooks=hooks
+                self.graphdefs, params, batch, options, mesh, hooks=hooks
             )
         # one device: the one asked for (by `devices` or `mesh`), else JAX's default
         device = device_list[0] if (devices is not None or mesh is not None) else None

@@ -206,28 +206,39 @@ def test_tiled_vae_work_is_split_over_the_devices(flax_pipe_dir, tmp_path):
 def test_callback_and_step_bar_on_several_devices(flax_pipe_dir, tmp_path):
     """The step bar and ``callback`` work on the sharded-jit and pmap paths: every step once,
     in order, with the whole batch's latents (the padding of an odd batch cut), as on one
-    device."""
+    device. Run with every 3x3 convolution as Winograd (conv_config("fast")): the sharded
+    path gets the transformed kernels copied to its devices once, the pmap path computes
+    them in its program, and all agree."""
     out_file = tmp_path / "cb.npz"
     code = f"""
     import io, jax, numpy as np
-    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P, conv_config
     assert jax.device_count() == 2, jax.devices()
     pipe = P.from_pretrained({flax_pipe_dir!r})
     low = np.random.default_rng(1).standard_normal((3, 8, 8, 4)).astype(np.float32)
     res = {{}}
+    kernels = []
     for path, extra in (("single", dict(devices=jax.devices()[:1])), ("sharded", {{}}),
-                        ("pmap", dict(use_pmap=True))):
+                        ("sharded", {{}}), ("pmap", dict(use_pmap=True))):
         bar = io.StringIO()
         pipe.set_progress_bar_config(file=bar, ascii=True)
         seen = []
-        out = pipe(prompt="a cat", image=low, num_inference_steps=3, guidance_scale=6.0, rng=7,
-                   output_type="latent", callback_steps=1,
-                   callback=lambda i, t, x: seen.append((i, t, x.copy())), **extra).images
+        with conv_config("fast"):
+            out = pipe(prompt="a cat", image=low, num_inference_steps=3, guidance_scale=6.0,
+                       rng=7, output_type="latent", callback_steps=1,
+                       callback=lambda i, t, x: seen.append((i, t, x.copy())), **extra).images
+        if path == "sharded":
+            (on_mesh,) = pipe._winograd_on_mesh.values()
+            kernels.append(jax.tree.leaves(on_mesh))
         last = bar.getvalue().replace(chr(13), chr(10)).strip().splitlines()[-1]
         assert "3/3" in last, (path, bar.getvalue())
         res[path + "_steps"] = np.array([(i, t) for i, t, _ in seen])
         res[path + "_latents"] = np.stack([x for _, _, x in seen])
         res[path + "_out"] = out
+    # the sharded calls used the kernels copied to both devices, the second the first's copy
+    assert len(kernels[0]) >= 16 and all(len(k.sharding.device_set) == 2 for k in kernels[0])
+    assert all(a is b for a, b in zip(kernels[0], kernels[1], strict=True))
+    assert pipe._winograd_on_mesh == {{}}  # the pmap call let the sharded layout go
     np.savez({str(out_file)!r}, **res)
     print("ok")
     """
