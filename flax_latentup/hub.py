@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 # What the Flax pipeline needs from a diffusers-layout repo.
@@ -160,52 +160,62 @@ def resolve(
     return folder
 
 
-def push(
-    repo_id: str,
-    save: Callable[[str], None],
-    *,
-    replace: Sequence[str],
-    private: bool | None = None,
-    token: str | bool | None = None,
-    commit_message: str = "Upload with flax_latentup",
-    revision: str | None = None,
-    create_pr: bool = False,
-) -> Any:
-    """Upload what ``save(folder)`` writes to the hub repo ``repo_id`` (created if needed) in
-    one commit, which also deletes the repo's files matching ``replace`` that the upload does
-    not bring (an earlier upload's weights in another layout, say). Returns huggingface_hub's
-    ``CommitInfo``.
+class PushToHubMixin:
+    """``push_to_hub`` for a class with ``save_pretrained(folder, torch_layout=...)`` and
+    ``_hub_replace_patterns()``: the repo files an upload replaces (its own entries)."""
 
-    ``repo_id`` is checked before anything is written, and the repo is created before the
-    (slow) save, so a missing token or a wrong name fails first.
-    """
-    import tempfile
+    def _hub_replace_patterns(self) -> list[str]:
+        raise NotImplementedError
 
-    from huggingface_hub import HfApi
-    from huggingface_hub import errors as hf_errors
-    from huggingface_hub.utils import validate_repo_id
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        torch_layout: bool = False,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str = "Upload with flax_latentup",
+        revision: str | None = None,
+        create_pr: bool = False,
+    ) -> Any:
+        """Upload what :meth:`save_pretrained` writes (``torch_layout`` too) to the hub repo
+        ``repo_id``, created if needed, in one commit that also deletes the repo's own entries
+        of this object that the upload does not bring (an earlier upload's weights in another
+        layout, say) and keeps the repo's other files (a README). Returns huggingface_hub's
+        ``CommitInfo``.
 
-    if not isinstance(repo_id, str):
-        raise ValueError(f"repo_id must be a hub repo id such as 'me/my-upscaler', got {repo_id!r}")
-    try:
-        validate_repo_id(repo_id)
-    except hf_errors.HFValidationError as e:
-        raise ValueError(f"repo_id {repo_id!r} is not a valid hub repo id: {e}") from None
-    api = HfApi(token=token)
-    try:
-        repo = api.create_repo(repo_id, private=private, exist_ok=True)
-    except (hf_errors.HfHubHTTPError, OSError) as e:
-        raise HubError(f"cannot create hub repo {repo_id!r}: {e}") from None
-    with tempfile.TemporaryDirectory(prefix="flax-latentup-push-") as folder:
-        save(folder)
-        try:
-            return api.upload_folder(
-                repo_id=repo.repo_id,
-                folder_path=folder,
-                commit_message=commit_message,
-                revision=revision,
-                create_pr=create_pr,
-                delete_patterns=list(replace),
+        ``repo_id`` is checked before anything is written, and the repo is created before the
+        (slow) save, so a missing token or a wrong name fails first.
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+        from huggingface_hub import errors as hf_errors
+        from huggingface_hub.utils import validate_repo_id
+
+        if not isinstance(repo_id, str):
+            raise ValueError(
+                f"repo_id must be a hub repo id such as 'me/my-upscaler', got {repo_id!r}"
             )
+        try:
+            validate_repo_id(repo_id)
+        except hf_errors.HFValidationError as e:
+            raise ValueError(f"repo_id {repo_id!r} is not a valid hub repo id: {e}") from None
+        api = HfApi(token=token)
+        try:
+            repo = api.create_repo(repo_id, private=private, exist_ok=True)
         except (hf_errors.HfHubHTTPError, OSError) as e:
-            raise HubError(f"cannot upload to hub repo {repo.repo_id!r}: {e}") from None
+            raise HubError(f"cannot create hub repo {repo_id!r}: {e}") from None
+        with tempfile.TemporaryDirectory(prefix="flax-latentup-push-") as folder:
+            self.save_pretrained(folder, torch_layout=torch_layout)  # type: ignore[attr-defined]
+            try:
+                return api.upload_folder(
+                    repo_id=repo.repo_id,
+                    folder_path=folder,
+                    commit_message=commit_message,
+                    revision=revision,
+                    create_pr=create_pr,
+                    delete_patterns=self._hub_replace_patterns(),
+                )
+            except (hf_errors.HfHubHTTPError, OSError) as e:
+                raise HubError(f"cannot upload to hub repo {repo.repo_id!r}: {e}") from None

@@ -597,7 +597,7 @@ def image_keys(rng: Any, batch: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-class FlaxStableDiffusionLatentUpscalePipeline:
+class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
     """The x2 latent upscaler: text encoder, VAE, K-UNet, CLIP tokenizer and Euler schedule.
 
     Load with :meth:`from_pretrained` (a diffusers-layout folder or hub repo, torch or Flax
@@ -832,31 +832,9 @@ class FlaxStableDiffusionLatentUpscalePipeline:
             )
             write_json_atomic(index, os.path.join(tmp, "model_index.json"))
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        torch_layout: bool = False,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        commit_message: str = "Upload with flax_latentup",
-        revision: str | None = None,
-        create_pr: bool = False,
-    ) -> Any:
-        """Upload the pipeline (what :meth:`save_pretrained` writes, ``torch_layout`` too) to
-        the hub repo ``repo_id``, created if needed, in one commit that replaces the
-        pipeline's own entries there (``unet/``, ..., ``model_index.json``) and keeps the
-        repo's other files (a README, say). Returns huggingface_hub's ``CommitInfo``."""
-        return hub.push(
-            repo_id,
-            lambda folder: self.save_pretrained(folder, torch_layout=torch_layout),
-            replace=[*(f"{part}/*" for part in PIPELINE_PARTS), "model_index.json"],
-            private=private,
-            token=token,
-            commit_message=commit_message,
-            revision=revision,
-            create_pr=create_pr,
-        )
+    def _hub_replace_patterns(self) -> list[str]:
+        # the pipeline's own entries, as save_pretrained replaces them in a folder
+        return [*(f"{part}/*" for part in PIPELINE_PARTS), "model_index.json"]
 
     # ---- text --------------------------------------------------------------------------------
 

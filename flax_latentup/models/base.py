@@ -79,7 +79,7 @@ def _check_dtype(name: str, dtype) -> jnp.dtype:
     return dt
 
 
-class PretrainedModel:
+class PretrainedModel(hub.PushToHubMixin):
     """Mixin for NNX models loadable from Hugging Face folders or hub repos."""
 
     config_class: ClassVar[type]
@@ -205,30 +205,7 @@ class PretrainedModel:
         )
         write_json_atomic(self.config.to_dict(), os.path.join(path, CONFIG_NAME))
 
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        torch_layout: bool = False,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        commit_message: str = "Upload with flax_latentup",
-        revision: str | None = None,
-        create_pr: bool = False,
-    ) -> Any:
-        """Upload the model (what :meth:`save_pretrained` writes, ``torch_layout`` too) to the
-        hub repo ``repo_id``, created if needed, in one commit that replaces the repo's
-        weights files of this model (other layouts, variants, shards) and keeps its other
-        files. Returns huggingface_hub's ``CommitInfo``."""
+    def _hub_replace_patterns(self) -> list[str]:
+        # this model's weights files in every layout, variant and sharding
         stems = ("flax_model", *(n.split(".")[0] for n in self.torch_weights_names))
-        replace = [f"{stem}{ext}" for stem in stems for ext in ("*.safetensors", "*.index*.json")]
-        return hub.push(
-            repo_id,
-            lambda folder: self.save_pretrained(folder, torch_layout=torch_layout),
-            replace=replace,
-            private=private,
-            token=token,
-            commit_message=commit_message,
-            revision=revision,
-            create_pr=create_pr,
-        )
+        return [f"{stem}{ext}" for stem in stems for ext in ("*.safetensors", "*.index*.json")]
