@@ -7,13 +7,14 @@ can remove what a killed run left behind without touching what a live one is wri
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 import os
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 TMP_PREFIX = ".flax-latentup-tmp-"
@@ -202,3 +203,25 @@ def _set_modes(folder: str) -> None:
             os.chmod(os.path.join(root, d), new_dir_mode())
         for f in files:
             os.chmod(os.path.join(root, f), new_file_mode())
+
+
+def link_copy(src: str, dst: str, exclude: Sequence[str] = ()) -> None:
+    """Make ``dst`` a copy of the file or folder ``src`` without copying data where the file
+    system allows: each file is hard-linked (the same file under a second name; copied where
+    links fail). Files whose names match a pattern of ``exclude`` (fnmatch) are left out."""
+    if not os.path.isdir(src):
+        _link_file(src, dst)
+        return
+    for root, _, files in os.walk(src):
+        target = os.path.join(dst, os.path.relpath(root, src))
+        os.makedirs(target, exist_ok=True)
+        for name in files:
+            if not any(fnmatch.fnmatchcase(name, p) for p in exclude):
+                _link_file(os.path.join(root, name), os.path.join(target, name))
+
+
+def _link_file(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)

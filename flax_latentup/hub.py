@@ -161,10 +161,14 @@ def resolve(
 
 
 class PushToHubMixin:
-    """``push_to_hub`` for a class with ``save_pretrained(folder, torch_layout=...)`` and
-    ``_hub_replace_patterns()``: the repo files an upload replaces (its own entries)."""
+    """``push_to_hub`` for a class with ``save_pretrained(folder, torch_layout=..., variant=...)``,
+    ``_hub_replace_patterns(variant)`` (the repo files an upload replaces: its own entries) and
+    ``_hub_kept_patterns()`` (the repo files a variant is saved beside: configs and the like)."""
 
-    def _hub_replace_patterns(self) -> list[str]:
+    def _hub_replace_patterns(self, variant: str | None) -> list[str]:
+        raise NotImplementedError
+
+    def _hub_kept_patterns(self) -> list[str]:
         raise NotImplementedError
 
     def push_to_hub(
@@ -172,6 +176,7 @@ class PushToHubMixin:
         repo_id: str,
         *,
         torch_layout: bool = False,
+        variant: str | None = None,
         private: bool | None = None,
         token: str | bool | None = None,
         commit_message: str = "Upload with flax_latentup",
@@ -184,9 +189,15 @@ class PushToHubMixin:
         layout, say) and keeps the repo's other files (a README). Returns huggingface_hub's
         ``CommitInfo``.
 
+        With ``variant`` (e.g. ``"fp16"``) the weights go up as that variant, beside what the
+        repo holds: its configs are read first and must describe these models, as for
+        ``save_pretrained(folder, variant=...)``; only this variant's older weights files are
+        replaced.
+
         ``repo_id`` is checked before anything is written, and the repo is created before the
         (slow) save, so a missing token or a wrong name fails first.
         """
+        import shutil
         import tempfile
 
         from huggingface_hub import HfApi
@@ -201,13 +212,30 @@ class PushToHubMixin:
             validate_repo_id(repo_id)
         except hf_errors.HFValidationError as e:
             raise ValueError(f"repo_id {repo_id!r} is not a valid hub repo id: {e}") from None
+        variant = check_variant(variant)
         api = HfApi(token=token)
         try:
             repo = api.create_repo(repo_id, private=private, exist_ok=True)
         except (hf_errors.HfHubHTTPError, OSError) as e:
             raise HubError(f"cannot create hub repo {repo_id!r}: {e}") from None
         with tempfile.TemporaryDirectory(prefix="flax-latentup-push-") as folder:
-            self.save_pretrained(folder, torch_layout=torch_layout)  # type: ignore[attr-defined]
+            if variant is not None:
+                try:
+                    there = api.snapshot_download(
+                        repo_id=repo.repo_id,
+                        revision=revision,
+                        allow_patterns=self._hub_kept_patterns(),
+                    )
+                except (hf_errors.HfHubHTTPError, OSError) as e:
+                    raise HubError(f"cannot read hub repo {repo.repo_id!r}: {e}") from None
+                shutil.copytree(there, folder, dirs_exist_ok=True)
+            try:
+                self.save_pretrained(folder, torch_layout=torch_layout, variant=variant)  # type: ignore[attr-defined]
+            except (ValueError, FileExistsError) as e:  # the repo's files refuse the variant
+                message = str(e)
+                for name in (os.path.realpath(folder), folder):
+                    message = message.replace(name, f"hub repo {repo.repo_id}")
+                raise type(e)(message) from None
             try:
                 return api.upload_folder(
                     repo_id=repo.repo_id,
@@ -215,7 +243,7 @@ class PushToHubMixin:
                     commit_message=commit_message,
                     revision=revision,
                     create_pr=create_pr,
-                    delete_patterns=self._hub_replace_patterns(),
+                    delete_patterns=self._hub_replace_patterns(variant),
                 )
             except (hf_errors.HfHubHTTPError, OSError) as e:
                 raise HubError(f"cannot upload to hub repo {repo.repo_id!r}: {e}") from None

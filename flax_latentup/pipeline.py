@@ -49,6 +49,7 @@ from flax_latentup.sampling import (
     make_schedule,
     noise_level_embedding,
 )
+from flax_latentup.weights import FLAX_WEIGHTS_NAME, variant_name
 
 Array = jax.Array
 
@@ -786,7 +787,9 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             "scheduler_config": self.scheduler_config,
         }
 
-    def save_pretrained(self, path: str | os.PathLike, *, torch_layout: bool = False) -> None:
+    def save_pretrained(
+        self, path: str | os.PathLike, *, torch_layout: bool = False, variant: str | None = None
+    ) -> None:
         """Write the pipeline in the diffusers layout with Flax weights into the folder
         ``path`` (created if needed; a link to a folder is followed).
 
@@ -794,13 +797,21 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         the hub's repo), which diffusers' ``StableDiffusionLatentUpscalePipeline.from_pretrained``
         loads (and this package too): a UNet fine-tuned here, say, goes back to torch.
 
+        ``variant`` (e.g. ``"bf16"``) names each model's weights file as diffusers does
+        (``unet/flax_model.bf16.safetensors``), loaded by ``from_pretrained(path,
+        variant="bf16")``. A variant is another copy of the same pipeline, saved beside it:
+        what ``path`` already holds (the plain weights, other variants, configs, tokenizer,
+        scheduler, ``model_index.json``) is kept, and must be a pipeline of the same layout
+        whose configs describe these models (else ValueError, nothing written).
+
         Its five subfolders and ``model_index.json`` are written beside ``path`` first and put
         in place at the end, each replacing the entry of that name; other content of ``path``
         is left alone, and an interrupted save leaves ``path`` as it was.
         """
         from flax_latentup import __version__
-        from flax_latentup.files import staged_entries
+        from flax_latentup.files import link_copy, staged_entries
 
+        variant = hub.check_variant(variant)
         if torch_layout:
             index = {
                 "_class_name": "StableDiffusionLatentUpscalePipeline",
@@ -820,21 +831,69 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", "EulerDiscreteScheduler"],
         }
-        with staged_entries(path, (*PIPELINE_PARTS, "model_index.json")) as tmp:
+        entries = (*PIPELINE_PARTS, "model_index.json")
+        kept = self._check_variant_folder(path, index, torch_layout, variant) if variant else ()
+        with staged_entries(path, entries) as tmp:
+            for entry in kept:  # carried over as they are, less this variant's weights
+                model = MODEL_CLASSES.get(entry)
+                exclude = model.weights_patterns(variant) if model else ()
+                link_copy(os.path.join(path, entry), os.path.join(tmp, entry), exclude)
             for part in MODEL_CLASSES:
                 getattr(self, part).save_pretrained(
-                    os.path.join(tmp, part), torch_layout=torch_layout
+                    os.path.join(tmp, part), torch_layout=torch_layout, variant=variant
                 )
-            self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-            os.makedirs(os.path.join(tmp, "scheduler"))
-            write_json_atomic(
-                self._scheduler_dict, os.path.join(tmp, "scheduler", "scheduler_config.json")
-            )
-            write_json_atomic(index, os.path.join(tmp, "model_index.json"))
+            if "tokenizer" not in kept:
+                self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            if "scheduler" not in kept:
+                os.makedirs(os.path.join(tmp, "scheduler"))
+                write_json_atomic(
+                    self._scheduler_dict, os.path.join(tmp, "scheduler", "scheduler_config.json")
+                )
+            if "model_index.json" not in kept:
+                write_json_atomic(index, os.path.join(tmp, "model_index.json"))
 
-    def _hub_replace_patterns(self) -> list[str]:
+    def _check_variant_folder(
+        self, path: str | os.PathLike, index: dict[str, Any], torch_layout: bool, variant: str
+    ) -> list[str]:
+        """The entries of ``path`` that a save of ``variant`` keeps; raises if ``path`` holds
+        a pipeline that the variant does not belong to."""
+        from flax_latentup.files import check_save_folder
+
+        real = check_save_folder(path)
+        kept = [e for e in (*PIPELINE_PARTS, "model_index.json") if os.path.exists(f"{real}/{e}")]
+        layout = "torch" if torch_layout else "Flax"
+        if "model_index.json" in kept:
+            there = read_json(os.path.join(real, "model_index.json")).get("_class_name")
+            if there != index["_class_name"]:
+                raise ValueError(
+                    f"{path} holds a pipeline {there!r}, not {index['_class_name']!r}: the "
+                    f"{layout}-layout variant {variant!r} belongs beside a {layout}-layout "
+                    "pipeline; choose another folder"
+                )
+        flax_name = variant_name(FLAX_WEIGHTS_NAME, variant)
+        for part in MODEL_CLASSES:
+            folder = os.path.join(real, part)
+            if torch_layout and os.path.isfile(os.path.join(folder, flax_name)):
+                raise FileExistsError(
+                    f"{folder} holds {flax_name}, which from_pretrained loads before the torch "
+                    f"weights: remove it, or save the torch layout into another folder"
+                )
+            if os.path.isfile(os.path.join(folder, "config.json")):
+                getattr(self, part).check_same_model(folder)
+        return kept
+
+    def _hub_replace_patterns(self, variant: str | None) -> list[str]:
+        if variant is not None:  # that variant's weights files of each model
+            return [
+                f"{part}/{pattern}"
+                for part, model in MODEL_CLASSES.items()
+                for pattern in model.weights_patterns(variant)
+            ]
         # the pipeline's own entries, as save_pretrained replaces them in a folder
         return [*(f"{part}/*" for part in PIPELINE_PARTS), "model_index.json"]
+
+    def _hub_kept_patterns(self) -> list[str]:
+        return ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*"]
 
     # ---- text --------------------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -377,6 +379,110 @@ def test_torch_layout_save_goes_back_to_diffusers(torch_pipe, flax_pipe, tmp_pat
     )
 
 
+def file_ids(folder) -> dict[str, tuple[int, int, float]]:
+    """Each file under ``folder`` (relative path) with its inode, size and mtime."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            st = os.stat(os.path.join(root, f))
+            out[os.path.relpath(os.path.join(root, f), folder)] = (
+                st.st_ino,
+                st.st_size,
+                st.st_mtime,
+            )
+    return out
+
+
+def test_variant_saved_beside_the_pipeline(torch_pipe, pipe_dir, flax_pipe, tmp_path):
+    """save_pretrained(variant=) adds each model's NAME.<variant>.safetensors to a pipeline
+    folder and keeps the rest as it was (same files); both load, here and in diffusers (the
+    torch layout), and the variant holds the plain weights rounded to its dtype. A folder of
+    another layout or of other models is refused with nothing written."""
+    from diffusers import AutoencoderKL, StableDiffusionLatentUpscalePipeline
+
+    # Flax layout: a bfloat16 variant beside the float32 pipeline
+    folder = tmp_path / "flax"
+    flax_pipe.save_pretrained(folder)
+    before = file_ids(folder)
+    half = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+        str(folder), param_dtype=jnp.bfloat16
+    )
+    half.save_pretrained(folder, variant="bf16")
+    after = file_ids(folder)
+    added = sorted(set(after) - set(before))
+    assert added == [f"{p}/flax_model.bf16.safetensors" for p in ("text_encoder", "unet", "vae")]
+    assert {k: after[k] for k in before} == before  # the same files, untouched
+    plain = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(folder))
+    bf16 = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(folder), variant="bf16")
+    for part in ("text_encoder", "vae", "unet"):
+        want = jax.tree.leaves(nnx.state(getattr(flax_pipe, part)))
+        got = jax.tree.leaves(nnx.state(getattr(plain, part)))
+        assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)), part
+        got = jax.tree.leaves(nnx.state(getattr(bf16, part)))
+        assert all(
+            np.array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16).astype(np.float32))
+            for a, b in zip(got, want, strict=True)
+        ), part
+        assert not all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)), part
+    # saving the variant again replaces only its own files
+    half.save_pretrained(folder, variant="bf16")
+    again = file_ids(folder)
+    assert {k: again[k] for k in before} == before and set(again) == set(after)
+
+    # torch layout: diffusers loads the float16 variant and the plain weights of one folder
+    folder = tmp_path / "torch"
+    flax_pipe.save_pretrained(folder, torch_layout=True)
+    fp16 = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+        pipe_dir, param_dtype=jnp.float16
+    )
+    fp16.save_pretrained(folder, torch_layout=True, variant="fp16")
+    for variant, dtype in ((None, torch.float32), ("fp16", torch.float16)):
+        loaded = StableDiffusionLatentUpscalePipeline.from_pretrained(
+            str(folder), variant=variant, torch_dtype=dtype
+        )
+        for part in ("text_encoder", "vae", "unet"):
+            want = getattr(torch_pipe, part).state_dict()
+            got = getattr(loaded, part).state_dict()
+            assert sorted(got) == sorted(want), part
+            for key, value in want.items():
+                assert torch.equal(got[key], value.to(dtype)), f"{variant} {part}: {key}"
+
+    # refused, nothing written: another layout, other models, a Flax variant in the way
+    before = file_ids(tmp_path)
+    with pytest.raises(ValueError, match="torch-layout variant 'bf16' belongs beside a torch"):
+        half.save_pretrained(tmp_path / "flax", torch_layout=True, variant="bf16")
+    with pytest.raises(ValueError, match="Flax-layout variant 'bf16' belongs beside a Flax"):
+        half.save_pretrained(tmp_path / "torch", variant="bf16")
+    with pytest.raises(
+        ValueError, match="vae holds another model: its config.json is not this model's"
+    ):
+        half.unet.save_pretrained(tmp_path / "flax" / "vae", variant="bf16")
+    with pytest.raises(FileExistsError, match="flax_model.bf16.safetensors"):
+        half.unet.save_pretrained(tmp_path / "flax" / "unet", torch_layout=True, variant="bf16")
+    assert file_ids(tmp_path) == before
+    mixed = tmp_path / "mixed" / "unet"
+    mixed.mkdir(parents=True)
+    config = json.loads((tmp_path / "flax" / "unet" / "config.json").read_text())
+    (mixed / "config.json").write_text(json.dumps(config | {"norm_eps": 0.5}))
+    with pytest.raises(
+        ValueError, match="mixed/unet holds another model: .* differs .* in norm_eps"
+    ):
+        half.save_pretrained(tmp_path / "mixed", variant="bf16")
+    assert sorted(os.listdir(tmp_path / "mixed")) == ["unet"] and os.listdir(mixed) == [
+        "config.json"
+    ]
+
+    # a model save removes a sharded checkpoint of the name it writes (loaders read it first)
+    folder = tmp_path / "vae"
+    torch_pipe.vae.save_pretrained(folder, max_shard_size="100KB")
+    assert os.path.isfile(folder / "diffusion_pytorch_model.safetensors.index.json")
+    flax_pipe.vae.save_pretrained(folder, torch_layout=True)
+    assert sorted(os.listdir(folder)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    vae = AutoencoderKL.from_pretrained(str(folder))
+    for key, value in torch_pipe.vae.state_dict().items():
+        assert torch.equal(vae.state_dict()[key], value), key
+
+
 class FakeHubApi:
     """huggingface_hub.HfApi with one repo kept in a local folder: upload_folder deletes the
     repo's files matching delete_patterns that the upload does not bring (huggingface_hub's
@@ -415,6 +521,23 @@ class FakeHubApi:
                 os.remove(os.path.join(self.repo, f))
         shutil.copytree(folder_path, self.repo, dirs_exist_ok=True)
         return "commit-info"
+
+    def snapshot_download(self, *, repo_id, revision=None, allow_patterns=None):
+        import tempfile
+
+        from huggingface_hub.utils import filter_repo_objects
+
+        FakeHubApi.calls.append(("snapshot_download", repo_id, allow_patterns))
+        out = tempfile.mkdtemp(prefix="fake-snapshot-")
+        present = [
+            os.path.relpath(os.path.join(root, f), self.repo)
+            for root, _, files in os.walk(self.repo)
+            for f in files
+        ]
+        for f in filter_repo_objects(present, allow_patterns=allow_patterns):
+            os.makedirs(os.path.dirname(os.path.join(out, f)), exist_ok=True)
+            shutil.copy(os.path.join(self.repo, f), os.path.join(out, f))
+        return out
 
 
 def test_push_to_hub_uploads_what_save_writes(flax_pipe, tmp_path, monkeypatch):
@@ -1123,3 +1246,54 @@ def test_automatic_choices_follow_the_device_compiled_for():
         with compiling_for(Device("gpu", "7.5")):  # a T4: no fused attention
             assert choose_attention_implementation(q, q) == "xla"
     assert trace_settings() != h100
+
+
+def test_push_to_hub_variant_goes_beside_the_repo(flax_pipe, pipe_dir, tmp_path, monkeypatch):
+    """push_to_hub(variant=) reads the repo's configs, uploads that variant's weights beside
+    the plain ones and replaces only that variant's older files; a repo of other models is
+    refused before anything is uploaded."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHubApi)
+    repo = tmp_path / "repo"
+    FakeHubApi.repo, FakeHubApi.calls = str(repo), []
+    flax_pipe.push_to_hub("me/upscaler", torch_layout=True)
+    (repo / "README.md").write_text("model card")
+    old = ["diffusion_pytorch_model.fp16-00001-of-00002.safetensors"]
+    old.append("diffusion_pytorch_model.safetensors.index.fp16.json")
+    for name in old:
+        (repo / "unet" / name).write_text("an older fp16 upload")
+    before = {k: (repo / k).read_bytes() for k in file_ids(repo) if ".fp16" not in k}
+    fp16 = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+        pipe_dir, param_dtype=jnp.float16
+    )
+    FakeHubApi.calls = []
+    fp16.push_to_hub("me/upscaler", torch_layout=True, variant="fp16")
+    assert [c[0] for c in FakeHubApi.calls] == ["create_repo", "snapshot_download", "upload_folder"]
+    now = file_ids(repo)
+    assert {k: (repo / k).read_bytes() for k in now if ".fp16" not in k} == before
+    assert sorted(k for k in now if ".fp16" in k) == [
+        f"{part}/{name}.fp16.safetensors"
+        for part, name in (
+            ("text_encoder", "model"),
+            ("unet", "diffusion_pytorch_model"),
+            ("vae", "diffusion_pytorch_model"),
+        )
+    ]
+    got = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(repo), variant="fp16")
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(nnx.state(got.unet)), jax.tree.leaves(nnx.state(fp16.unet)), strict=True
+        )
+    )
+    # a model pushed as a variant into a repo that holds another model
+    FakeHubApi.repo = str(tmp_path / "vae-repo")
+    os.makedirs(FakeHubApi.repo)
+    flax_pipe.vae.push_to_hub("me/vae")
+    before = file_ids(FakeHubApi.repo)
+    FakeHubApi.calls = []
+    with pytest.raises(ValueError, match="^hub repo me/vae holds another model"):
+        fp16.unet.push_to_hub("me/vae", variant="fp16")
+    assert "upload_folder" not in [c[0] for c in FakeHubApi.calls]
+    assert file_ids(FakeHubApi.repo) == before

@@ -7,6 +7,8 @@ A model class names its config class, the torch weights file names it accepts an
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import json
 import os
 from typing import Any, ClassVar, TypeVar
@@ -28,6 +30,10 @@ from flax_latentup.weights import (
 M = TypeVar("M", bound="PretrainedModel")
 
 CONFIG_NAME = "config.json"
+_VARIANT_BESIDE = (
+    "A weights variant is saved beside the same model: choose another folder, or save "
+    "without variant= to replace that model"
+)
 
 
 def read_json(path: str) -> dict[str, Any]:
@@ -176,7 +182,9 @@ class PretrainedModel(hub.PushToHubMixin):
             if hasattr(module, "remat"):
                 module.remat = bool(enabled)
 
-    def save_pretrained(self, path: str | os.PathLike, *, torch_layout: bool = False) -> None:
+    def save_pretrained(
+        self, path: str | os.PathLike, *, torch_layout: bool = False, variant: str | None = None
+    ) -> None:
         """Write ``config.json`` and ``flax_model.safetensors`` to the folder ``path``.
 
         ``torch_layout=True`` writes the torch checkpoint instead (``model.safetensors`` /
@@ -185,16 +193,31 @@ class PretrainedModel(hub.PushToHubMixin):
         this package too. A folder already holding ``flax_model.safetensors`` is refused for
         it, since that file would load first here.
 
+        ``variant`` (e.g. ``"bf16"``) names the weights file as diffusers does
+        (``flax_model.bf16.safetensors``), loaded by ``from_pretrained(path, variant="bf16")``:
+        a variant is another copy of the same model, saved beside it. A ``config.json``
+        already in ``path`` is kept, and must describe this model (else ValueError, nothing
+        written); the folder's other weights files stay.
+
         Each file is written to a temporary name and renamed, so an interrupted save never
-        leaves a half-written file under the final name.
+        leaves a half-written file under the final name. A sharded checkpoint of the same
+        name in ``path`` (shards and index, which loaders read before a single file) is
+        removed once the new file is in place.
         """
+        variant = hub.check_variant(variant)
         path = check_save_folder(path)
-        name = self.torch_weights_names[0] if torch_layout else FLAX_WEIGHTS_NAME
-        if torch_layout and os.path.isfile(os.path.join(path, FLAX_WEIGHTS_NAME)):
+        base = self.torch_weights_names[0] if torch_layout else FLAX_WEIGHTS_NAME
+        name = variant_name(base, variant)
+        flax_name = variant_name(FLAX_WEIGHTS_NAME, variant)
+        if torch_layout and os.path.isfile(os.path.join(path, flax_name)):
             raise FileExistsError(
-                f"{path} holds {FLAX_WEIGHTS_NAME}, which from_pretrained loads before the torch "
+                f"{path} holds {flax_name}, which from_pretrained loads before the torch "
                 f"weights: remove it, or save the torch layout into another folder"
             )
+        config_path = os.path.join(path, CONFIG_NAME)
+        keep_config = variant is not None and os.path.isfile(config_path)
+        if keep_config:
+            self.check_same_model(path)
         os.makedirs(path, exist_ok=True)
         remove_stale_temporaries(path, recursive=False, own=False)  # of a killed save
         save_flax_weights(
@@ -203,9 +226,58 @@ class PretrainedModel(hub.PushToHubMixin):
             torch_layout=torch_layout,
             key_map=self.key_map,
         )
-        write_json_atomic(self.config.to_dict(), os.path.join(path, CONFIG_NAME))
+        if not keep_config:
+            write_json_atomic(self.config.to_dict(), config_path)
+        stem = name[: -len(".safetensors")]
+        index = variant_name(base + ".index.json", variant)
+        for entry in sorted(os.listdir(path)):  # the index first: it names the shards
+            if entry == index or fnmatch.fnmatchcase(entry, f"{stem}-*-of-*.safetensors"):
+                os.remove(os.path.join(path, entry))
 
-    def _hub_replace_patterns(self) -> list[str]:
+    def check_same_model(self, folder: str) -> None:
+        """ValueError unless ``folder``'s ``config.json`` describes this model (the same
+        config), as a weights variant saved beside it requires."""
+        path = os.path.join(folder, CONFIG_NAME)
+        try:
+            theirs = self.config_class.from_dict(read_json(path))
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(
+                f"{folder} holds another model: its config.json is not this model's ({e}). "
+                f"{_VARIANT_BESIDE}"
+            ) from None
+        if theirs != self.config:
+            fields = [
+                f.name
+                for f in dataclasses.fields(self.config)
+                if getattr(theirs, f.name) != getattr(self.config, f.name)
+            ]
+            raise ValueError(
+                f"{folder} holds another model: its config.json differs from this model's in "
+                f"{', '.join(fields)}. {_VARIANT_BESIDE}"
+            )
+
+    @classmethod
+    def weights_patterns(cls, variant: str | None = None) -> list[str]:
+        """File name patterns (fnmatch) of this model's weights of ``variant`` (``None``: the
+        plain ones), in each layout: the single file, the shards and their index."""
+        v = f".{variant}" if variant else ""
+        stems = ("flax_model", *(n[: -len(".safetensors")] for n in cls.torch_weights_names))
+        return [
+            pattern
+            for stem in stems
+            for pattern in (
+                f"{stem}{v}.safetensors",
+                f"{stem}{v}-*-of-*.safetensors",
+                f"{stem}.safetensors.index{v}.json",
+            )
+        ]
+
+    def _hub_replace_patterns(self, variant: str | None) -> list[str]:
+        if variant is not None:
+            return self.weights_patterns(variant)
         # this model's weights files in every layout, variant and sharding
         stems = ("flax_model", *(n.split(".")[0] for n in self.torch_weights_names))
         return [f"{stem}{ext}" for stem in stems for ext in ("*.safetensors", "*.index*.json")]
+
+    def _hub_kept_patterns(self) -> list[str]:
+        return [CONFIG_NAME]
