@@ -1,21 +1,26 @@
-"""Turn a torch latent-upscaler pipeline (folder or hub id) into a Flax pipeline folder.
+"""Turn a latent-upscaler pipeline (folder or hub id) into a Flax or torch pipeline folder.
 
 Usage::
 
-    python -m convert SRC DST [--dtype float32|bfloat16|float16] [--verify] [--overwrite]
+    python -m convert SRC DST [--dtype float32|bfloat16|float16] [--layout flax|torch]
+                              [--variant NAME] [--source-variant NAME] [--verify] [--overwrite]
 
 SRC is a diffusers-layout folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``) holding safetensors or ``.bin`` torch pickles (read with
-``torch.load(weights_only=True)``), or a hub repo id. DST receives the same layout with
-``flax_model.safetensors`` weights, loadable by
-``FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(DST)`` without torch.
-``--verify`` runs each torch component and its Flax counterpart on one random input and
-prints the largest difference.
+``torch.load(weights_only=True)``), a folder this package saved (Flax weights), or a hub repo
+id. DST receives the same layout with ``flax_model.safetensors`` weights, loadable by
+``FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(DST)`` without torch, or with
+``--layout torch`` the torch checkpoints diffusers loads (``.bin`` to safetensors, Flax back to
+torch). ``--variant`` writes the weights as that variant (``NAME.fp16.safetensors``) beside
+the pipeline DST holds; ``--source-variant`` reads SRC's. ``--verify`` runs each torch
+component (DST's in the torch layout, else SRC's) and its Flax counterpart on one random input
+and prints the largest difference.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import sys
 from collections.abc import Mapping
@@ -29,6 +34,7 @@ TORCH_FILES = {
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
 }
 DTYPES = ("float32", "bfloat16", "float16")
+LAYOUTS = ("flax", "torch")
 # Relative error above which --verify reports a failure, by stored dtype.
 VERIFY_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 1e-2}
 
@@ -47,128 +53,235 @@ def _flax_classes():
     }
 
 
-def read_torch_weights(folder: str, names: tuple[str, ...]) -> Mapping[str, np.ndarray]:
-    """The first of ``names`` in ``folder`` as a mapping of numpy arrays (safetensors read
-    lazily; torch pickles loaded with ``weights_only=True`` and turned into numpy)."""
-    from flax_latentup.weights import WeightsError, open_weights
+def _present(folder: str, name: str, variant: str | None = None) -> bool:
+    from flax_latentup.weights import variant_name
+
+    single = os.path.join(folder, variant_name(name, variant))
+    index = os.path.join(folder, variant_name(name + ".index.json", variant))
+    return os.path.isfile(single) or (name.endswith(".safetensors") and os.path.isfile(index))
+
+
+def read_torch_weights(
+    folder: str, names: tuple[str, ...], variant: str | None = None
+) -> Mapping[str, np.ndarray]:
+    """The first of ``names`` (of ``variant``, e.g. ``NAME.fp16.safetensors``) in ``folder``
+    as a mapping of numpy arrays (safetensors read lazily; torch pickles loaded with
+    ``weights_only=True`` and turned into numpy)."""
+    from flax_latentup.weights import WeightsError, open_weights, variant_name
 
     for name in names:
-        path = os.path.join(folder, name)
-        if name.endswith(".safetensors") and (
-            os.path.isfile(path) or os.path.isfile(path + ".index.json")
-        ):
-            return open_weights(folder, [name])
-        if name.endswith(".bin") and os.path.isfile(path):
-            import torch
+        if not _present(folder, name, variant):
+            continue
+        if name.endswith(".safetensors"):
+            return open_weights(folder, [name], variant)
+        import torch
 
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise ConversionError(f"cannot read torch checkpoint {path}: {e}") from None
-            if isinstance(state, Mapping) and "state_dict" in state:
-                state = state["state_dict"]
-            if not isinstance(state, Mapping):
-                raise ConversionError(
-                    f"{path} holds a {type(state).__name__}, expected a state dict (a mapping "
-                    "of parameter names to tensors)"
-                )
-            out = {}
-            for k, v in state.items():
-                if not isinstance(v, torch.Tensor):
-                    raise ConversionError(f"{path}: entry {k!r} is not a tensor")
-                v = v.detach().cpu()
-                if v.dtype == torch.bfloat16:
-                    import ml_dtypes
+        path = os.path.join(folder, variant_name(name, variant))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConversionError(f"cannot read torch checkpoint {path}: {e}") from None
+        if isinstance(state, Mapping) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, Mapping):
+            raise ConversionError(
+                f"{path} holds a {type(state).__name__}, expected a state dict (a mapping "
+                "of parameter names to tensors)"
+            )
+        out = {}
+        for k, v in state.items():
+            if not isinstance(v, torch.Tensor):
+                raise ConversionError(f"{path}: entry {k!r} is not a tensor")
+            v = v.detach().cpu()
+            if v.dtype == torch.bfloat16:
+                import ml_dtypes
 
-                    out[k] = v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-                else:
-                    out[k] = v.numpy()
-            return out
-    raise WeightsError(f"no torch weights in {folder}: expected one of {names}")
+                out[k] = v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            else:
+                out[k] = v.numpy()
+        return out
+    wanted = [variant_name(n, variant) for n in names]
+    raise WeightsError(f"no torch weights in {folder}: expected one of {wanted}")
 
 
-def resolve_source(src: str) -> str:
+def source_layout(folder: str, part: str, variant: str | None = None) -> str:
+    """``"flax"`` if the component folder holds this package's weights (of ``variant``),
+    ``"torch"`` if torch ones, else a WeightsError naming what was looked for."""
+    from flax_latentup.weights import FLAX_WEIGHTS_NAME, WeightsError, variant_name
+
+    if _present(folder, FLAX_WEIGHTS_NAME, variant):
+        return "flax"
+    if any(_present(folder, n, variant) for n in TORCH_FILES[part]):
+        return "torch"
+    wanted = [variant_name(n, variant) for n in (FLAX_WEIGHTS_NAME, *TORCH_FILES[part])]
+    raise WeightsError(f"no weights in {folder}: expected one of {wanted}")
+
+
+def resolve_source(src: str, variant: str | None = None) -> str:
     """A local folder for ``src``: a folder, or a hub id fetched with its safetensors weights
-    (and, for a component that has none, its ``.bin`` torch pickles)."""
+    of ``variant`` (and, for a component that has none, its ``.bin`` torch pickles)."""
     from flax_latentup import hub
 
-    folder = hub.resolve(src, allow_patterns=hub.PIPELINE_PATTERNS)
+    allow, ignore = hub.with_variant(hub.PIPELINE_PATTERNS, variant)
+    folder = hub.resolve(src, allow_patterns=allow, ignore_patterns=ignore)
     if not os.path.isdir(os.path.expanduser(os.fspath(src))):
+        pickles = f"*.{variant}.bin" if variant else "*.bin"
         for part, names in TORCH_FILES.items():
             sub = os.path.join(folder, part)
-            if not any(_present(sub, n) for n in names if n.endswith(".safetensors")):
-                folder = hub.resolve(src, allow_patterns=[*hub.PIPELINE_PATTERNS, f"{part}/*.bin"])
+            if not any(_present(sub, n, variant) for n in ("flax_model.safetensors", *names)):
+                allow = [*allow, f"{part}/{pickles}"]
+                folder = hub.resolve(src, allow_patterns=allow, ignore_patterns=ignore)
     return folder
 
 
-def _present(folder: str, name: str) -> bool:
-    path = os.path.join(folder, name)
-    return os.path.isfile(path) or os.path.isfile(path + ".index.json")
+def check_destination(
+    src: str,
+    dst: str,
+    overwrite: bool,
+    variant: str | None = None,
+    source_variant: str | None = None,
+) -> None:
+    """Refuse a destination that would lose data or cannot be written, before any work.
 
-
-def check_destination(src: str, dst: str, overwrite: bool) -> None:
-    """Refuse a destination that would lose data or cannot be written, before any work."""
+    A ``variant`` is written beside the pipeline DST holds (its other files kept): DST may
+    then be that pipeline, the source's own folder included when the variants differ; an
+    existing copy of the variant there is replaced only with ``overwrite``."""
     from flax_latentup.files import check_save_folder
-    from flax_latentup.pipeline import PIPELINE_PARTS
+    from flax_latentup.pipeline import MODEL_CLASSES, PIPELINE_PARTS
 
     real = check_save_folder(dst, "DST")
-    if os.path.isdir(os.path.expanduser(src)):
+    beside = variant is not None and os.path.isfile(os.path.join(real, "model_index.json"))
+    if os.path.isdir(os.path.expanduser(src)) and not (beside and variant != source_variant):
         source = os.path.realpath(os.path.expanduser(src))
         replaced = [os.path.join(real, p) for p in (*PIPELINE_PARTS, "model_index.json")]
         if source == real or any(source == r or source.startswith(r + os.sep) for r in replaced):
             raise ConversionError(
-                f"DST {dst!r} is the source folder (or holds it where the Flax pipeline goes): "
-                "converting there would replace the torch weights; choose another folder"
+                f"DST {dst!r} is the source folder (or holds it where the pipeline goes): "
+                "converting there would replace the source's weights; choose another folder"
             )
-    if os.path.isdir(real) and os.listdir(real) and not overwrite:
+    if overwrite or not os.path.isdir(real) or not os.listdir(real):
+        return
+    if not beside:
         raise ConversionError(
             f"DST {dst!r} exists and is not empty (pass --overwrite to replace the pipeline "
             "in it; other files there are left alone)"
         )
+    for part, model in MODEL_CLASSES.items():
+        sub = os.path.join(real, part)
+        have = sorted(os.listdir(sub)) if os.path.isdir(sub) else []
+        taken = [
+            f
+            for f in have
+            if any(fnmatch.fnmatchcase(f, p) for p in model.weights_patterns(variant))
+        ]
+        if taken:
+            raise ConversionError(
+                f"DST {dst!r} already holds the variant {variant!r} ({part}/{taken[0]}): pass "
+                "--overwrite to replace it"
+            )
 
 
-def convert(src: str, dst: str, *, dtype: str = "float32", overwrite: bool = False):
-    """Convert the torch pipeline at ``src`` into a Flax pipeline folder ``dst``; returns the
-    loaded Flax pipeline."""
+def _check_variant_name(flag: str, variant: str | None) -> str | None:
+    from flax_latentup import hub
+
+    try:
+        return hub.check_variant(variant)
+    except ValueError as e:
+        raise ConversionError(f"{flag}: {e}") from None
+
+
+def convert(
+    src: str,
+    dst: str,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    layout: str = "flax",
+    variant: str | None = None,
+    source_variant: str | None = None,
+    verify: bool = False,
+):
+    """Convert the pipeline at ``src`` (torch or Flax weights, of ``source_variant``) into a
+    ``layout`` pipeline folder ``dst`` (its weights as ``variant``). Returns the loaded Flax
+    pipeline and, with ``verify``, ``(folder, variant)`` of the torch side to compare with
+    (else ``None``). Everything is checked before any weights are read."""
     import jax.numpy as jnp
     from transformers import CLIPTokenizer
 
     from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
     from flax_latentup.models.base import read_json
-    from flax_latentup.pipeline import check_pipeline_folder
+    from flax_latentup.pipeline import (
+        MODEL_CLASSES,
+        PIPELINE_CLASS_NAMES,
+        check_pipeline_folder,
+        check_variant_folder,
+    )
 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
-    check_destination(src, dst, overwrite)
-    folder = resolve_source(src)
+    if layout not in LAYOUTS:
+        raise ConversionError(f"--layout must be one of {LAYOUTS}, got {layout!r}")
+    variant = _check_variant_name("--variant", variant)
+    source_variant = _check_variant_name("--source-variant", source_variant)
+    check_destination(src, dst, overwrite, variant, source_variant)
+    folder = resolve_source(src, source_variant)
     index = read_json(os.path.join(folder, "model_index.json"))
-    if index.get("_class_name") != "StableDiffusionLatentUpscalePipeline":
+    if index.get("_class_name") not in PIPELINE_CLASS_NAMES:
         raise ConversionError(
             f"{folder}: model_index.json `_class_name` is {index.get('_class_name')!r}, "
-            "expected 'StableDiffusionLatentUpscalePipeline'"
+            f"expected one of {PIPELINE_CLASS_NAMES}"
         )
     check_pipeline_folder(folder)
+    configs = {
+        part: cls.config_class.from_dict(read_json(os.path.join(folder, part, "config.json")))
+        for part, cls in MODEL_CLASSES.items()
+    }
+    layouts = {
+        part: source_layout(os.path.join(folder, part), part, source_variant) for part in configs
+    }
+    torch_side = None
+    if verify:
+        if layout == "torch":
+            torch_side = (dst, variant)
+        elif all(v == "torch" for v in layouts.values()):
+            torch_side = (folder, source_variant)
+        else:
+            raise ConversionError(
+                "--verify compares with torch: SRC holds Flax weights, so write DST in the "
+                "torch layout (--layout torch) to verify"
+            )
+    if variant is not None:
+        check_variant_folder(dst, configs, layout == "torch", variant)
     param_dtype = jnp.dtype(dtype)
     models = {}
-    for part, cls in _flax_classes().items():
+    for part, cls in MODEL_CLASSES.items():
         sub = os.path.join(folder, part)
-        config = cls.config_class.from_dict(read_json(os.path.join(sub, "config.json")))
-        tensors = read_torch_weights(sub, TORCH_FILES[part])
+        if layouts[part] == "torch":
+            tensors = read_torch_weights(sub, TORCH_FILES[part], source_variant)
+        else:
+            from flax_latentup.weights import FLAX_WEIGHTS_NAME, open_weights
+
+            tensors = open_weights(sub, [FLAX_WEIGHTS_NAME], source_variant)
         models[part] = cls.from_tensors(
-            config, tensors, torch_layout=True, param_dtype=param_dtype, source=sub
+            configs[part],
+            tensors,
+            torch_layout=layouts[part] == "torch",
+            param_dtype=param_dtype,
+            source=sub,
         )
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
     scheduler = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     pipe = FlaxStableDiffusionLatentUpscalePipeline(
         models["text_encoder"], models["vae"], models["unet"], tokenizer, scheduler
     )
-    pipe.save_pretrained(dst)
-    return pipe, folder
+    pipe.save_pretrained(dst, torch_layout=layout == "torch", variant=variant)
+    return pipe, torch_side
 
 
-def verify(folder: str, pipe, dtype: str = "float32") -> dict[str, float]:
-    """Run each torch component of ``folder`` and the Flax one on one random input; returns
-    the max abs error relative to the torch output's max abs value, per component."""
+def verify(folder: str, pipe, variant: str | None = None) -> dict[str, float]:
+    """Run each torch component of ``folder`` (its weights of ``variant``, computed in float32)
+    and the Flax one on one random input; returns the max abs error relative to the torch
+    output's max abs value, per component."""
     import jax.numpy as jnp
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -176,6 +289,7 @@ def verify(folder: str, pipe, dtype: str = "float32") -> dict[str, float]:
 
     rng = np.random.default_rng(0)
     errors = {}
+    kw = dict(variant=variant, dtype=torch.float32)
 
     def rel(a, b):
         a = np.asarray(a, np.float32)
@@ -183,7 +297,7 @@ def verify(folder: str, pipe, dtype: str = "float32") -> dict[str, float]:
         return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
     with torch.no_grad():
-        te = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder")).eval()
+        te = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), **kw).eval()
         vocab = te.config.vocab_size
         ids = rng.integers(0, vocab, (1, 77)).astype(np.int64)
         ref = te(torch.from_numpy(ids), output_hidden_states=True)
@@ -194,7 +308,7 @@ def verify(folder: str, pipe, dtype: str = "float32") -> dict[str, float]:
         )
         del te
 
-        vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).eval()
+        vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), **kw).eval()
         c = vae.config.latent_channels
         z = rng.standard_normal((1, 8, 8, c)).astype(np.float32)
         ref = vae.decode(torch.from_numpy(z.transpose(0, 3, 1, 2))).sample.numpy()
@@ -202,7 +316,7 @@ def verify(folder: str, pipe, dtype: str = "float32") -> dict[str, float]:
         errors["vae"] = rel(got, ref.transpose(0, 2, 3, 1))
         del vae
 
-        unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet")).eval()
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), **kw).eval()
         cfg = unet.config
         x = rng.standard_normal((1, 16, 16, cfg.in_channels)).astype(np.float32)
         ctx = rng.standard_normal((1, 77, cfg.cross_attention_dim)).astype(np.float32)
@@ -222,19 +336,40 @@ def verify(folder: str, pipe, dtype: str = "float32") -> dict[str, float]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flax-latentup convert",
-        description="Convert a torch StableDiffusionLatentUpscalePipeline (folder or hub id) "
-        "into a Flax pipeline folder.",
+        description="Convert a StableDiffusionLatentUpscalePipeline (torch or Flax weights; "
+        "folder or hub id) into a Flax or torch pipeline folder.",
     )
-    p.add_argument("src", help="torch pipeline folder or hub repo id")
-    p.add_argument("dst", help="output folder for the Flax pipeline")
+    p.add_argument("src", help="pipeline folder (torch or Flax weights) or hub repo id")
+    p.add_argument("dst", help="output folder for the converted pipeline")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="stored weight dtype")
     p.add_argument(
-        "--verify", action="store_true", help="compare torch and Flax on one random input"
+        "--layout",
+        choices=LAYOUTS,
+        default="flax",
+        help="weights DST receives: flax (flax_model.safetensors, default) or torch "
+        "(the checkpoints diffusers and transformers load)",
+    )
+    p.add_argument(
+        "--variant",
+        metavar="NAME",
+        help="write the weights as this variant (NAME.fp16.safetensors for fp16) beside the "
+        "pipeline DST holds, keeping its other files",
+    )
+    p.add_argument(
+        "--source-variant",
+        metavar="NAME",
+        help="read SRC's weights of this variant (e.g. fp16) instead of the plain ones",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare torch (DST in the torch layout, else SRC) and Flax on one random input",
     )
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into a non-empty DST (its pipeline parts are replaced, other files kept)",
+        help="write into a non-empty DST (its pipeline parts are replaced, other files kept; "
+        "with --variant, that variant's weights there are replaced)",
     )
     return p
 
@@ -244,7 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     from flax_latentup import ConfigError, HubError, WeightsError
 
     try:
-        pipe, folder = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+        pipe, torch_side = convert(
+            args.src,
+            args.dst,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            layout=args.layout,
+            variant=args.variant,
+            source_variant=args.source_variant,
+            verify=args.verify,
+        )
     except (
         ConversionError,
         ConfigError,
@@ -256,9 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.dst}")
-    if args.verify:
-        errors = verify(folder, pipe, args.dtype)
+    print(f"wrote {args.dst}" + (f" (variant {args.variant})" if args.variant else ""))
+    if torch_side is not None:
+        errors = verify(torch_side[0], pipe, torch_side[1])
         tol = VERIFY_TOLERANCE[args.dtype]
         ok = True
         for part, err in errors.items():

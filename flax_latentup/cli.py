@@ -935,7 +935,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Upscale pictures (PNG/JPEG/WebP) or .npy low-res latents 2x.",
     )
     add_upscale_args(up)
-    sub.add_parser("convert", help="convert a torch pipeline into a Flax folder", add_help=False)
+    sub.add_parser(
+        "convert", help="convert a pipeline between torch and Flax folders", add_help=False
+    )
     st = sub.add_parser(
         "selftest",
         help="check this install offline: upscale a generated picture with a tiny random model",

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_latentup import hub
 from flax_latentup.configs import check_components
-from flax_latentup.models.base import read_json, write_json_atomic
+from flax_latentup.models.base import check_same_config, read_json, write_json_atomic
 from flax_latentup.models.clip import FlaxCLIPTextModel
 from flax_latentup.models.conv import (
     using_winograd_kernels,
@@ -200,6 +200,40 @@ def check_pipeline_folder(folder: str, skip: Sequence[str] = ()) -> None:
             f"{tok} holds no tokenizer: expected vocab.json and merges.txt (or tokenizer.json), "
             f"found {sorted(has)}"
         )
+
+
+def check_variant_folder(
+    path: str | os.PathLike, configs: Mapping[str, Any], torch_layout: bool, variant: str
+) -> list[str]:
+    """The pipeline entries of ``path`` that a save of the weights ``variant`` of models with
+    ``configs`` (by part) keeps; a ValueError (FileExistsError for a Flax file in the way of a
+    torch one) if ``path`` holds a pipeline of another layout or other models. Reads only the
+    folder's ``model_index.json`` and configs."""
+    from flax_latentup.files import check_save_folder
+
+    real = check_save_folder(path)
+    kept = [e for e in (*PIPELINE_PARTS, "model_index.json") if os.path.exists(f"{real}/{e}")]
+    layout, name = (
+        ("torch", PIPELINE_CLASS_NAMES[0]) if torch_layout else ("Flax", PIPELINE_CLASS_NAMES[1])
+    )
+    if "model_index.json" in kept:
+        there = read_json(os.path.join(real, "model_index.json")).get("_class_name")
+        if there != name:
+            raise ValueError(
+                f"{path} holds a pipeline {there!r}, not {name!r}: the {layout}-layout variant "
+                f"{variant!r} belongs beside a {layout}-layout pipeline; choose another folder"
+            )
+    flax_name = variant_name(FLAX_WEIGHTS_NAME, variant)
+    for part in MODEL_CLASSES:
+        folder = os.path.join(real, part)
+        if torch_layout and os.path.isfile(os.path.join(folder, flax_name)):
+            raise FileExistsError(
+                f"{folder} holds {flax_name}, which from_pretrained loads before the torch "
+                f"weights: remove it, or save the torch layout into another folder"
+            )
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            check_same_config(folder, configs[part])
+    return kept
 
 
 def _weak_hooks(pipe: Any) -> tuple[Callable[..., None], Callable[..., None]]:
@@ -814,14 +848,14 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         variant = hub.check_variant(variant)
         if torch_layout:
             index = {
-                "_class_name": "StableDiffusionLatentUpscalePipeline",
+                "_class_name": PIPELINE_CLASS_NAMES[0],
                 "text_encoder": ["transformers", "CLIPTextModel"],
                 "vae": ["diffusers", "AutoencoderKL"],
                 "unet": ["diffusers", "UNet2DConditionModel"],
             }
         else:
             index = {
-                "_class_name": "FlaxStableDiffusionLatentUpscalePipeline",
+                "_class_name": PIPELINE_CLASS_NAMES[1],
                 "text_encoder": ["flax_latentup", "FlaxCLIPTextModel"],
                 "vae": ["flax_latentup", "FlaxAutoencoderKL"],
                 "unet": ["flax_latentup", "FlaxUNet2DConditionModel"],
@@ -832,7 +866,8 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             "scheduler": ["diffusers", "EulerDiscreteScheduler"],
         }
         entries = (*PIPELINE_PARTS, "model_index.json")
-        kept = self._check_variant_folder(path, index, torch_layout, variant) if variant else ()
+        configs = {part: getattr(self, part).config for part in MODEL_CLASSES}
+        kept = check_variant_folder(path, configs, torch_layout, variant) if variant else ()
         with staged_entries(path, entries) as tmp:
             for entry in kept:  # carried over as they are, less this variant's weights
                 model = MODEL_CLASSES.get(entry)
@@ -851,36 +886,6 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
                 )
             if "model_index.json" not in kept:
                 write_json_atomic(index, os.path.join(tmp, "model_index.json"))
-
-    def _check_variant_folder(
-        self, path: str | os.PathLike, index: dict[str, Any], torch_layout: bool, variant: str
-    ) -> list[str]:
-        """The entries of ``path`` that a save of ``variant`` keeps; raises if ``path`` holds
-        a pipeline that the variant does not belong to."""
-        from flax_latentup.files import check_save_folder
-
-        real = check_save_folder(path)
-        kept = [e for e in (*PIPELINE_PARTS, "model_index.json") if os.path.exists(f"{real}/{e}")]
-        layout = "torch" if torch_layout else "Flax"
-        if "model_index.json" in kept:
-            there = read_json(os.path.join(real, "model_index.json")).get("_class_name")
-            if there != index["_class_name"]:
-                raise ValueError(
-                    f"{path} holds a pipeline {there!r}, not {index['_class_name']!r}: the "
-                    f"{layout}-layout variant {variant!r} belongs beside a {layout}-layout "
-                    "pipeline; choose another folder"
-                )
-        flax_name = variant_name(FLAX_WEIGHTS_NAME, variant)
-        for part in MODEL_CLASSES:
-            folder = os.path.join(real, part)
-            if torch_layout and os.path.isfile(os.path.join(folder, flax_name)):
-                raise FileExistsError(
-                    f"{folder} holds {flax_name}, which from_pretrained loads before the torch "
-                    f"weights: remove it, or save the torch layout into another folder"
-                )
-            if os.path.isfile(os.path.join(folder, "config.json")):
-                getattr(self, part).check_same_model(folder)
-        return kept
 
     def _hub_replace_patterns(self, variant: str | None) -> list[str]:
         if variant is not None:  # that variant's weights files of each model

@@ -281,3 +281,82 @@ def test_saved_configs_keep_every_source_entry(torch_pipe_dir, tmp_path):
             saved = json.load(f)
         differ = {k: (v, saved.get(k, "<missing>")) for k, v in source.items() if saved.get(k) != v}
         assert not differ, f"{part}: {differ}"
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_convert_layouts_and_variants(torch_pipe_dir, flax_pipe_dir, tmp_path, capsys):
+    """Flax folders convert back to torch checkpoints that diffusers loads bit for bit (and
+    --verify then compares with them); --variant adds that variant beside the pipeline DST
+    holds, the source's folder included, without touching its other files; --source-variant
+    reads one. Conflicts are refused before any weights are read, with nothing written."""
+    from diffusers import StableDiffusionLatentUpscalePipeline
+
+    want = StableDiffusionLatentUpscalePipeline.from_pretrained(torch_pipe_dir)
+
+    def assert_torch_equal(folder, variant=None, dtype=torch.float32):
+        got = StableDiffusionLatentUpscalePipeline.from_pretrained(
+            str(folder), variant=variant, dtype=dtype
+        )
+        for part in ("text_encoder", "vae", "unet"):
+            sd = getattr(got, part).state_dict()
+            ref = getattr(want, part).state_dict()
+            assert sorted(sd) == sorted(ref), part
+            for key, value in ref.items():
+                assert torch.equal(sd[key], value.to(dtype)), f"{part}: {key}"
+
+    # Flax -> torch, verified against the torch checkpoints written
+    back = tmp_path / "back"
+    code = convert_checkpoint.main([flax_pipe_dir, str(back), "--layout", "torch", "--verify"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    errors = [float(ln.split("=")[1].split()[0]) for ln in out.splitlines() if "verify" in ln]
+    assert len(errors) == 3 and max(errors) <= 1e-5, out  # float32, the same weights
+    assert_torch_equal(back)
+
+    # an fp16 variant added to the source folder itself; its other files stay as they were
+    before = _files(back)
+    args = [str(back), str(back), "--layout", "torch", "--dtype", "float16", "--variant", "fp16"]
+    assert convert_checkpoint.main(args) == 0
+    after = _files(back)
+    assert {k: after[k] for k in before} == before
+    assert sorted(set(after) - set(before)) == [
+        "text_encoder/model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+    ]
+    assert_torch_equal(back, "fp16", torch.float16)
+    # that variant again: only with --overwrite; read as the source, it cannot be written over
+    assert convert_checkpoint.main(args) == 2
+    assert "already holds the variant 'fp16'" in capsys.readouterr().err
+    assert convert_checkpoint.main([*args, "--source-variant", "fp16", "--overwrite"]) == 2
+    assert "source folder" in capsys.readouterr().err
+    assert convert_checkpoint.main([*args, "--overwrite"]) == 0
+    assert _files(back) == after  # the same weights, written again
+
+    # --source-variant: the float16 weights, into a Flax folder
+    half = tmp_path / "half"
+    assert convert_checkpoint.main([str(back), str(half), "--source-variant", "fp16"]) == 0
+    pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(half))
+    got = np.asarray(pipe.unet.conv_in.kernel[...]).transpose(3, 2, 0, 1)
+    np.testing.assert_array_equal(got, want.unet.conv_in.weight.detach().half().float().numpy())
+    assert not np.array_equal(got, want.unet.conv_in.weight.detach().numpy())
+
+    # refused before any weights are read, nothing written
+    capsys.readouterr()
+    before = _files(tmp_path)
+    refusals = [
+        ([flax_pipe_dir, str(tmp_path / "x"), "--verify"], "--verify compares with torch"),
+        ([torch_pipe_dir, str(back), "--variant", "bf16"], "Flax-layout variant 'bf16' belongs"),
+        ([torch_pipe_dir, str(half), "--variant", "../x"], "--variant: variant must be"),
+        ([str(half), str(tmp_path / "x"), "--source-variant", "bf16"], "flax_model.bf16"),
+    ]
+    for argv, message in refusals:
+        assert convert_checkpoint.main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert _files(tmp_path) == before
+    assert not (tmp_path / "x").exists()

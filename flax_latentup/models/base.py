@@ -75,6 +75,29 @@ def missing_config_message(folder: str, how: str = "") -> str:
     return f"{CONFIG_NAME} not found in {folder}{hint}"
 
 
+def check_same_config(folder: str, config: Any) -> None:
+    """ValueError unless ``folder``'s ``config.json`` describes the model of ``config`` (a
+    config dataclass): a weights variant is saved beside the same model only."""
+    path = os.path.join(folder, CONFIG_NAME)
+    try:
+        theirs = type(config).from_dict(read_json(path))
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(
+            f"{folder} holds another model: its config.json is not this model's ({e}). "
+            f"{_VARIANT_BESIDE}"
+        ) from None
+    if theirs != config:
+        fields = [
+            f.name
+            for f in dataclasses.fields(config)
+            if getattr(theirs, f.name) != getattr(config, f.name)
+        ]
+        raise ValueError(
+            f"{folder} holds another model: its config.json differs from this model's in "
+            f"{', '.join(fields)}. {_VARIANT_BESIDE}"
+        )
+
+
 def _check_dtype(name: str, dtype) -> jnp.dtype:
     try:
         dt = jnp.dtype(dtype)
@@ -217,7 +240,7 @@ class PretrainedModel(hub.PushToHubMixin):
         config_path = os.path.join(path, CONFIG_NAME)
         keep_config = variant is not None and os.path.isfile(config_path)
         if keep_config:
-            self.check_same_model(path)
+            check_same_config(path, self.config)
         os.makedirs(path, exist_ok=True)
         remove_stale_temporaries(path, recursive=False, own=False)  # of a killed save
         save_flax_weights(
@@ -233,28 +256,6 @@ class PretrainedModel(hub.PushToHubMixin):
         for entry in sorted(os.listdir(path)):  # the index first: it names the shards
             if entry == index or fnmatch.fnmatchcase(entry, f"{stem}-*-of-*.safetensors"):
                 os.remove(os.path.join(path, entry))
-
-    def check_same_model(self, folder: str) -> None:
-        """ValueError unless ``folder``'s ``config.json`` describes this model (the same
-        config), as a weights variant saved beside it requires."""
-        path = os.path.join(folder, CONFIG_NAME)
-        try:
-            theirs = self.config_class.from_dict(read_json(path))
-        except (ValueError, FileNotFoundError) as e:
-            raise ValueError(
-                f"{folder} holds another model: its config.json is not this model's ({e}). "
-                f"{_VARIANT_BESIDE}"
-            ) from None
-        if theirs != self.config:
-            fields = [
-                f.name
-                for f in dataclasses.fields(self.config)
-                if getattr(theirs, f.name) != getattr(self.config, f.name)
-            ]
-            raise ValueError(
-                f"{folder} holds another model: its config.json differs from this model's in "
-                f"{', '.join(fields)}. {_VARIANT_BESIDE}"
-            )
 
     @classmethod
     def weights_patterns(cls, variant: str | None = None) -> list[str]:
