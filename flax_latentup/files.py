@@ -197,12 +197,15 @@ def staged_entries(path: str, names: Iterable[str]):
 
 def _set_modes(folder: str) -> None:
     """Give what was written under ``folder`` the permissions new files and folders get
-    (``mkdtemp``/``mkstemp`` make them private)."""
+    (``mkdtemp``/``mkstemp`` make them private). Files linked there from elsewhere
+    (:func:`link_copy`) keep their own."""
     for root, dirs, files in os.walk(folder):
         for d in dirs:
             os.chmod(os.path.join(root, d), new_dir_mode())
         for f in files:
-            os.chmod(os.path.join(root, f), new_file_mode())
+            path = os.path.join(root, f)
+            if os.stat(path).st_nlink == 1:
+                os.chmod(path, new_file_mode())
 
 
 def link_copy(src: str, dst: str, exclude: Sequence[str] = ()) -> None:

@@ -877,13 +877,13 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
                 getattr(self, part).save_pretrained(
                     os.path.join(tmp, part), torch_layout=torch_layout, variant=variant
                 )
-            if "tokenizer" not in kept:
-                self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-            if "scheduler" not in kept:
-                os.makedirs(os.path.join(tmp, "scheduler"))
-                write_json_atomic(
-                    self._scheduler_dict, os.path.join(tmp, "scheduler", "scheduler_config.json")
-                )
+            tokenizer = os.path.join(tmp, "tokenizer")
+            if not (os.path.isdir(tokenizer) and os.listdir(tokenizer)):
+                self.tokenizer.save_pretrained(tokenizer)
+            scheduler = os.path.join(tmp, "scheduler", "scheduler_config.json")
+            if not os.path.isfile(scheduler):
+                os.makedirs(os.path.dirname(scheduler), exist_ok=True)
+                write_json_atomic(self._scheduler_dict, scheduler)
             if "model_index.json" not in kept:
                 write_json_atomic(index, os.path.join(tmp, "model_index.json"))
 

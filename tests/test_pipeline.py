@@ -379,17 +379,14 @@ def test_torch_layout_save_goes_back_to_diffusers(torch_pipe, flax_pipe, tmp_pat
     )
 
 
-def file_ids(folder) -> dict[str, tuple[int, int, float]]:
-    """Each file under ``folder`` (relative path) with its inode, size and mtime."""
+def file_ids(folder) -> dict[str, tuple[int, int, float, int]]:
+    """Each file under ``folder`` (relative path) with its inode, size, mtime and mode."""
     out = {}
     for root, _, files in os.walk(folder):
         for f in files:
             st = os.stat(os.path.join(root, f))
-            out[os.path.relpath(os.path.join(root, f), folder)] = (
-                st.st_ino,
-                st.st_size,
-                st.st_mtime,
-            )
+            key = os.path.relpath(os.path.join(root, f), folder)
+            out[key] = (st.st_ino, st.st_size, st.st_mtime, st.st_mode)
     return out
 
 
@@ -403,6 +400,7 @@ def test_variant_saved_beside_the_pipeline(torch_pipe, pipe_dir, flax_pipe, tmp_
     # Flax layout: a bfloat16 variant beside the float32 pipeline
     folder = tmp_path / "flax"
     flax_pipe.save_pretrained(folder)
+    os.chmod(folder / "unet" / "flax_model.safetensors", 0o444)  # kept as it is, mode too
     before = file_ids(folder)
     half = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
         str(folder), param_dtype=jnp.bfloat16
