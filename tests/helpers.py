@@ -23,6 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --------------------------------------------------------------------------------------------
 
 
+def xla_flags(*flags: str) -> str:
+    """This session's XLA_FLAGS (see conftest) extended with ``flags``, for a subprocess."""
+    return " ".join(filter(None, [os.environ.get("XLA_FLAGS"), *flags]))
+
+
 def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``python -c code`` (dedented) with this checkout importable and JAX on the CPU."""
     full_env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **(env or {}))

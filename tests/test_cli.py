@@ -463,7 +463,7 @@ def test_default_batch_is_one_image_per_device(flax_pipe_dir, tmp_path):
             os.environ,
             PYTHONPATH=ROOT,
             JAX_PLATFORMS="cpu",
-            XLA_FLAGS="--xla_force_host_platform_device_count=2",
+            XLA_FLAGS=helpers.xla_flags("--xla_force_host_platform_device_count=2"),
         ),
         capture_output=True,
         text=True,

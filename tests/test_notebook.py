@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from tests import helpers
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -109,7 +111,7 @@ def test_notebook_runs_on_tiny_model(flax_pipe_dir, tmp_path, monkeypatch):
     # over several devices are checked in test_parallel.py; one device keeps the compiles few),
     # no display, this checkout first on the path.
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    monkeypatch.setenv("XLA_FLAGS", helpers.xla_flags("--xla_force_host_platform_device_count=1"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flax_latentup.parallel import process_share
-from tests.helpers import finish, free_port, run_python
+from tests.helpers import finish, free_port, run_python, xla_flags
 
 
 def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
@@ -95,7 +95,9 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     np.savez({str(out_file)!r}, **res)
     print("ok")
     """
-    proc = run_python(code, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    proc = run_python(
+        code, env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")}
+    )
     assert finish(proc).strip().endswith("ok")
     res = dict(np.load(out_file))
     for n in (8, 5):
@@ -190,7 +192,9 @@ def test_tiled_vae_work_is_split_over_the_devices(flax_pipe_dir, tmp_path):
     np.savez({str(out_file)!r}, **res)
     print("ok")
     """
-    proc = run_python(code, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    proc = run_python(
+        code, env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")}
+    )
     assert finish(proc).strip().endswith("ok")
     res = dict(np.load(out_file))
     assert res["single"].shape == (3, 256, 192, 3)
@@ -242,7 +246,9 @@ def test_callback_and_step_bar_on_several_devices(flax_pipe_dir, tmp_path):
     np.savez({str(out_file)!r}, **res)
     print("ok")
     """
-    proc = run_python(code, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    proc = run_python(
+        code, env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")}
+    )
     assert finish(proc).strip().endswith("ok")
     res = dict(np.load(out_file))
     steps = res["single_steps"]

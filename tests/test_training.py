@@ -36,7 +36,7 @@ from flax_latentup.training import (
     noise_level_embedding,
 )
 from tests import helpers
-from tests.helpers import finish, run_python
+from tests.helpers import finish, run_python, xla_flags
 
 B, D, L = 4, 32, 7  # batch, text width (the tiny UNet's cross_attention_dim), text length
 
@@ -470,7 +470,9 @@ def test_two_devices_train_as_one(tmp_path, one_device_run):
     np.savez({str(out_file)!r}, metrics=np.asarray(metrics), *leaves)
     print("ok")
     """
-    out = finish(run_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}))
+    out = finish(
+        run_python(code, {"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")})
+    )
     assert out.strip().endswith("ok")
     res = dict(np.load(out_file))
     metrics, after_three = one_device_run
