@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -154,6 +155,14 @@ def open_weights(folder: str, candidates: Iterable[str], variant: str | None = N
         )
     elif variant is not None:
         hint = f"; variant {variant!r} not found here (without variant=, the plain files load)"
+    elif variants := sorted(
+        {
+            m[1]
+            for p in present
+            if (m := re.fullmatch(r"[^.]+\.(\w+)(-\d+-of-\d+)?\.safetensors", p))
+        }
+    ):
+        hint = f"; this folder holds the weights variants {variants}: pass variant= one of them"
     elif any(p.endswith((".bin", ".ckpt", ".pt", ".pth")) for p in present):
         hint = (
             "; this folder holds torch pickles: turn them into safetensors with "

@@ -251,6 +251,10 @@ def test_weight_variants_load(torch_pipe_dir, tmp_path):
         FlaxAutoencoderKL.from_pretrained(str(folder), "vae", variant="bf16")
     with pytest.raises(ValueError, match="variant must be"):
         FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(folder), variant="fp16/x")
+    # a folder holding only variants says so when loaded without variant=
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"holds the weights variants \['fp16'\]: pass variant="):
+        FlaxAutoencoderKL.from_pretrained(str(folder), "vae")
 
 
 def test_malformed_shard_index_and_pickle(tmp_path):
