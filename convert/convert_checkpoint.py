@@ -121,6 +121,7 @@ def resolve_source(src: str, variant: str | None = None) -> str:
     """A local folder for ``src``: a folder, or a hub id fetched with its safetensors weights
     of ``variant`` (and, for a component that has none, its ``.bin`` torch pickles)."""
     from flax_latentup import hub
+    from flax_latentup.weights import FLAX_WEIGHTS_NAME
 
     allow, ignore = hub.with_variant(hub.PIPELINE_PATTERNS, variant)
     folder = hub.resolve(src, allow_patterns=allow, ignore_patterns=ignore)
@@ -128,7 +129,7 @@ def resolve_source(src: str, variant: str | None = None) -> str:
         pickles = f"*.{variant}.bin" if variant else "*.bin"
         for part, names in TORCH_FILES.items():
             sub = os.path.join(folder, part)
-            if not any(_present(sub, n, variant) for n in ("flax_model.safetensors", *names)):
+            if not any(_present(sub, n, variant) for n in (FLAX_WEIGHTS_NAME, *names)):
                 allow = [*allow, f"{part}/{pickles}"]
                 folder = hub.resolve(src, allow_patterns=allow, ignore_patterns=ignore)
     return folder
@@ -216,6 +217,7 @@ def convert(
         check_pipeline_folder,
         check_variant_folder,
     )
+    from flax_latentup.weights import FLAX_WEIGHTS_NAME, open_weights
 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
@@ -259,8 +261,6 @@ def convert(
         if layouts[part] == "torch":
             tensors = read_torch_weights(sub, TORCH_FILES[part], source_variant)
         else:
-            from flax_latentup.weights import FLAX_WEIGHTS_NAME, open_weights
-
             tensors = open_weights(sub, [FLAX_WEIGHTS_NAME], source_variant)
         models[part] = cls.from_tensors(
             configs[part],

@@ -32,7 +32,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_latentup import hub
 from flax_latentup.configs import check_components
-from flax_latentup.models.base import check_same_config, read_json, write_json_atomic
+from flax_latentup.models.base import (
+    check_no_flax_weights,
+    check_same_config,
+    read_json,
+    write_json_atomic,
+)
 from flax_latentup.models.clip import FlaxCLIPTextModel
 from flax_latentup.models.conv import (
     using_winograd_kernels,
@@ -49,7 +54,6 @@ from flax_latentup.sampling import (
     make_schedule,
     noise_level_embedding,
 )
-from flax_latentup.weights import FLAX_WEIGHTS_NAME, variant_name
 
 Array = jax.Array
 
@@ -223,14 +227,10 @@ def check_variant_folder(
                 f"{path} holds a pipeline {there!r}, not {name!r}: the {layout}-layout variant "
                 f"{variant!r} belongs beside a {layout}-layout pipeline; choose another folder"
             )
-    flax_name = variant_name(FLAX_WEIGHTS_NAME, variant)
     for part in MODEL_CLASSES:
         folder = os.path.join(real, part)
-        if torch_layout and os.path.isfile(os.path.join(folder, flax_name)):
-            raise FileExistsError(
-                f"{folder} holds {flax_name}, which from_pretrained loads before the torch "
-                f"weights: remove it, or save the torch layout into another folder"
-            )
+        if torch_layout:
+            check_no_flax_weights(folder, variant)
         if os.path.isfile(os.path.join(folder, "config.json")):
             check_same_config(folder, configs[part])
     return kept

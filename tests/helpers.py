@@ -28,6 +28,16 @@ def xla_flags(*flags: str) -> str:
     return " ".join(filter(None, [os.environ.get("XLA_FLAGS"), *flags]))
 
 
+def assert_same_state_dict(got: torch.nn.Module, want: torch.nn.Module, dtype=None, what=""):
+    """``got``'s state dict has ``want``'s keys and, bit for bit, its tensors (cast to
+    ``dtype`` when given)."""
+    got, want = got.state_dict(), want.state_dict()
+    assert sorted(got) == sorted(want), what
+    for key, value in want.items():
+        expected = value if dtype is None else value.to(dtype)
+        assert torch.equal(got[key], expected), f"{what}: {key}"
+
+
 def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``python -c code`` (dedented) with this checkout importable and JAX on the CPU."""
     full_env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **(env or {}))

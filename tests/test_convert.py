@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
 from flax_latentup.cli import main as cli_main
+from tests import helpers
 
 
 def _run(pipe, seed=0):
@@ -307,11 +308,7 @@ def test_convert_layouts_and_variants(torch_pipe_dir, flax_pipe_dir, tmp_path, c
             str(folder), variant=variant, dtype=dtype
         )
         for part in ("text_encoder", "vae", "unet"):
-            sd = getattr(got, part).state_dict()
-            ref = getattr(want, part).state_dict()
-            assert sorted(sd) == sorted(ref), part
-            for key, value in ref.items():
-                assert torch.equal(sd[key], value.to(dtype)), f"{part}: {key}"
+            helpers.assert_same_state_dict(getattr(got, part), getattr(want, part), dtype, part)
 
     # Flax -> torch, verified against the torch checkpoints written
     back = tmp_path / "back"

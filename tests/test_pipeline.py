@@ -349,11 +349,7 @@ def test_torch_layout_save_goes_back_to_diffusers(torch_pipe, flax_pipe, tmp_pat
         model, info = cls.from_pretrained(str(folder / part), output_loading_info=True)
         problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
         assert not problems and not info.get("error_msgs"), (part, problems)
-        want = getattr(torch_pipe, part).state_dict()
-        got = model.state_dict()
-        assert sorted(got) == sorted(want), part
-        for key, value in want.items():
-            assert torch.equal(got[key], value), f"{part}: {key}"
+        helpers.assert_same_state_dict(model, getattr(torch_pipe, part), what=part)
     loaded = StableDiffusionLatentUpscalePipeline.from_pretrained(str(folder))
     public = [
         {k: v for k, v in p.scheduler.config.items() if not k.startswith("_")}
@@ -439,11 +435,9 @@ def test_variant_saved_beside_the_pipeline(torch_pipe, pipe_dir, flax_pipe, tmp_
             str(folder), variant=variant, torch_dtype=dtype
         )
         for part in ("text_encoder", "vae", "unet"):
-            want = getattr(torch_pipe, part).state_dict()
-            got = getattr(loaded, part).state_dict()
-            assert sorted(got) == sorted(want), part
-            for key, value in want.items():
-                assert torch.equal(got[key], value.to(dtype)), f"{variant} {part}: {key}"
+            helpers.assert_same_state_dict(
+                getattr(loaded, part), getattr(torch_pipe, part), dtype, f"{variant} {part}"
+            )
 
     # refused, nothing written: another layout, other models, a Flax variant in the way
     before = file_ids(tmp_path)

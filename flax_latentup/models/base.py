@@ -75,6 +75,17 @@ def missing_config_message(folder: str, how: str = "") -> str:
     return f"{CONFIG_NAME} not found in {folder}{hint}"
 
 
+def check_no_flax_weights(folder: str, variant: str | None) -> None:
+    """FileExistsError if ``folder`` holds this package's weights of ``variant``, which
+    ``from_pretrained`` would load before torch weights saved there."""
+    flax_name = variant_name(FLAX_WEIGHTS_NAME, variant)
+    if os.path.isfile(os.path.join(folder, flax_name)):
+        raise FileExistsError(
+            f"{folder} holds {flax_name}, which from_pretrained loads before the torch "
+            f"weights: remove it, or save the torch layout into another folder"
+        )
+
+
 def check_same_config(folder: str, config: Any) -> None:
     """ValueError unless ``folder``'s ``config.json`` describes the model of ``config`` (a
     config dataclass): a weights variant is saved beside the same model only."""
@@ -231,12 +242,8 @@ class PretrainedModel(hub.PushToHubMixin):
         path = check_save_folder(path)
         base = self.torch_weights_names[0] if torch_layout else FLAX_WEIGHTS_NAME
         name = variant_name(base, variant)
-        flax_name = variant_name(FLAX_WEIGHTS_NAME, variant)
-        if torch_layout and os.path.isfile(os.path.join(path, flax_name)):
-            raise FileExistsError(
-                f"{path} holds {flax_name}, which from_pretrained loads before the torch "
-                f"weights: remove it, or save the torch layout into another folder"
-            )
+        if torch_layout:
+            check_no_flax_weights(path, variant)
         config_path = os.path.join(path, CONFIG_NAME)
         keep_config = variant is not None and os.path.isfile(config_path)
         if keep_config:
@@ -258,14 +265,19 @@ class PretrainedModel(hub.PushToHubMixin):
                 os.remove(os.path.join(path, entry))
 
     @classmethod
+    def _weights_stems(cls) -> tuple[str, ...]:
+        # the weights file names less ".safetensors": this package's, then the torch ones
+        names = (FLAX_WEIGHTS_NAME, *cls.torch_weights_names)
+        return tuple(n[: -len(".safetensors")] for n in names)
+
+    @classmethod
     def weights_patterns(cls, variant: str | None = None) -> list[str]:
         """File name patterns (fnmatch) of this model's weights of ``variant`` (``None``: the
         plain ones), in each layout: the single file, the shards and their index."""
         v = f".{variant}" if variant else ""
-        stems = ("flax_model", *(n[: -len(".safetensors")] for n in cls.torch_weights_names))
         return [
             pattern
-            for stem in stems
+            for stem in cls._weights_stems()
             for pattern in (
                 f"{stem}{v}.safetensors",
                 f"{stem}{v}-*-of-*.safetensors",
@@ -277,8 +289,8 @@ class PretrainedModel(hub.PushToHubMixin):
         if variant is not None:
             return self.weights_patterns(variant)
         # this model's weights files in every layout, variant and sharding
-        stems = ("flax_model", *(n.split(".")[0] for n in self.torch_weights_names))
-        return [f"{stem}{ext}" for stem in stems for ext in ("*.safetensors", "*.index*.json")]
+        exts = ("*.safetensors", "*.index*.json")
+        return [f"{stem}{ext}" for stem in self._weights_stems() for ext in exts]
 
     def _hub_kept_patterns(self) -> list[str]:
         return [CONFIG_NAME]
