@@ -3,10 +3,11 @@
 #
 #   bash benchmarks/gpu_run.sh [STEP ...]          (default steps: env tests bench)
 #
-# Where one command may run 10 minutes at most, give the steps over three commands:
-# `env tests`, then `bench`, then `flags cli` (each fits in 10 minutes on an H100). Logs and JSON are written to a work
-# folder and packed into $OUT/gpu_run.tar.gz after every step (so that a run cut short still
-# returns what it finished), with the key lines in $OUT/summary.txt.
+# The steps run in order within one time budget (GPU_RUN_BUDGET seconds, default 585: a
+# 10-minute call with room to pack): each step's time limit is what is left of it, and a step
+# with under 30 s left is not started. Logs and JSON are written to a work folder and packed
+# into $OUT/gpu_run.tar.gz, with the key lines in $OUT/summary.txt, every 20 s and after every
+# step, so that a run cut short still returns what it had done.
 #   env      nvidia-smi, the versions of torch / JAX / flax / diffusers, the devices both see
 #   tests    tests/test_cuda.py: torch on CUDA vs the port on the GPU, full-size configs
 #            (each model float32, the whole pipeline 256 -> 512 px in float32 and bfloat16)
@@ -16,13 +17,15 @@
 #   cli      the batch command on 16 pictures of 512 px (-> 1024 px), 20 steps: its defaults
 #            (--dtype auto, one image per device) and --batch-size 8, with their reports
 #
-# Settings (environment): OUT (default ./out), PYTHON (default python3), FLAX_LATENTUP_REAL_MODEL
-# (a diffusers-layout sd-x2-latent-upscaler folder: the tests also run on its weights and the
-# benchmark uses it), TORCH_COMPILE_MODE (default max-autotune; "default" compiles faster),
-# TORCH_COMPILE_TIMEOUT (seconds before the torch.compile variant is given up, default 330),
-# BENCH_ARGS (more bench_pipeline.py arguments), BENCH_MODEL (where the random full-size model
-# folder is built and kept, default /tmp/flax_latentup_bench_model), STEP_TIMEOUT (seconds per
-# step, default 570).
+# Settings (environment): OUT (default ./out), PYTHON (default python3), GPU_RUN_BUDGET (see
+# above), STEP_TIMEOUT (seconds per step at most, default 570), FLAX_LATENTUP_REAL_MODEL (a
+# diffusers-layout sd-x2-latent-upscaler folder: the tests also run on its weights and the
+# benchmark uses it), TORCH_COMPILE_MODE (default "default"; "max-autotune" tunes kernels for
+# minutes more), TORCH_COMPILE_TIMEOUT (seconds before the torch.compile variant is given up,
+# default 300), BENCH_ARGS (more bench_pipeline.py arguments), BENCH_MODEL (where the random
+# full-size model folder is built and kept, default /tmp/flax_latentup_bench_model),
+# GPU_RUN_PLATFORM (cuda, or cpu to check this script on a machine without a GPU: JAX and
+# torch on the CPU, the tests step skips the CUDA tests, the benchmark runs the tiny configs).
 #
 # The GPU machine has no diffusers and no network: carry the wheels it lacks in .whl/ (pure
 # Python). From the repository root, once:
@@ -30,14 +33,16 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl \
-#       diffusers==0.42.1 importlib_metadata
+#       diffusers==0.42.1 importlib_metadata flax==0.12.12
 #
+# (flax: the machine's own may be older than this project needs; 0.12.12 runs with jax 0.11.)
 # JAX runs on the GPU because this script sets JAX_PLATFORMS=cuda (tests/conftest.py only sets
 # "cpu" when the variable is unset), without preallocating GPU memory, so torch and JAX share
 # the device inside one pytest process.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
+START=$SECONDS
 steps=("$@")
 [ "${#steps[@]}" -gt 0 ] || steps=(env tests bench)
 for step in "${steps[@]}"; do
@@ -46,33 +51,60 @@ for step in "${steps[@]}"; do
         *) echo "unknown step '$step' (expected env, tests, bench, flags or cli)"; exit 2 ;;
     esac
 done
-OUT="${OUT:-./out}"
-LOGS="$(mktemp -d -t flax-latentup-gpu-XXXXXX)"
-PYTHON="${PYTHON:-python3}"
+PLATFORM="${GPU_RUN_PLATFORM:-cuda}"
+case "$PLATFORM" in
+    cuda | cpu) ;;
+    *) echo "GPU_RUN_PLATFORM must be cuda or cpu, got '$PLATFORM'"; exit 2 ;;
+esac
+BUDGET="${GPU_RUN_BUDGET:-585}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-570}"
-MODEL_DIR="${FLAX_LATENTUP_REAL_MODEL:-${BENCH_MODEL:-/tmp/flax_latentup_bench_model}}"
+for setting in "GPU_RUN_BUDGET=$BUDGET" "STEP_TIMEOUT=$STEP_TIMEOUT"; do
+    if ! [[ "${setting#*=}" =~ ^[0-9]+$ ]]; then
+        echo "${setting%%=*} must be a whole number of seconds, got '${setting#*=}'"
+        exit 2
+    fi
+done
+OUT="${OUT:-./out}"
+PYTHON="${PYTHON:-python3}"
+if [ "$PLATFORM" = cpu ]; then
+    # the script's own check: the test suite's tiny configs, float32, torch eager on the CPU
+    WORKLOAD=(--device cpu --tiny --steps 2 --guidance 6 --repeats 1 --unet-repeats 1)
+    BENCH_VARIANTS=(--dtype float32 --torch eager)
+else
+    WORKLOAD=(--device gpu --batch 8 --latent 64 --steps 20 --guidance 7.5)
+    BENCH_VARIANTS=(--dtype bfloat16 --torch-dtype float16 --torch eager compile
+        --torch-compile-mode "${TORCH_COMPILE_MODE:-default}"
+        --compile-timeout "${TORCH_COMPILE_TIMEOUT:-300}" --repeats 3 --unet-repeats 5)
+fi
+LOGS="$(mktemp -d -t flax-latentup-gpu-logs-XXXXXX)" # packed into $OUT
+WORK="$(mktemp -d -t flax-latentup-gpu-work-XXXXXX)" # not packed: wheels, pictures, a model
+if [ "$PLATFORM" = cpu ]; then
+    MODEL_DIR="${BENCH_MODEL:-$WORK/model}"
+else
+    MODEL_DIR="${FLAX_LATENTUP_REAL_MODEL:-${BENCH_MODEL:-/tmp/flax_latentup_bench_model}}"
+fi
 mkdir -p "$OUT"
 
-export JAX_PLATFORMS=cuda
+export JAX_PLATFORMS="$PLATFORM"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PYTHON" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl > "$LOGS/pip.log" 2>&1 \
-        || { echo "wheel install failed:"; tail -20 "$LOGS/pip.log"; exit 1; }
-    export PYTHONPATH="$PYTHONPATH:/tmp/site"
-fi
+# seconds a step may still take: what is left of the budget less 10 s to pack, at most
+# STEP_TIMEOUT
+left() {
+    local rest=$((BUDGET - (SECONDS - START) - 10))
+    echo $((rest < STEP_TIMEOUT ? rest : STEP_TIMEOUT))
+}
 
-# bench_pipeline.py with the benchmark's workload; $1: name of the JSON/log, then arguments
+# bench_pipeline.py with the run's workload; $1: name of the JSON/log, then arguments
 # shellcheck disable=SC2086
 bench() {
     local name="$1"
     shift
-    timeout "$STEP_TIMEOUT" "$PYTHON" benchmarks/bench_pipeline.py --device gpu \
-        --model "$MODEL_DIR" --save-model "$MODEL_DIR" --batch 8 --latent 64 --steps 20 \
-        --guidance 7.5 --json "$LOGS/$name.json" "$@" ${BENCH_ARGS:-} 2>&1 | tee "$LOGS/$name.log"
+    timeout "$(left)" "$PYTHON" benchmarks/bench_pipeline.py "${WORKLOAD[@]}" \
+        --model "$MODEL_DIR" --save-model "$MODEL_DIR" --json "$LOGS/$name.json" "$@" \
+        ${BENCH_ARGS:-} 2>&1 | tee "$LOGS/$name.log"
     return "${PIPESTATUS[0]}"
 }
 
@@ -86,23 +118,24 @@ for name in ("torch", "jax", "jaxlib", "flax", "diffusers", "transformers", "num
         print(name, md.version(name))
     except md.PackageNotFoundError:
         print(name, "not installed")
-import jax, torch
+import flax, jax, torch
+print("flax", flax.__version__, "imported from", flax.__file__)
 print("torch sees", torch.cuda.is_available() and torch.cuda.get_device_name())
 print("jax sees", jax.devices())
 EOF
     } 2>&1 | tee "$LOGS/env.log"
+    return "${PIPESTATUS[0]}"
 }
 
 step_tests() {
-    timeout "$STEP_TIMEOUT" "$PYTHON" -m pytest -m cuda -v -rs -s tests/test_cuda.py \
-        --junitxml="$LOGS/cuda-tests.xml" 2>&1 | tee "$LOGS/cuda-tests.log"
+    # without a GPU (GPU_RUN_PLATFORM=cpu) every test is skipped, which pytest counts a success
+    timeout "$(left)" "$PYTHON" -m pytest -m cuda -v -rs -s --durations=0 -p no:cacheprovider \
+        tests/test_cuda.py --junitxml="$LOGS/cuda-tests.xml" 2>&1 | tee "$LOGS/cuda-tests.log"
     return "${PIPESTATUS[0]}"
 }
 
 step_bench() {
-    bench bench_pipeline --dtype bfloat16 --torch-dtype float16 --torch eager compile \
-        --torch-compile-mode "${TORCH_COMPILE_MODE:-max-autotune}" \
-        --compile-timeout "${TORCH_COMPILE_TIMEOUT:-330}" --repeats 3 --unet-repeats 5
+    bench bench_pipeline "${BENCH_VARIANTS[@]}"
 }
 
 step_flags() {
@@ -132,10 +165,11 @@ step_flags() {
 step_cli() {
     if [ ! -f "$MODEL_DIR/model_index.json" ]; then # the bench step builds it too
         "$PYTHON" -c "import sys; from benchmarks.bench_pipeline import build_model_folder as b
-b(sys.argv[1])" "$MODEL_DIR" > "$LOGS/cli-model.log" 2>&1 \
-            || { tail "$LOGS/cli-model.log"; return 1; }
+b(sys.argv[1], tiny=sys.argv[2] == 'cpu')" "$MODEL_DIR" "$PLATFORM" \
+            > "$LOGS/cli-model.log" 2>&1 || { tail "$LOGS/cli-model.log"; return 1; }
     fi
-    local pictures="$LOGS/cli-pictures" status=0 bs
+    # the pictures and outputs stay out of the packed logs (random weights: megabytes of noise)
+    local pictures="$WORK/cli-pictures" status=0 bs
     "$PYTHON" - "$pictures" <<'EOF'
 import os, sys
 import numpy as np
@@ -150,29 +184,71 @@ EOF
         local args=()
         [ "$bs" = default ] || args=(--batch-size "$bs")
         echo "=== cli batch $bs" | tee -a "$LOGS/cli.log"
-        timeout "$STEP_TIMEOUT" "$PYTHON" -m flax_latentup.cli upscale -i "$pictures" \
-            -o "$LOGS/cli-out-$bs" -n "$MODEL_DIR" --steps 20 --quiet --no-compile-cache \
+        timeout "$(left)" "$PYTHON" -m flax_latentup.cli upscale -i "$pictures" \
+            -o "$WORK/cli-out-$bs" -n "$MODEL_DIR" --steps 20 --quiet --no-compile-cache \
             "${args[@]}" 2>&1 | tee -a "$LOGS/cli.log"
         [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+        cp "$WORK/cli-out-$bs/flax-latentup-report.json" "$LOGS/cli-report-$bs.json" 2> /dev/null
         "$PYTHON" -c "import json, sys; r = json.load(open(sys.argv[1]))
 print('cli report:', r['settings'], r['timing'])" \
-            "$LOGS/cli-out-$bs/flax-latentup-report.json" 2>&1 | tee -a "$LOGS/cli.log"
+            "$LOGS/cli-report-$bs.json" 2>&1 | tee -a "$LOGS/cli.log"
     done
     return "$status"
 }
 
-# pack the logs after each step: the files that come back are these two
+# pack the logs into the two files that come back, each replaced whole (a pack cut short
+# leaves the one before)
 pack() {
-    tar czf "$OUT/gpu_run.tar.gz" -C "$LOGS" . 2> /dev/null
-    (cd "$LOGS" && grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|max abs|mean abs|max \|err\||^g=|speed-up|port - |TFLOP|=== |^done |cli report" \
-        ./*.log) > "$OUT/summary.txt" 2> /dev/null || true
+    local tmp="$OUT/.pack$BASHPID"
+    if tar czf "$tmp.tar.gz" -C "$LOGS" . 2> /dev/null; then
+        mv -f "$tmp.tar.gz" "$OUT/gpu_run.tar.gz"
+    fi
+    (cd "$LOGS" && grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|skipped|max abs|mean abs|max \|err\||^g=|speed-up|port - |TFLOP|=== |^### |cli report|s call " \
+        ./*.log) > "$tmp.txt" 2> /dev/null
+    mv -f "$tmp.txt" "$OUT/summary.txt"
+    rm -f "$tmp.tar.gz"
 }
+
+# the wheels carried in .whl/ (the GPU machine has no diffusers)
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$WORK/site" .whl/*.whl > "$LOGS/pip.log" 2>&1 \
+        || { echo "wheel install failed:"; tail -20 "$LOGS/pip.log"; pack; exit 1; }
+    export PYTHONPATH="$WORK/site:$PYTHONPATH"
+fi
+
+(while sleep 20; do pack; done) &
+PACKER=$!
+trap 'kill "$PACKER" 2> /dev/null; rm -rf "$LOGS" "$WORK"' EXIT
 
 status=0
 for step in "${steps[@]}"; do
-    echo "### $step"
-    "step_$step" || { echo "### $step failed"; status=1; }
+    budget_left="$(left)"
+    if [ "$budget_left" -lt 30 ]; then
+        echo "### $step not started: $budget_left s left of GPU_RUN_BUDGET=$BUDGET" \
+            | tee -a "$LOGS/steps.log"
+        status=1
+        continue
+    fi
+    echo "### $step (at $((SECONDS - START)) s, up to $budget_left s)" | tee -a "$LOGS/steps.log"
+    step_start=$SECONDS
+    "step_$step"
+    code=$?
+    took=$((SECONDS - step_start))
+    if [ "$code" -eq 0 ]; then
+        echo "### $step done in $took s" | tee -a "$LOGS/steps.log"
+    elif [ "$code" -eq 124 ]; then
+        echo "### $step timed out after $took s (its limit: what was left of the budget)" \
+            | tee -a "$LOGS/steps.log"
+        status=1
+    else
+        echo "### $step failed (exit status $code) after $took s" | tee -a "$LOGS/steps.log"
+        status=1
+    fi
     pack
 done
+kill "$PACKER" 2> /dev/null
+wait "$PACKER" 2> /dev/null
+pack
 echo "results in $OUT/gpu_run.tar.gz and $OUT/summary.txt (exit status $status)"
 exit "$status"

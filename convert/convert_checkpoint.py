@@ -7,7 +7,7 @@ Usage::
 
 SRC is a diffusers-layout folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``) holding safetensors or ``.bin`` torch pickles (read with
-``torch.load(weights_only=True)``), a folder this package saved (Flax weights), or a hub repo
+``torch.load(weights_only=True)``; either may be sharded, with its ``.index.json``), a folder this package saved (Flax weights), or a hub repo
 id. DST receives the same layout with ``flax_model.safetensors`` weights, loadable by
 ``FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(DST)`` without torch, or with
 ``--layout torch`` the torch checkpoints diffusers loads (``.bin`` to safetensors, Flax back to
@@ -54,11 +54,41 @@ def _flax_classes():
 
 
 def _present(folder: str, name: str, variant: str | None = None) -> bool:
+    """Whether ``name`` (of ``variant``) is in ``folder``, whole or sharded with an index."""
     from flax_latentup.weights import variant_name
 
     single = os.path.join(folder, variant_name(name, variant))
     index = os.path.join(folder, variant_name(name + ".index.json", variant))
-    return os.path.isfile(single) or (name.endswith(".safetensors") and os.path.isfile(index))
+    return os.path.isfile(single) or os.path.isfile(index)
+
+
+def _load_pickle(path: str) -> Mapping[str, np.ndarray]:
+    """One torch pickle's state dict as numpy arrays (``weights_only=True``)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConversionError(f"cannot read torch checkpoint {path}: {e}") from None
+    if isinstance(state, Mapping) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ConversionError(
+            f"{path} holds a {type(state).__name__}, expected a state dict (a mapping "
+            "of parameter names to tensors)"
+        )
+    out = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise ConversionError(f"{path}: entry {k!r} is not a tensor")
+        v = v.detach().cpu()
+        if v.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            out[k] = v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            out[k] = v.numpy()
+    return out
 
 
 def read_torch_weights(
@@ -66,39 +96,30 @@ def read_torch_weights(
 ) -> Mapping[str, np.ndarray]:
     """The first of ``names`` (of ``variant``, e.g. ``NAME.fp16.safetensors``) in ``folder``
     as a mapping of numpy arrays (safetensors read lazily; torch pickles loaded with
-    ``weights_only=True`` and turned into numpy)."""
-    from flax_latentup.weights import WeightsError, open_weights, variant_name
+    ``weights_only=True`` and turned into numpy). Sharded checkpoints (``NAME.index.json``
+    beside the shards) are read through their index."""
+    from flax_latentup.weights import WeightsError, open_weights, shard_index, variant_name
 
     for name in names:
         if not _present(folder, name, variant):
             continue
         if name.endswith(".safetensors"):
             return open_weights(folder, [name], variant)
-        import torch
-
         path = os.path.join(folder, variant_name(name, variant))
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ConversionError(f"cannot read torch checkpoint {path}: {e}") from None
-        if isinstance(state, Mapping) and "state_dict" in state:
-            state = state["state_dict"]
-        if not isinstance(state, Mapping):
-            raise ConversionError(
-                f"{path} holds a {type(state).__name__}, expected a state dict (a mapping "
-                "of parameter names to tensors)"
-            )
-        out = {}
-        for k, v in state.items():
-            if not isinstance(v, torch.Tensor):
-                raise ConversionError(f"{path}: entry {k!r} is not a tensor")
-            v = v.detach().cpu()
-            if v.dtype == torch.bfloat16:
-                import ml_dtypes
-
-                out[k] = v.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-            else:
-                out[k] = v.numpy()
+        if os.path.isfile(path):
+            return _load_pickle(path)
+        # sharded pickles: NAME.index.json maps each tensor to its shard
+        weight_map = shard_index(folder, name, variant)
+        out: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            part = _load_pickle(os.path.join(folder, shard))
+            listed = {k for k, v in weight_map.items() if v == shard}
+            if missing := sorted(listed - part.keys()):
+                raise ConversionError(
+                    f"{os.path.join(folder, shard)} lacks {len(missing)} tensor(s) its index "
+                    f"lists there, e.g. {missing[0]!r}"
+                )
+            out.update((k, part[k]) for k in listed)
         return out
     wanted = [variant_name(n, variant) for n in names]
     raise WeightsError(f"no torch weights in {folder}: expected one of {wanted}")
@@ -126,11 +147,16 @@ def resolve_source(src: str, variant: str | None = None) -> str:
     allow, ignore = hub.with_variant(hub.PIPELINE_PATTERNS, variant)
     folder = hub.resolve(src, allow_patterns=allow, ignore_patterns=ignore)
     if not os.path.isdir(os.path.expanduser(os.fspath(src))):
-        pickles = f"*.{variant}.bin" if variant else "*.bin"
+        # whole or sharded (NAME.bin.index[.VARIANT].json beside NAME[.VARIANT]-0000k-of-0000n.bin)
+        pickles = (
+            [f"*.{variant}.bin", f"*.bin.index.{variant}.json", f"*.{variant}-*-of-*.bin"]
+            if variant
+            else ["*.bin", "*.bin.index.json"]
+        )
         for part, names in TORCH_FILES.items():
             sub = os.path.join(folder, part)
             if not any(_present(sub, n, variant) for n in (FLAX_WEIGHTS_NAME, *names)):
-                allow = [*allow, f"{part}/{pickles}"]
+                allow = [*allow, *(f"{part}/{p}" for p in pickles)]
                 folder = hub.resolve(src, allow_patterns=allow, ignore_patterns=ignore)
     return folder
 

@@ -31,6 +31,7 @@ from flax_latentup.files import TMP_PREFIX, temporary_prefix  # noqa: F401 (re-e
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 LATENT_EXTS = (".npy",)
 OUT_EXTS = ("png", "jpg", "webp")
+ALPHA_EXTS = ("png", "webp")  # output formats that hold transparency
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "default", "high", "highest")
 DEFAULT_MODEL = "stabilityai/sd-x2-latent-upscaler"
@@ -58,6 +59,7 @@ class Item:
     note: str | None = None
     kind: str = ""  # "pixels" or "latents", from the file's header
     shape: tuple[int, ...] = ()  # the array's shape once fitted
+    alpha: Any = None  # a picture's transparency at the output size (uint8), until written
 
 
 def default_cache_dir() -> str:
@@ -289,6 +291,32 @@ def read_input(path: str, nchw: bool, latent_channels: int = 4):
     return np.asarray(rgb, dtype=np.uint8), "pixels"
 
 
+def has_alpha(im) -> bool:
+    """Whether an opened picture carries transparency: an alpha channel, or a palette or
+    single colour marked transparent."""
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def read_alpha(path: str, size: tuple[int, int]):
+    """A picture's transparency as uint8 ``[H, W]`` at ``size`` (``(height, width)``),
+    turned upright as :func:`read_input` turns the colours and resized bicubic; ``None`` for
+    a picture without any. The model upscales colour only; this is what goes beside it."""
+    import numpy as np
+    import PIL.Image
+
+    with PIL.Image.open(path) as im:
+        if not has_alpha(im):
+            return None
+        orientation = _orientation(im)
+        im.load()
+        alpha = im.convert("RGBA").getchannel("A")
+    if orientation != 1:
+        alpha = alpha.transpose(getattr(PIL.Image.Transpose, _ORIENT[orientation]))
+    if alpha.size != (size[1], size[0]):
+        alpha = alpha.resize((size[1], size[0]), PIL.Image.BICUBIC)
+    return np.asarray(alpha, dtype=np.uint8)
+
+
 def fitted_size(h: int, w: int, kind: str) -> tuple[int, int]:
     """The size an input of ``h`` x ``w`` is upscaled at: pictures whose sides are not
     multiples of 32 go down to the nearest multiples (bicubic, as diffusers' image processor
@@ -412,6 +440,14 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--ext", choices=OUT_EXTS, default="png", help="output format (default: %(default)s)"
+    )
+    p.add_argument(
+        "--alpha",
+        choices=("keep", "drop"),
+        default="keep",
+        help="pictures with transparency: keep it (resized bicubic to the output size beside "
+        "the upscaled colours; PNG and WebP outputs, JPEG has none) or drop it as diffusers "
+        "does (default: %(default)s)",
     )
     p.add_argument("--suffix", default="", help="appended to output names, e.g. _x2")
     p.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
@@ -627,21 +663,24 @@ def scan_inputs(items: list[Item], nchw: bool, prompt: str) -> tuple[dict, list[
     return groups, failed
 
 
-def load_item(item: Item, nchw: bool):
-    """The fitted array of a scanned item; ValueError if it no longer matches its header."""
+def load_item(item: Item, nchw: bool, alpha: bool = False):
+    """The fitted array of a scanned item; ValueError if it no longer matches its header.
+    With ``alpha``, a picture's transparency at the output size goes to ``item.alpha``."""
     arr, kind = read_input(item.src, nchw)
     arr = fit_size(arr, kind)
     if (kind, arr.shape) != (item.kind, item.shape):
         raise ValueError(f"file changed while running: now {kind} of shape {arr.shape}")
+    if alpha and kind == "pixels":
+        item.alpha = read_alpha(item.src, (2 * arr.shape[0], 2 * arr.shape[1]))
     return arr
 
 
-def _load_chunk(chunk: list[Item], nchw: bool) -> list[tuple[Item, Any]]:
+def _load_chunk(chunk: list[Item], nchw: bool, alpha: bool) -> list[tuple[Item, Any]]:
     """``(item, array or the exception that reading it raised)`` for each item."""
     loaded = []
     for item in chunk:
         try:
-            loaded.append((item, load_item(item, nchw)))
+            loaded.append((item, load_item(item, nchw, alpha)))
         except Exception as e:
             loaded.append((item, e))
     return loaded
@@ -722,6 +761,7 @@ def run_upscale(args: argparse.Namespace) -> int:
             "devices": n_devices,
             "tile": args.tile,
             "ext": args.ext,
+            "alpha": args.alpha,
         },
         "process": {"index": process[0], "count": process[1]},
         "done": [],
@@ -779,8 +819,16 @@ def run_upscale(args: argparse.Namespace) -> int:
     run_started = time.perf_counter()
 
     def save(item: Item, image) -> dict:
-        atomic_save(image, item.out, args.ext)
         entry = {"input": item.src, "output": item.out, "seed": item.seed}
+        alpha, item.alpha = item.alpha, None
+        if alpha is not None and args.ext in ALPHA_EXTS:
+            import PIL.Image
+
+            image.putalpha(PIL.Image.fromarray(alpha))
+            entry["alpha"] = "kept"
+        elif alpha is not None:
+            entry["alpha"] = f"dropped: {args.ext.upper()} holds no transparency"
+        atomic_save(image, item.out, args.ext)
         if item.note:
             entry["note"] = item.note
         return entry
@@ -803,11 +851,12 @@ def run_upscale(args: argparse.Namespace) -> int:
     reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flax-latentup-read")
     writer = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="flax-latentup-write")
     try:
-        ahead = reader.submit(_load_chunk, chunks[0][0], args.nchw) if chunks else None
+        keep_alpha = args.alpha == "keep"
+        ahead = reader.submit(_load_chunk, chunks[0][0], args.nchw, keep_alpha) if chunks else None
         for i in range(len(chunks)):
             loaded, padded_size = ahead.result(), chunks[i][1]
             if i + 1 < len(chunks):
-                ahead = reader.submit(_load_chunk, chunks[i + 1][0], args.nchw)
+                ahead = reader.submit(_load_chunk, chunks[i + 1][0], args.nchw, keep_alpha)
             good = [(it, a) for it, a in loaded if not isinstance(a, BaseException)]
             for it, e in loaded:
                 if isinstance(e, BaseException):
@@ -836,6 +885,7 @@ def run_upscale(args: argparse.Namespace) -> int:
                     ).images[: len(good)]
             except Exception as e:
                 for it, _ in good:
+                    it.alpha = None
                     report["failed"].append({"input": it.src, "reason": f"upscaling failed: {e}"})
                     bar.update(1)
                 continue

@@ -116,6 +116,25 @@ def variant_name(name: str, variant: str | None) -> str:
     return f"{stem}.{variant}.{ext}"
 
 
+def shard_index(folder: str, name: str, variant: str | None = None) -> dict[str, str] | None:
+    """The ``weight_map`` (tensor name -> shard file name) of the index of a sharded ``name``
+    (``NAME.index.json``, of ``variant``) in ``folder``; ``None`` when there is no index."""
+    index = os.path.join(folder, variant_name(name + ".index.json", variant))
+    if not os.path.isfile(index):
+        return None
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"cannot read shard index {index}: {e!r}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(
+            f"shard index {index}: `weight_map` must map tensor names to shard file "
+            f"names, got {type(weight_map).__name__}"
+        )
+    return weight_map
+
+
 def open_weights(folder: str, candidates: Iterable[str], variant: str | None = None) -> TensorFile:
     """Open the first weights file of ``candidates`` present in ``folder`` (their ``variant``,
     e.g. ``"fp16"``, when given: ``NAME.fp16.safetensors``).
@@ -128,20 +147,8 @@ def open_weights(folder: str, candidates: Iterable[str], variant: str | None = N
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             return TensorFile(path)
-        index = os.path.join(folder, variant_name(base + ".index.json", variant))
-        if os.path.isfile(index):
-            try:
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise WeightsError(f"cannot read shard index {index}: {e!r}") from None
-            if not isinstance(weight_map, dict) or not all(
-                isinstance(v, str) for v in weight_map.values()
-            ):
-                raise WeightsError(
-                    f"shard index {index}: `weight_map` must map tensor names to shard file "
-                    f"names, got {type(weight_map).__name__}"
-                )
+        weight_map = shard_index(folder, base, variant)
+        if weight_map is not None:
             shards = sorted(set(weight_map.values()))
             return TensorFile(os.path.join(folder, s) for s in shards)
     present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []

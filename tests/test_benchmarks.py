@@ -6,6 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
+
+import pytest
 
 from benchmarks import bench_pipeline
 
@@ -24,24 +27,40 @@ def test_bf16_peak_lookup():
     assert peak(None) is None
 
 
-def test_bench_pipeline_tiny(tmp_path):
-    """Both sides run the tiny model through the script, taking turns; the outputs agree."""
-    out = tmp_path / "bench.json"
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "benchmarks", "bench_pipeline.py"),
-        "--tiny",
-        "--steps", "2",
-        "--repeats", "1",
-        "--unet-repeats", "1",
-        "--guidance", "6",
-        "--json", str(out),
-    ]  # fmt: skip
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "port/torch time (speed-up)" in proc.stdout
-    report = json.loads(out.read_text())
+def gpu_run(tmp_path, *steps: str, **settings: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``gpu_run.sh STEPS`` checking itself on the CPU; (process, {name: bytes} of the pack)."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, GPU_RUN_PLATFORM="cpu", **settings)
+    env.pop("JAX_PLATFORMS", None)  # the script sets it
+    script = os.path.join(ROOT, "benchmarks", "gpu_run.sh")
+    proc = subprocess.run(
+        ["bash", script, *steps], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
+    assert sorted(os.listdir(out)) == ["gpu_run.tar.gz", "summary.txt"], proc.stdout[-3000:]
+    with tarfile.open(out / "gpu_run.tar.gz") as tar:
+        packed = {
+            os.path.normpath(m.name): tar.extractfile(m).read()
+            for m in tar.getmembers()
+            if m.isfile()
+        }
+    packed["summary.txt"] = (out / "summary.txt").read_bytes()
+    return proc, packed
+
+
+def test_gpu_run_on_the_cpu_packs_the_benchmark(tmp_path):
+    """The GPU script's steps, checked on the CPU: the CUDA tests skip, and the benchmark runs
+    both sides on the tiny model, taking turns; its report holds what it claims."""
+    proc, packed = gpu_run(tmp_path, "env", "tests", "bench")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {"env.log", "cuda-tests.log", "cuda-tests.xml", "steps.log"} <= set(packed)
+    assert b"jax sees [CpuDevice(id=0)]" in packed["env.log"]
+    assert b"8 skipped" in packed["cuda-tests.log"]  # no GPU here: every CUDA test skips
+    summary = packed["summary.txt"].decode()
+    for step in ("env", "tests", "bench"):
+        assert f"### {step} done in" in summary
+    assert "port/torch time (speed-up)" in packed["bench_pipeline.log"].decode()
+
+    report = json.loads(packed["bench_pipeline.json"])
     assert set(report["processes"]) == {"torch", "jax1"}
     assert report["processes"]["torch"]["interleaved"]
     assert report["workload"]["torch_variants"] == ["torch"]
@@ -62,16 +81,44 @@ def test_bench_pipeline_tiny(tmp_path):
         assert agreement["unet"]["rel_diff"] <= 1e-5, agreement["unet"]
 
 
-def test_gpu_run_script_parses_and_rejects_unknown_steps(tmp_path):
+def test_gpu_run_starts_no_step_past_its_budget(tmp_path):
+    # 41 s: env starts with 31 s left; after it (imports of torch and JAX: seconds) under the
+    # 30 s a step needs are left, so the benchmark is not started
+    proc, packed = gpu_run(tmp_path, "env", "bench", GPU_RUN_BUDGET="41")
+    assert proc.returncode == 1
+    steps = packed["steps.log"].decode()
+    assert "### env done in" in steps
+    assert "### bench not started:" in steps and "of GPU_RUN_BUDGET=41" in steps
+    assert "bench_pipeline.log" not in packed
+
+
+@pytest.mark.parametrize(
+    "steps, settings, message",
+    [
+        (
+            ["env", "benchmark"],
+            {},
+            "unknown step 'benchmark' (expected env, tests, bench, flags or cli)",
+        ),
+        (["env"], {"GPU_RUN_PLATFORM": "tpu"}, "GPU_RUN_PLATFORM must be cuda or cpu, got 'tpu'"),
+        (
+            ["env"],
+            {"GPU_RUN_BUDGET": "9m"},
+            "GPU_RUN_BUDGET must be a whole number of seconds, got '9m'",
+        ),
+        (["env"], {"STEP_TIMEOUT": "ten"}, "STEP_TIMEOUT must be a whole number of seconds, got 'ten'"),
+    ],
+)
+def test_gpu_run_script_checks_its_arguments_first(tmp_path, steps, settings, message):
     script = os.path.join(ROOT, "benchmarks", "gpu_run.sh")
     assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
     proc = subprocess.run(
-        ["bash", script, "env", "benchmark"],
+        ["bash", script, *steps],
         capture_output=True,
         text=True,
-        env=dict(os.environ, OUT=str(tmp_path / "out")),
+        env=dict(os.environ, OUT=str(tmp_path / "out"), **settings),
         timeout=60,
     )
     assert proc.returncode == 2
-    assert "unknown step 'benchmark'" in proc.stdout
-    assert not (tmp_path / "out").exists(), "nothing runs or is written before the steps check"
+    assert message in proc.stdout
+    assert not (tmp_path / "out").exists(), "nothing runs or is written before the checks"

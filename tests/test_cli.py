@@ -585,3 +585,58 @@ def test_sixteen_bit_grey_pictures_keep_their_tones(tmp_path):
     want = np.round(grey / 257.0)
     for c in range(3):
         np.testing.assert_array_equal(arr[..., c], want)
+
+
+def test_transparency_is_kept_beside_the_upscale(flax_pipe_dir, tmp_path):
+    """A picture's alpha channel (or its palette's transparent colour) is resized to the
+    output beside the upscaled colours, which stay those of a run that drops it; JPEG
+    outputs, which hold no transparency, say so in the report."""
+    rng = np.random.default_rng(7)
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    alpha = np.zeros((64, 96), np.uint8)
+    alpha[:, 48:] = 255  # the left half transparent
+    PIL.Image.fromarray(np.dstack([rgb, alpha])).save(src / "rgba.png")
+    indices = rng.integers(1, 256, (64, 96), dtype=np.uint8)
+    indices[:32, :32] = 0  # palette entry 0, marked transparent: the top-left block
+    pal = PIL.Image.fromarray(indices, mode="P")
+    pal.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tolist())
+    pal.save(src / "pal.png", transparency=0)
+    PIL.Image.fromarray(rgb).save(src / "plain.png")
+
+    for mode in ("keep", "drop"):
+        out = tmp_path / mode
+        assert run_cli("-i", src, "-o", out, "-n", flax_pipe_dir, "--alpha", mode, *COMMON) == 0
+        assert read_report(out)["settings"]["alpha"] == mode
+    entries = {os.path.basename(e["input"]): e for e in read_report(tmp_path / "keep")["done"]}
+    assert entries["rgba.png"]["alpha"] == entries["pal.png"]["alpha"] == "kept"
+    assert "alpha" not in entries["plain.png"]
+    opened = {}
+    for mode in ("keep", "drop"):
+        for name in ("rgba", "pal", "plain"):
+            with PIL.Image.open(tmp_path / mode / f"{name}.png") as im:
+                assert im.size == (192, 128)
+                opened[mode, name] = (im.mode, np.asarray(im))
+    for name in ("rgba", "pal", "plain"):
+        assert opened["drop", name][0] == "RGB"
+        kept_mode, kept = opened["keep", name]
+        assert kept_mode == ("RGB" if name == "plain" else "RGBA")
+        # the colours are the model's, untouched by the transparency beside them
+        np.testing.assert_array_equal(kept[..., :3], opened["drop", name][1])
+    a = opened["keep", "rgba"][1][..., 3].astype(int)
+    # 2x bicubic reaches 4 output pixels either side of the edge at x = 96
+    assert (a[:, :92] == 0).all() and (a[:, 100:] == 255).all()
+    assert (np.diff(a, axis=1) >= 0).all()
+    p = opened["keep", "pal"][1][..., 3]
+    assert (p[:60, :60] == 0).all() and (p[68:] == 255).all() and (p[:, 68:] == 255).all()
+
+    out = tmp_path / "jpg"
+    assert (
+        run_cli("-i", src / "rgba.png", "-o", out, "-n", flax_pipe_dir, "--ext", "jpg", *COMMON)
+        == 0
+    )
+    (entry,) = read_report(out)["done"]
+    assert entry["alpha"] == "dropped: JPG holds no transparency"
+    with PIL.Image.open(out / "rgba.jpg") as im:
+        assert im.mode == "RGB" and im.size == (192, 128)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -80,6 +81,55 @@ def test_convert_bin_pickles_and_bfloat16(torch_pipe_dir, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     err = np.max(np.abs(_run(pipe) - _run(ref)))
     assert err < 5e-2, f"bfloat16-stored weights moved the picture by {err:.3g}"
+
+
+def test_convert_sharded_bin_pickles(torch_pipe_dir, tmp_path):
+    """A component saved as sharded torch pickles (``NAME.bin.index[.VARIANT].json`` beside
+    its shards) converts to exactly the weights of its safetensors."""
+    from diffusers import UNet2DConditionModel
+
+    from flax_latentup.weights import TensorFile
+
+    src = tmp_path / "sharded"
+    shutil.copytree(torch_pipe_dir, src)
+    unet = UNet2DConditionModel.from_pretrained(torch_pipe_dir, subfolder="unet")
+    os.remove(src / "unet" / "diffusion_pytorch_model.safetensors")
+    unet.save_pretrained(src / "unet", safe_serialization=False, max_shard_size="200KB")
+    unet.save_pretrained(
+        src / "unet", safe_serialization=False, max_shard_size="200KB", variant="fp16"
+    )
+    names = os.listdir(src / "unet")
+    assert "diffusion_pytorch_model.bin.index.json" in names
+    assert "diffusion_pytorch_model.bin.index.fp16.json" in names
+    assert sum(n.endswith(".bin") for n in names) > 4  # the shards of both
+
+    want = load_file(os.path.join(torch_pipe_dir, "unet", "diffusion_pytorch_model.safetensors"))
+    names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+    for variant in (None, "fp16"):
+        got = convert_checkpoint.read_torch_weights(str(src / "unet"), names, variant)
+        assert sorted(got) == sorted(want)
+        for key, value in want.items():
+            np.testing.assert_array_equal(got[key], value.numpy(), err_msg=key)
+
+    dst = tmp_path / "flax"
+    assert convert_checkpoint.main([str(src), str(dst)]) == 0
+    converted = TensorFile(dst / "unet" / "flax_model.safetensors")
+    direct = tmp_path / "direct"
+    FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(torch_pipe_dir).save_pretrained(direct)
+    expected = TensorFile(direct / "unet" / "flax_model.safetensors")
+    assert sorted(converted) == sorted(expected)
+    for key in expected:
+        np.testing.assert_array_equal(converted[key], expected[key], err_msg=key)
+
+    # a shard without a tensor its index puts there
+    index = src / "unet" / "diffusion_pytorch_model.bin.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    key, shard = next(iter(weight_map.items()))
+    state = torch.load(src / "unet" / shard, weights_only=True)
+    del state[key]
+    torch.save(state, src / "unet" / shard)
+    with pytest.raises(convert_checkpoint.ConversionError, match=f"lacks 1 tensor.*{key}"):
+        convert_checkpoint.read_torch_weights(str(src / "unet"), names)
 
 
 def test_convert_refuses_to_overwrite(torch_pipe_dir, tmp_path, capsys):
@@ -259,8 +309,6 @@ def test_weight_variants_load(torch_pipe_dir, tmp_path):
 
 
 def test_malformed_shard_index_and_pickle(tmp_path):
-    import json
-
     from flax_latentup import WeightsError
     from flax_latentup.weights import open_weights
 
@@ -275,8 +323,6 @@ def test_malformed_shard_index_and_pickle(tmp_path):
 def test_saved_configs_keep_every_source_entry(torch_pipe_dir, tmp_path):
     """A converted folder's config.json files hold every entry of the torch ones, with the
     same values (entries the port does not use are carried along, not dropped)."""
-    import json
-
     pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(torch_pipe_dir)
     pipe.save_pretrained(tmp_path / "flax")
     for part in ("text_encoder", "vae", "unet"):
