@@ -221,30 +221,28 @@ fi
 PACKER=$!
 trap 'kill "$PACKER" 2> /dev/null; rm -rf "$LOGS" "$WORK"' EXIT
 
+# a line of the steps' log, shown and kept
+say() { echo "### $*" | tee -a "$LOGS/steps.log"; }
+
 status=0
 for step in "${steps[@]}"; do
     budget_left="$(left)"
     if [ "$budget_left" -lt 30 ]; then
-        echo "### $step not started: $budget_left s left of GPU_RUN_BUDGET=$BUDGET" \
-            | tee -a "$LOGS/steps.log"
+        say "$step not started: $budget_left s left of GPU_RUN_BUDGET=$BUDGET"
         status=1
         continue
     fi
-    echo "### $step (at $((SECONDS - START)) s, up to $budget_left s)" | tee -a "$LOGS/steps.log"
+    say "$step (at $((SECONDS - START)) s, up to $budget_left s)"
     step_start=$SECONDS
     "step_$step"
     code=$?
     took=$((SECONDS - step_start))
-    if [ "$code" -eq 0 ]; then
-        echo "### $step done in $took s" | tee -a "$LOGS/steps.log"
-    elif [ "$code" -eq 124 ]; then
-        echo "### $step timed out after $took s (its limit: what was left of the budget)" \
-            | tee -a "$LOGS/steps.log"
-        status=1
-    else
-        echo "### $step failed (exit status $code) after $took s" | tee -a "$LOGS/steps.log"
-        status=1
-    fi
+    case "$code" in
+        0) say "$step done in $took s" ;;
+        124) say "$step timed out after $took s (its limit: what was left of the budget)" ;;
+        *) say "$step failed (exit status $code) after $took s" ;;
+    esac
+    [ "$code" -eq 0 ] || status=1
     pack
 done
 kill "$PACKER" 2> /dev/null

@@ -98,7 +98,7 @@ def component_folder(weights: str, part: str, tmp_path) -> tuple[torch.nn.Module
         from transformers import CLIPTextModel
 
         cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
-        model = cls[part].from_pretrained(REAL_MODEL, subfolder=part, torch_dtype=torch.float32)
+        model = cls[part].from_pretrained(REAL_MODEL, subfolder=part, dtype=torch.float32)
         return model.eval().cuda(), REAL_MODEL, part
     if part == "unet":
         model = helpers.make_unet(seed=30, **helpers.SD_X2_UNET)
@@ -256,7 +256,7 @@ def pipeline_case(pipeline_folder):
     try:
         for dtype in (torch.float32, torch.bfloat16):
             pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(
-                pipeline_folder, torch_dtype=dtype
+                pipeline_folder, dtype=dtype
             ).to("cuda")
             pipe.set_progress_bar_config(disable=True)
             with torch.no_grad():

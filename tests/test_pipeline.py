@@ -432,7 +432,7 @@ def test_variant_saved_beside_the_pipeline(torch_pipe, pipe_dir, flax_pipe, tmp_
     fp16.save_pretrained(folder, torch_layout=True, variant="fp16")
     for variant, dtype in ((None, torch.float32), ("fp16", torch.float16)):
         loaded = StableDiffusionLatentUpscalePipeline.from_pretrained(
-            str(folder), variant=variant, torch_dtype=dtype
+            str(folder), variant=variant, dtype=dtype
         )
         for part in ("text_encoder", "vae", "unet"):
             helpers.assert_same_state_dict(
