@@ -66,21 +66,18 @@ for setting in "GPU_RUN_BUDGET=$BUDGET" "STEP_TIMEOUT=$STEP_TIMEOUT"; do
 done
 OUT="${OUT:-./out}"
 PYTHON="${PYTHON:-python3}"
+LOGS="$(mktemp -d -t flax-latentup-gpu-logs-XXXXXX)" # packed into $OUT
+WORK="$(mktemp -d -t flax-latentup-gpu-work-XXXXXX)" # not packed: wheels, pictures, a model
 if [ "$PLATFORM" = cpu ]; then
     # the script's own check: the test suite's tiny configs, float32, torch eager on the CPU
     WORKLOAD=(--device cpu --tiny --steps 2 --guidance 6 --repeats 1 --unet-repeats 1)
     BENCH_VARIANTS=(--dtype float32 --torch eager)
+    MODEL_DIR="${BENCH_MODEL:-$WORK/model}"
 else
     WORKLOAD=(--device gpu --batch 8 --latent 64 --steps 20 --guidance 7.5)
     BENCH_VARIANTS=(--dtype bfloat16 --torch-dtype float16 --torch eager compile
         --torch-compile-mode "${TORCH_COMPILE_MODE:-default}"
         --compile-timeout "${TORCH_COMPILE_TIMEOUT:-300}" --repeats 3 --unet-repeats 5)
-fi
-LOGS="$(mktemp -d -t flax-latentup-gpu-logs-XXXXXX)" # packed into $OUT
-WORK="$(mktemp -d -t flax-latentup-gpu-work-XXXXXX)" # not packed: wheels, pictures, a model
-if [ "$PLATFORM" = cpu ]; then
-    MODEL_DIR="${BENCH_MODEL:-$WORK/model}"
-else
     MODEL_DIR="${FLAX_LATENTUP_REAL_MODEL:-${BENCH_MODEL:-/tmp/flax_latentup_bench_model}}"
 fi
 mkdir -p "$OUT"

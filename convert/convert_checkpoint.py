@@ -7,11 +7,12 @@ Usage::
 
 SRC is a diffusers-layout folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``) holding safetensors or ``.bin`` torch pickles (read with
-``torch.load(weights_only=True)``; either may be sharded, with its ``.index.json``), a folder this package saved (Flax weights), or a hub repo
-id. DST receives the same layout with ``flax_model.safetensors`` weights, loadable by
+``torch.load(weights_only=True)``; either may be sharded, with its ``.index.json``), a folder
+this package saved (Flax weights), or a hub repo id. DST receives the same layout with
+``flax_model.safetensors`` weights, loadable by
 ``FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(DST)`` without torch, or with
-``--layout torch`` the torch checkpoints diffusers loads (``.bin`` to safetensors, Flax back to
-torch). ``--variant`` writes the weights as that variant (``NAME.fp16.safetensors``) beside
+``--layout torch`` the torch checkpoints diffusers loads (``.bin`` to safetensors, Flax back
+to torch). ``--variant`` writes the weights as that variant (``NAME.fp16.safetensors``) beside
 the pipeline DST holds; ``--source-variant`` reads SRC's. ``--verify`` runs each torch
 component (DST's in the torch layout, else SRC's) and its Flax counterpart on one random input
 and prints the largest difference.
