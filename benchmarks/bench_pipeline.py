@@ -386,7 +386,11 @@ def worker_torch(spec: dict) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     base_rss = peak_rss_gib()
     start = time.perf_counter()
-    pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(spec["model"], torch_dtype=dtype)
+    # diffusers names the argument `dtype` where it has `_resolve_dtype`, `torch_dtype` before
+    from diffusers.utils import deprecation_utils
+
+    dtype_arg = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(spec["model"], **{dtype_arg: dtype})
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     processors = sorted({type(p).__name__ for p in pipe.unet.attn_processors.values()})

@@ -309,7 +309,12 @@ def read_alpha(path: str, size: tuple[int, int]):
             return None
         orientation = _orientation(im)
         im.load()
-        alpha = im.convert("RGBA").getchannel("A")
+        if im.mode.startswith("I") and "transparency" in im.info:
+            # 16-bit grey: Pillow's RGBA conversion clips to 8 bits first and loses the value
+            opaque = np.asarray(im) != im.info["transparency"]
+            alpha = PIL.Image.fromarray(np.where(opaque, 255, 0).astype(np.uint8))
+        else:
+            alpha = im.convert("RGBA").getchannel("A")
     if orientation != 1:
         alpha = alpha.transpose(getattr(PIL.Image.Transpose, _ORIENT[orientation]))
     if alpha.size != (size[1], size[0]):

@@ -188,6 +188,18 @@ def _scheduler_config(scheduler: Any) -> tuple[EulerSchedulerConfig, dict[str, A
     return EulerSchedulerConfig.from_dict(config), config
 
 
+def save_tokenizer(tokenizer: Any, folder: str) -> None:
+    """``tokenizer.save_pretrained(folder)``, plus the BPE's ``vocab.json`` and ``merges.txt``
+    where that wrote ``tokenizer.json`` alone (transformers 5 does): the hub repo's files, which
+    transformers 4's ``CLIPTokenizer`` needs to load the folder."""
+    tokenizer.save_pretrained(folder)
+    if {"vocab.json", "merges.txt"} <= set(os.listdir(folder)):
+        return
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    if type(model).__name__ == "BPE":
+        model.save(folder)
+
+
 def check_pipeline_folder(folder: str, skip: Sequence[str] = ()) -> None:
     """FileNotFoundError unless ``folder`` has the pipeline's subfolders (those in ``skip``
     aside: components given otherwise) and a tokenizer's files (an empty ``tokenizer/`` would
@@ -879,7 +891,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
                 )
             tokenizer = os.path.join(tmp, "tokenizer")
             if not (os.path.isdir(tokenizer) and os.listdir(tokenizer)):
-                self.tokenizer.save_pretrained(tokenizer)
+                save_tokenizer(self.tokenizer, tokenizer)
             scheduler = os.path.join(tmp, "scheduler", "scheduler_config.json")
             if not os.path.isfile(scheduler):
                 os.makedirs(os.path.dirname(scheduler), exist_ok=True)

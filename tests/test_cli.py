@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from flax_latentup.cli import main
+from flax_latentup.cli import main, read_alpha
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -585,6 +585,23 @@ def test_sixteen_bit_grey_pictures_keep_their_tones(tmp_path):
     want = np.round(grey / 257.0)
     for c in range(3):
         np.testing.assert_array_equal(arr[..., c], want)
+
+
+@pytest.mark.parametrize("value", [0, 1234, 65535])
+def test_alpha_of_16_bit_grey_with_a_transparent_value(tmp_path, value):
+    """A 16-bit grey PNG marks one 16-bit value transparent (tRNS): exactly the pixels of that
+    value are transparent, whatever other values clip to in 8 bits."""
+    grey = np.full((32, 48), 40000, np.uint16)
+    grey[:16, :16] = value
+    grey[16:, :8] = value + 1 if value < 65535 else value - 1  # a neighbour value stays opaque
+    PIL.Image.fromarray(grey).save(tmp_path / "g.png", transparency=value)
+    with PIL.Image.open(tmp_path / "g.png") as im:
+        assert im.mode.startswith("I") and im.info["transparency"] == value
+    want = np.where(grey == value, 0, 255)
+    np.testing.assert_array_equal(read_alpha(str(tmp_path / "g.png"), (32, 48)), want)
+    double = read_alpha(str(tmp_path / "g.png"), (64, 96)).astype(int)
+    assert (double[:28, :28] == 0).all() and (double[36:] == 255).all()
+    assert (double[:, 36:] == 255).all()
 
 
 def test_transparency_is_kept_beside_the_upscale(flax_pipe_dir, tmp_path):

@@ -16,6 +16,7 @@ import PIL.Image
 import pytest
 import torch
 from flax import nnx
+from transformers import CLIPTokenizer
 
 from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
 from flax_latentup.models.conv import conv_config
@@ -325,6 +326,14 @@ def test_save_and_reload(flax_pipe, tmp_path):
     kw = two_step_call(seed=70)
     np.testing.assert_array_equal(flax_pipe(**kw).images, again(**kw).images)
     assert again.scheduler_config == flax_pipe.scheduler_config
+    # the hub's tokenizer files are written too (transformers 4 loads the folder from them)
+    tok = tmp_path / "flax" / "tokenizer"
+    from_files = CLIPTokenizer(str(tok / "vocab.json"), str(tok / "merges.txt"))
+    np.testing.assert_array_equal(
+        helpers.tokenize(from_files, helpers.PROMPTS),
+        helpers.tokenize(again.tokenizer, helpers.PROMPTS),
+    )
+    assert from_files.get_vocab() == flax_pipe.tokenizer.get_vocab()
 
 
 def test_torch_layout_save_goes_back_to_diffusers(torch_pipe, flax_pipe, tmp_path):
