@@ -244,6 +244,7 @@ def convert(
         check_pipeline_folder,
         check_variant_folder,
     )
+    from flax_latentup.sampling import EulerSchedulerConfig
     from flax_latentup.weights import FLAX_WEIGHTS_NAME, open_weights
 
     if dtype not in DTYPES:
@@ -279,8 +280,17 @@ def convert(
                 "--verify compares with torch: SRC holds Flax weights, so write DST in the "
                 "torch layout (--layout torch) to verify"
             )
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    scheduler = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     if variant is not None:
-        check_variant_folder(dst, configs, layout == "torch", variant)
+        check_variant_folder(
+            dst,
+            configs,
+            layout == "torch",
+            variant,
+            scheduler=EulerSchedulerConfig.from_dict(scheduler),
+            tokenizer=tokenizer,
+        )
     param_dtype = jnp.dtype(dtype)
     models = {}
     for part, cls in MODEL_CLASSES.items():
@@ -296,8 +306,6 @@ def convert(
             param_dtype=param_dtype,
             source=sub,
         )
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-    scheduler = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     pipe = FlaxStableDiffusionLatentUpscalePipeline(
         models["text_encoder"], models["vae"], models["unet"], tokenizer, scheduler
     )

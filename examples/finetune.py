@@ -35,8 +35,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
+from flax_latentup.cli import IMAGE_EXTS
 from flax_latentup.files import check_save_folder
-from flax_latentup.pipeline import pil_to_rgb
+from flax_latentup.pipeline import check_picture_mode, pil_to_rgb
 from flax_latentup.training import (
     SEED_LIMIT,
     NonFiniteError,
@@ -48,7 +49,6 @@ from flax_latentup.training import (
     make_latents,
 )
 
-EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LISTED = 10  # bad files named in a message (then a count)
 
 # the flag of each setting a resumed run must keep
@@ -120,10 +120,10 @@ def list_pictures(folder: str) -> list[str]:
     paths = sorted(
         os.path.join(folder, f)
         for f in os.listdir(folder)
-        if f.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(folder, f))
+        if f.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(folder, f))
     )
     if not paths:
-        raise SystemExit(f"no pictures ({', '.join(EXTENSIONS)}) in {folder}")
+        raise SystemExit(f"no pictures ({', '.join(IMAGE_EXTS)}) in {folder}")
     return paths
 
 
@@ -148,6 +148,7 @@ def scan_pictures(paths: list[str], resolution: int) -> tuple[list[str], list[st
     for path in paths:
         try:
             with Image.open(path) as im:
+                check_picture_mode(im)
                 w, h = im.size
             if min(w, h) < resolution:
                 small.append(path)

@@ -28,7 +28,8 @@ from typing import Any
 from flax_latentup import __version__, files
 from flax_latentup.files import TMP_PREFIX, temporary_prefix  # noqa: F401 (re-exported)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_KINDS = "PNG/JPEG/WebP/BMP/TIFF/GIF"  # IMAGE_EXTS, as messages name them
 LATENT_EXTS = (".npy",)
 OUT_EXTS = ("png", "jpg", "webp")
 ALPHA_EXTS = ("png", "webp")  # output formats that hold transparency
@@ -95,14 +96,14 @@ def collect_inputs(inputs: Sequence[str], recursive: bool) -> list[Item]:
             found = sorted(p for p in _folder_files(spec, recursive) if _is_input(p))
             if not found:
                 hint = "" if recursive else " (use -r to search sub-folders)"
-                raise UsageError(f"input folder {spec!r} holds no PNG/JPEG/WebP/.npy files{hint}")
+                raise UsageError(f"input folder {spec!r} holds no {IMAGE_KINDS}/.npy files{hint}")
             for p in found:
                 rel = os.path.splitext(os.path.relpath(p, spec))[0]
                 items.setdefault(os.path.realpath(p), Item(src=p, rel=rel))
         elif os.path.isfile(spec):
             if not _is_input(spec):
                 raise UsageError(
-                    f"input {spec!r} is not a PNG/JPEG/WebP picture or .npy latents file"
+                    f"input {spec!r} is not a {IMAGE_KINDS} picture or .npy latents file"
                 )
             items.setdefault(
                 os.path.realpath(spec),
@@ -115,7 +116,7 @@ def collect_inputs(inputs: Sequence[str], recursive: bool) -> list[Item]:
                 if os.path.isfile(p) and _is_input(p)
             )
             if not found:
-                raise UsageError(f"pattern {spec!r} matches no PNG/JPEG/WebP/.npy files")
+                raise UsageError(f"pattern {spec!r} matches no {IMAGE_KINDS}/.npy files")
             for p in found:
                 items.setdefault(
                     os.path.realpath(p), Item(src=p, rel=os.path.splitext(os.path.basename(p))[0])
@@ -244,21 +245,29 @@ def read_text(path: str) -> str:
         return f.read().strip()
 
 
-def probe_input(path: str, nchw: bool, latent_channels: int = 4) -> tuple[str, tuple[int, ...]]:
-    """``(kind, shape)`` of an input from its header only (the pixels are not decoded):
-    ``("pixels", (H, W, 3))`` or ``("latents", (h, w, C))``. Raises for unreadable files."""
+def probe_input(
+    path: str, nchw: bool, latent_channels: int = 4
+) -> tuple[str, tuple[int, ...], int]:
+    """``(kind, shape, frames)`` of an input from its header only (the pixels are not
+    decoded): ``("pixels", (H, W, 3), frames)`` (an animation's or a multi-page file's
+    ``frames``: the first is the one upscaled) or ``("latents", (h, w, C), 1)``. Raises for
+    unreadable files and pictures :func:`~flax_latentup.pipeline.pil_to_rgb` refuses."""
     import numpy as np
 
     if path.lower().endswith(LATENT_EXTS):
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        return "latents", _latent_shape(arr.shape, arr.dtype, nchw, latent_channels)
+        return "latents", _latent_shape(arr.shape, arr.dtype, nchw, latent_channels), 1
     import PIL.Image
 
+    from flax_latentup.pipeline import check_picture_mode
+
     with PIL.Image.open(path) as im:
+        check_picture_mode(im)
         w, h = im.size
         if _orientation(im) >= 5:  # stored on its side
             w, h = h, w
-    return "pixels", (h, w, 3)
+        frames = getattr(im, "n_frames", 1)
+    return "pixels", (h, w, 3), frames
 
 
 def read_input(path: str, nchw: bool, latent_channels: int = 4):
@@ -644,7 +653,7 @@ def scan_inputs(items: list[Item], nchw: bool, prompt: str) -> tuple[dict, list[
     failed: list[dict] = []
     for item in items:
         try:
-            kind, shape = probe_input(item.src, nchw)
+            kind, shape, frames = probe_input(item.src, nchw)
         except Exception as e:  # unreadable or corrupt input: report and go on
             failed.append({"input": item.src, "reason": f"cannot read: {e}"})
             continue
@@ -655,7 +664,10 @@ def scan_inputs(items: list[Item], nchw: bool, prompt: str) -> tuple[dict, list[
             failed.append({"input": item.src, "reason": str(e)})
             continue
         item.kind, item.shape = kind, (nh, nw, shape[2])
-        item.note = None if (nh, nw) == (h, w) else f"resized from {w}x{h} to {nw}x{nh}"
+        notes = [f"the first of {frames} frames"] if frames > 1 else []
+        if (nh, nw) != (h, w):
+            notes.append(f"resized from {w}x{h} to {nw}x{nh}")
+        item.note = "; ".join(notes) or None
         sidecar = os.path.splitext(item.src)[0] + ".txt"
         item.prompt = prompt
         if os.path.isfile(sidecar):
@@ -987,7 +999,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser(
         "upscale",
         help="upscale pictures or latents 2x",
-        description="Upscale pictures (PNG/JPEG/WebP) or .npy low-res latents 2x.",
+        description=f"Upscale pictures ({IMAGE_KINDS}) or .npy low-res latents 2x.",
     )
     add_upscale_args(up)
     sub.add_parser(

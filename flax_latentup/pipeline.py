@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from flax_latentup import hub
 from flax_latentup.configs import check_components
 from flax_latentup.models.base import (
+    VARIANT_BESIDE,
     check_no_flax_weights,
     check_same_config,
     read_json,
@@ -219,12 +220,20 @@ def check_pipeline_folder(folder: str, skip: Sequence[str] = ()) -> None:
 
 
 def check_variant_folder(
-    path: str | os.PathLike, configs: Mapping[str, Any], torch_layout: bool, variant: str
+    path: str | os.PathLike,
+    configs: Mapping[str, Any],
+    torch_layout: bool,
+    variant: str,
+    *,
+    scheduler: EulerSchedulerConfig | None = None,
+    tokenizer: Any = None,
 ) -> list[str]:
     """The pipeline entries of ``path`` that a save of the weights ``variant`` of models with
     ``configs`` (by part) keeps; a ValueError (FileExistsError for a Flax file in the way of a
-    torch one) if ``path`` holds a pipeline of another layout or other models. Reads only the
-    folder's ``model_index.json`` and configs."""
+    torch one) if ``path`` holds a pipeline of another layout or other models, or (where they
+    are given) another ``scheduler`` config or a ``tokenizer`` of another vocabulary: the kept
+    ones would load with the variant. Reads only the folder's ``model_index.json``, configs
+    and tokenizer."""
     from flax_latentup.files import check_save_folder
 
     real = check_save_folder(path)
@@ -245,6 +254,20 @@ def check_variant_folder(
             check_no_flax_weights(folder, variant)
         if os.path.isfile(os.path.join(folder, "config.json")):
             check_same_config(folder, configs[part])
+    folder = os.path.join(real, "scheduler")
+    if scheduler is not None and os.path.isfile(os.path.join(folder, "scheduler_config.json")):
+        check_same_config(folder, scheduler, "scheduler_config.json", "scheduler")
+    folder = os.path.join(real, "tokenizer")
+    if tokenizer is not None and "tokenizer" in kept:
+        from transformers import CLIPTokenizer
+
+        check_pipeline_folder(real, skip=[p for p in PIPELINE_PARTS if p != "tokenizer"])
+        theirs = CLIPTokenizer.from_pretrained(folder)
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(
+                f"{folder} holds another tokenizer: its vocabulary differs from this "
+                f"pipeline's. {VARIANT_BESIDE}"
+            )
     return kept
 
 
@@ -440,12 +463,25 @@ def _torch_to_numpy(x: Any) -> np.ndarray:
     return x.detach().to("cpu").float().numpy()
 
 
+def check_picture_mode(img, name: str | None = None) -> None:
+    """ValueError (naming the argument ``name`` if given) for a PIL picture whose pixels
+    :func:`pil_to_rgb` cannot read as colours: floating-point ones (mode ``F``), which hold no
+    agreed range (Pillow would clip them)."""
+    if img.mode == "F":
+        raise ValueError(
+            f"{name + ': ' if name else ''}32-bit floating-point pictures (PIL mode F) are not "
+            "supported, as their range is unknown: give 8- or 16-bit pictures, or arrays in [0, 1]"
+        )
+
+
 def pil_to_rgb(img):
     """``img`` as an 8-bit RGB PIL image. 16-bit grey pictures (modes ``I;16``/``I``) are
     scaled to 8 bits: Pillow's own conversion clips them at 255, turning most of them white.
-    Alpha is dropped, as diffusers' ``load_image`` drops it."""
+    Alpha is dropped, as diffusers' ``load_image`` drops it. Floating-point pictures (mode
+    ``F``) raise a ValueError (:func:`check_picture_mode`)."""
     import PIL.Image
 
+    check_picture_mode(img)
     if img.mode.startswith("I"):
         grey = np.asarray(img, dtype=np.float64) / 257.0
         img = PIL.Image.fromarray(np.clip(grey, 0, 255).round().astype(np.uint8))
@@ -453,6 +489,7 @@ def pil_to_rgb(img):
 
 
 def _pil_to_array(img) -> np.ndarray:
+    check_picture_mode(img, "image")
     return np.asarray(pil_to_rgb(img), dtype=np.uint8)
 
 
@@ -848,7 +885,8 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         variant="bf16")``. A variant is another copy of the same pipeline, saved beside it:
         what ``path`` already holds (the plain weights, other variants, configs, tokenizer,
         scheduler, ``model_index.json``) is kept, and must be a pipeline of the same layout
-        whose configs describe these models (else ValueError, nothing written).
+        whose configs describe these models, with this pipeline's scheduler config and
+        tokenizer vocabulary, which load with the variant (else ValueError, nothing written).
 
         Its five subfolders and ``model_index.json`` are written beside ``path`` first and put
         in place at the end, each replacing the entry of that name; other content of ``path``
@@ -879,7 +917,16 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         }
         entries = (*PIPELINE_PARTS, "model_index.json")
         configs = {part: getattr(self, part).config for part in MODEL_CLASSES}
-        kept = check_variant_folder(path, configs, torch_layout, variant) if variant else ()
+        kept = ()
+        if variant:
+            kept = check_variant_folder(
+                path,
+                configs,
+                torch_layout,
+                variant,
+                scheduler=self.scheduler_config,
+                tokenizer=self.tokenizer,
+            )
         with staged_entries(path, entries) as tmp:
             for entry in kept:  # carried over as they are, less this variant's weights
                 model = MODEL_CLASSES.get(entry)

@@ -106,7 +106,11 @@ def test_gpu_run_starts_no_step_past_its_budget(tmp_path):
             {"GPU_RUN_BUDGET": "9m"},
             "GPU_RUN_BUDGET must be a whole number of seconds, got '9m'",
         ),
-        (["env"], {"STEP_TIMEOUT": "ten"}, "STEP_TIMEOUT must be a whole number of seconds, got 'ten'"),
+        (
+            ["env"],
+            {"STEP_TIMEOUT": "ten"},
+            "STEP_TIMEOUT must be a whole number of seconds, got 'ten'",
+        ),
     ],
 )
 def test_gpu_run_script_checks_its_arguments_first(tmp_path, steps, settings, message):

@@ -211,7 +211,7 @@ def test_killed_run_resumes_byte_identical(flax_pipe_dir, tmp_path):
     "argv,message",
     [
         (["-i", "{tmp}/missing.png", "-o", "{tmp}/o"], "input not found"),
-        (["-i", "{tmp}/empty", "-o", "{tmp}/o"], "holds no PNG/JPEG/WebP/.npy files"),
+        (["-i", "{tmp}/empty", "-o", "{tmp}/o"], "holds no PNG/JPEG/WebP/BMP/TIFF/GIF/.npy files"),
         (["-i", "{tmp}/in", "-o", "{tmp}/in/out", "-r"], "inside input folder"),
         (["-i", "{tmp}/in", "-o", "{tmp}/in/a.png/x"], "not writable"),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "-n", "{tmp}/no-such-model"], "--model"),
@@ -585,6 +585,45 @@ def test_sixteen_bit_grey_pictures_keep_their_tones(tmp_path):
     want = np.round(grey / 257.0)
     for c in range(3):
         np.testing.assert_array_equal(arr[..., c], want)
+
+
+def test_bmp_tiff_gif_inputs_upscale_as_their_first_frame(flax_pipe_dir, tmp_path):
+    """BMP, TIFF and GIF pictures upscale exactly as PNGs of the same pixels (same names, so
+    same seeds); of an animated GIF or a multi-page TIFF the first frame, which the report
+    notes. A 32-bit float TIFF fails alone, saying why."""
+    rng = np.random.default_rng(11)
+    pics = [
+        PIL.Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)) for _ in range(3)
+    ]
+    ref, new = tmp_path / "ref", tmp_path / "new"
+    ref.mkdir()
+    new.mkdir()
+    pics[0].save(new / "a.bmp")
+    pics[0].save(new / "b.tif", save_all=True, append_images=pics[1:2])  # two pages
+    pics[1].save(new / "c.gif", save_all=True, append_images=pics[2:], duration=100)
+    PIL.Image.fromarray(rng.random((64, 96), dtype=np.float32), mode="F").save(new / "f.tif")
+    pics[0].save(ref / "a.png")
+    pics[0].save(ref / "b.png")
+    with PIL.Image.open(new / "c.gif") as gif:  # the GIF's first frame, palette-quantized
+        assert gif.n_frames == 2
+        gif.convert("RGB").save(ref / "c.png")
+
+    assert run_cli("-i", new, "-o", tmp_path / "out_new", "-n", flax_pipe_dir, *COMMON) == 1
+    assert run_cli("-i", ref, "-o", tmp_path / "out_ref", "-n", flax_pipe_dir, *COMMON) == 0
+    report = read_report(tmp_path / "out_new")
+    notes = {os.path.basename(e["input"]): e.get("note") for e in report["done"]}
+    assert notes == {
+        "a.bmp": None,
+        "b.tif": "the first of 2 frames",
+        "c.gif": "the first of 2 frames",
+    }
+    (failed,) = report["failed"]
+    assert os.path.basename(failed["input"]) == "f.tif" and "PIL mode F" in failed["reason"]
+    for name in "abc":
+        with PIL.Image.open(tmp_path / "out_new" / f"{name}.png") as got:
+            with PIL.Image.open(tmp_path / "out_ref" / f"{name}.png") as want:
+                assert got.size == (192, 128)
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("value", [0, 1234, 65535])

@@ -394,9 +394,16 @@ def test_convert_layouts_and_variants(torch_pipe_dir, flax_pipe_dir, tmp_path, c
     assert not np.array_equal(got, want.unet.conv_in.weight.detach().numpy())
 
     # refused before any weights are read, nothing written
+    resched = tmp_path / "resched"  # the source pipeline with another schedule
+    shutil.copytree(flax_pipe_dir, resched)
+    config = json.loads((resched / "scheduler" / "scheduler_config.json").read_text())
+    (resched / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(config | {"timestep_spacing": "trailing"})
+    )
     capsys.readouterr()
     before = _files(tmp_path)
     refusals = [
+        ([str(resched), str(half), "--variant", "bf16"], "holds another scheduler"),
         ([flax_pipe_dir, str(tmp_path / "x"), "--verify"], "--verify compares with torch"),
         ([torch_pipe_dir, str(back), "--variant", "bf16"], "Flax-layout variant 'bf16' belongs"),
         ([torch_pipe_dir, str(half), "--variant", "../x"], "--variant: variant must be"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -460,6 +461,20 @@ def test_variant_saved_beside_the_pipeline(torch_pipe, pipe_dir, flax_pipe, tmp_
         half.unet.save_pretrained(tmp_path / "flax" / "vae", variant="bf16")
     with pytest.raises(FileExistsError, match="flax_model.bf16.safetensors"):
         half.unet.save_pretrained(tmp_path / "flax" / "unet", torch_layout=True, variant="bf16")
+    # the folder's scheduler and tokenizer would load with the variant: they must be its own
+    spacing = dataclasses.replace(half.scheduler_config, timestep_spacing="trailing")
+    other = FlaxStableDiffusionLatentUpscalePipeline(
+        **{**half.components, "scheduler_config": spacing}
+    )
+    with pytest.raises(
+        ValueError, match="scheduler holds another scheduler: .* differs .* in timestep_spacing"
+    ):
+        other.save_pretrained(tmp_path / "flax", variant="bf16")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path / "flax" / "tokenizer"))
+    tokenizer.add_tokens(["zebra"])
+    other = FlaxStableDiffusionLatentUpscalePipeline(**{**half.components, "tokenizer": tokenizer})
+    with pytest.raises(ValueError, match="tokenizer holds another tokenizer: its vocabulary"):
+        other.save_pretrained(tmp_path / "flax", variant="bf16")
     assert file_ids(tmp_path) == before
     mixed = tmp_path / "mixed" / "unet"
     mixed.mkdir(parents=True)
@@ -935,6 +950,13 @@ def test_mixed_list_converts_pictures_to_rgb():
     arr, kind = prepare_image([PIL.Image.fromarray(rgba, "RGBA"), rgb])
     assert kind == "pixels" and arr.shape == (2, 64, 64, 3)
     np.testing.assert_array_equal(arr[0], arr[1])
+    # a float picture has no agreed range: refused by name, not clipped by Pillow
+    floats = PIL.Image.fromarray(rgb[..., 0].astype(np.float32) / 255, "F")
+    for given in (floats, [floats], [floats, rgb]):
+        with pytest.raises(
+            ValueError, match=r"^image: 32-bit floating-point pictures \(PIL mode F\)"
+        ):
+            prepare_image(given)
 
 
 def test_float_pictures_follow_diffusers():

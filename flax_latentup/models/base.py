@@ -30,7 +30,7 @@ from flax_latentup.weights import (
 M = TypeVar("M", bound="PretrainedModel")
 
 CONFIG_NAME = "config.json"
-_VARIANT_BESIDE = (
+VARIANT_BESIDE = (
     "A weights variant is saved beside the same model: choose another folder, or save "
     "without variant= to replace that model"
 )
@@ -86,16 +86,19 @@ def check_no_flax_weights(folder: str, variant: str | None) -> None:
         )
 
 
-def check_same_config(folder: str, config: Any) -> None:
-    """ValueError unless ``folder``'s ``config.json`` describes the model of ``config`` (a
-    config dataclass): a weights variant is saved beside the same model only."""
-    path = os.path.join(folder, CONFIG_NAME)
+def check_same_config(
+    folder: str, config: Any, filename: str = CONFIG_NAME, what: str = "model"
+) -> None:
+    """ValueError unless ``folder``'s ``filename`` describes the ``what`` of ``config`` (a
+    config dataclass with ``from_dict``): a weights variant is saved beside the same model
+    only."""
+    path = os.path.join(folder, filename)
     try:
         theirs = type(config).from_dict(read_json(path))
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(
-            f"{folder} holds another model: its config.json is not this model's ({e}). "
-            f"{_VARIANT_BESIDE}"
+            f"{folder} holds another {what}: its {filename} is not this {what}'s ({e}). "
+            f"{VARIANT_BESIDE}"
         ) from None
     if theirs != config:
         fields = [
@@ -104,8 +107,8 @@ def check_same_config(folder: str, config: Any) -> None:
             if getattr(theirs, f.name) != getattr(config, f.name)
         ]
         raise ValueError(
-            f"{folder} holds another model: its config.json differs from this model's in "
-            f"{', '.join(fields)}. {_VARIANT_BESIDE}"
+            f"{folder} holds another {what}: its {filename} differs from this {what}'s in "
+            f"{', '.join(fields)}. {VARIANT_BESIDE}"
         )
 
 
