@@ -61,6 +61,7 @@ class Item:
     kind: str = ""  # "pixels" or "latents", from the file's header
     shape: tuple[int, ...] = ()  # the array's shape once fitted
     alpha: Any = None  # a picture's transparency at the output size (uint8), until written
+    icc: bytes | None = None  # a picture's RGB colour profile, until written
 
 
 def default_cache_dir() -> str:
@@ -181,10 +182,13 @@ def remove_stale_temporaries(outdir: str, process_count: int = 1) -> int:
     return n
 
 
-def atomic_save(image, path: str, ext: str) -> None:
-    """Write a PIL image to ``path`` atomically (:func:`atomic_write`)."""
+def atomic_save(image, path: str, ext: str, icc: bytes | None = None) -> None:
+    """Write a PIL image to ``path`` atomically (:func:`atomic_write`), with the ICC colour
+    profile ``icc`` if given."""
     fmt = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[ext]
-    kwargs = {"quality": 95} if ext in ("jpg", "webp") else {}
+    kwargs: dict[str, Any] = {"quality": 95} if ext in ("jpg", "webp") else {}
+    if icc:
+        kwargs["icc_profile"] = icc
     files.atomic_write(path, lambda f: image.save(f, format=fmt, **kwargs))
 
 
@@ -329,6 +333,18 @@ def read_alpha(path: str, size: tuple[int, int]):
     if alpha.size != (size[1], size[0]):
         alpha = alpha.resize((size[1], size[0]), PIL.Image.BICUBIC)
     return np.asarray(alpha, dtype=np.uint8)
+
+
+def rgb_icc_profile(path: str) -> bytes | None:
+    """The ICC profile a picture embeds, read from its header, where it describes RGB colours:
+    the upscale's colours are the input's, so they keep its profile. ``None`` for none, and
+    for a grey or CMYK profile, which the RGB output's colours no longer match."""
+    import PIL.Image
+
+    with PIL.Image.open(path) as im:
+        icc = im.info.get("icc_profile")
+    # an ICC header names its colour space in bytes 16-19
+    return icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None
 
 
 def fitted_size(h: int, w: int, kind: str) -> tuple[int, int]:
@@ -682,13 +698,16 @@ def scan_inputs(items: list[Item], nchw: bool, prompt: str) -> tuple[dict, list[
 
 def load_item(item: Item, nchw: bool, alpha: bool = False):
     """The fitted array of a scanned item; ValueError if it no longer matches its header.
-    With ``alpha``, a picture's transparency at the output size goes to ``item.alpha``."""
+    A picture's RGB colour profile goes to ``item.icc``, and with ``alpha`` its transparency
+    at the output size to ``item.alpha``."""
     arr, kind = read_input(item.src, nchw)
     arr = fit_size(arr, kind)
     if (kind, arr.shape) != (item.kind, item.shape):
         raise ValueError(f"file changed while running: now {kind} of shape {arr.shape}")
-    if alpha and kind == "pixels":
-        item.alpha = read_alpha(item.src, (2 * arr.shape[0], 2 * arr.shape[1]))
+    if kind == "pixels":
+        item.icc = rgb_icc_profile(item.src)
+        if alpha:
+            item.alpha = read_alpha(item.src, (2 * arr.shape[0], 2 * arr.shape[1]))
     return arr
 
 
@@ -837,7 +856,7 @@ def run_upscale(args: argparse.Namespace) -> int:
 
     def save(item: Item, image) -> dict:
         entry = {"input": item.src, "output": item.out, "seed": item.seed}
-        alpha, item.alpha = item.alpha, None
+        (alpha, item.alpha), (icc, item.icc) = (item.alpha, None), (item.icc, None)
         if alpha is not None and args.ext in ALPHA_EXTS:
             import PIL.Image
 
@@ -845,7 +864,7 @@ def run_upscale(args: argparse.Namespace) -> int:
             entry["alpha"] = "kept"
         elif alpha is not None:
             entry["alpha"] = f"dropped: {args.ext.upper()} holds no transparency"
-        atomic_save(image, item.out, args.ext)
+        atomic_save(image, item.out, args.ext, icc)
         if item.note:
             entry["note"] = item.note
         return entry
@@ -902,7 +921,7 @@ def run_upscale(args: argparse.Namespace) -> int:
                     ).images[: len(good)]
             except Exception as e:
                 for it, _ in good:
-                    it.alpha = None
+                    it.alpha = it.icc = None
                     report["failed"].append({"input": it.src, "reason": f"upscaling failed: {e}"})
                     bar.update(1)
                 continue

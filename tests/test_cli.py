@@ -626,6 +626,34 @@ def test_bmp_tiff_gif_inputs_upscale_as_their_first_frame(flax_pipe_dir, tmp_pat
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_rgb_colour_profile_goes_with_the_upscale(flax_pipe_dir, tmp_path):
+    """An input's embedded ICC profile of RGB colours is written into its output (PNG, JPEG):
+    the model keeps the input's colour values, so the profile still describes them. A profile
+    of other colours (here CIELAB) is not, as the output is RGB; no profile, none written."""
+    from PIL import ImageCms
+
+    rgb_icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    lab_icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    src = tmp_path / "in"
+    src.mkdir()
+    pic = PIL.Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 96, 3), np.uint8))
+    pic.save(src / "tagged.png", icc_profile=rgb_icc)
+    pic.save(src / "lab.png", icc_profile=lab_icc)
+    pic.save(src / "plain.png")
+    assert run_cli("-i", src, "-o", tmp_path / "png", "-n", flax_pipe_dir, *COMMON) == 0
+    out = tmp_path / "jpg"
+    args = ("-i", src / "tagged.png", "-o", out, "-n", flax_pipe_dir, "--ext", "jpg", *COMMON)
+    assert run_cli(*args) == 0
+    for path, want in [
+        (tmp_path / "png" / "tagged.png", rgb_icc),
+        (tmp_path / "jpg" / "tagged.jpg", rgb_icc),
+        (tmp_path / "png" / "lab.png", None),
+        (tmp_path / "png" / "plain.png", None),
+    ]:
+        with PIL.Image.open(path) as im:
+            assert im.info.get("icc_profile") == want, path
+
+
 @pytest.mark.parametrize("value", [0, 1234, 65535])
 def test_alpha_of_16_bit_grey_with_a_transparent_value(tmp_path, value):
     """A 16-bit grey PNG marks one 16-bit value transparent (tRNS): exactly the pixels of that
