@@ -274,9 +274,30 @@ def probe_input(
     return "pixels", (h, w, 3), frames
 
 
-def read_input(path: str, nchw: bool, latent_channels: int = 4):
-    """(array, kind) for a picture (uint8 HWC, turned upright by its EXIF orientation) or
-    latents (float32 HWC)."""
+@dataclasses.dataclass
+class Input:
+    """An input file's content, as :func:`read_input` reads it."""
+
+    array: Any  # uint8 [H, W, 3] pixels, upright; or float32 [h, w, C] latents
+    kind: str  # "pixels" or "latents"
+    alpha: Any = None  # a picture's transparency (uint8 [H', W'] at the size asked), if any
+    icc: bytes | None = None  # a picture's ICC profile of RGB colours, if any
+
+
+def read_input(
+    path: str,
+    nchw: bool,
+    latent_channels: int = 4,
+    *,
+    alpha_size: tuple[int, int] | None = None,
+) -> Input:
+    """Read a picture (turned upright by its EXIF orientation) or latents, decoding it once.
+
+    A picture's embedded ICC profile comes with it where it describes RGB colours (the
+    upscale's colours are the input's, so they keep it; a grey or CMYK one no longer fits
+    them). With ``alpha_size`` (``(height, width)``), its transparency — an alpha channel, or
+    a palette entry or colour marked transparent — comes too, turned upright as the colours
+    and resized bicubic to that size: the model upscales colour only, this goes beside it."""
     import numpy as np
 
     if path.lower().endswith(LATENT_EXTS):
@@ -290,61 +311,44 @@ def read_input(path: str, nchw: bool, latent_channels: int = 4):
             arr = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(arr).all():
             raise ValueError("latents contain NaN or infinite values (in float32)")
-        return arr, "latents"
+        return Input(arr, "latents")
     import PIL.Image
 
     from flax_latentup.pipeline import pil_to_rgb
 
     with PIL.Image.open(path) as im:
         orientation = _orientation(im)
+        icc = im.info.get("icc_profile")
         im.load()
         rgb = pil_to_rgb(im)  # 16-bit grey scaled, not clipped
-    if orientation != 1:  # upright, as the EXIF orientation says it is shown
-        rgb = rgb.transpose(getattr(PIL.Image.Transpose, _ORIENT[orientation]))
-    return np.asarray(rgb, dtype=np.uint8), "pixels"
+        alpha = _alpha_channel(im) if alpha_size is not None else None
+    # an ICC header names its colour space in bytes 16-19
+    icc = icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None
+    name = _ORIENT.get(orientation)  # None: stored upright
+    transpose = getattr(PIL.Image.Transpose, name) if name else None
+    if transpose is not None:  # upright, as the EXIF orientation says it is shown
+        rgb = rgb.transpose(transpose)
+    if alpha is not None:
+        if transpose is not None:
+            alpha = alpha.transpose(transpose)
+        if alpha.size != (alpha_size[1], alpha_size[0]):
+            alpha = alpha.resize((alpha_size[1], alpha_size[0]), PIL.Image.BICUBIC)
+        alpha = np.asarray(alpha, dtype=np.uint8)
+    return Input(np.asarray(rgb, dtype=np.uint8), "pixels", alpha, icc)
 
 
-def has_alpha(im) -> bool:
-    """Whether an opened picture carries transparency: an alpha channel, or a palette or
-    single colour marked transparent."""
-    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-
-
-def read_alpha(path: str, size: tuple[int, int]):
-    """A picture's transparency as uint8 ``[H, W]`` at ``size`` (``(height, width)``),
-    turned upright as :func:`read_input` turns the colours and resized bicubic; ``None`` for
-    a picture without any. The model upscales colour only; this is what goes beside it."""
+def _alpha_channel(im):
+    """An opened picture's transparency as an 8-bit PIL image, ``None`` if it has none."""
     import numpy as np
     import PIL.Image
 
-    with PIL.Image.open(path) as im:
-        if not has_alpha(im):
-            return None
-        orientation = _orientation(im)
-        im.load()
-        if im.mode.startswith("I") and "transparency" in im.info:
-            # 16-bit grey: Pillow's RGBA conversion clips to 8 bits first and loses the value
-            opaque = np.asarray(im) != im.info["transparency"]
-            alpha = PIL.Image.fromarray(np.where(opaque, 255, 0).astype(np.uint8))
-        else:
-            alpha = im.convert("RGBA").getchannel("A")
-    if orientation != 1:
-        alpha = alpha.transpose(getattr(PIL.Image.Transpose, _ORIENT[orientation]))
-    if alpha.size != (size[1], size[0]):
-        alpha = alpha.resize((size[1], size[0]), PIL.Image.BICUBIC)
-    return np.asarray(alpha, dtype=np.uint8)
-
-
-def rgb_icc_profile(path: str) -> bytes | None:
-    """The ICC profile a picture embeds, read from its header, where it describes RGB colours:
-    the upscale's colours are the input's, so they keep its profile. ``None`` for none, and
-    for a grey or CMYK profile, which the RGB output's colours no longer match."""
-    import PIL.Image
-
-    with PIL.Image.open(path) as im:
-        icc = im.info.get("icc_profile")
-    # an ICC header names its colour space in bytes 16-19
-    return icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None
+    if im.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in im.info:
+        return None
+    if im.mode.startswith("I"):  # 16-bit grey with one value marked transparent:
+        # Pillow's RGBA conversion clips to 8 bits first and loses the value
+        opaque = np.asarray(im) != im.info["transparency"]
+        return PIL.Image.fromarray(np.where(opaque, 255, 0).astype(np.uint8))
+    return im.convert("RGBA").getchannel("A")
 
 
 def fitted_size(h: int, w: int, kind: str) -> tuple[int, int]:
@@ -700,14 +704,12 @@ def load_item(item: Item, nchw: bool, alpha: bool = False):
     """The fitted array of a scanned item; ValueError if it no longer matches its header.
     A picture's RGB colour profile goes to ``item.icc``, and with ``alpha`` its transparency
     at the output size to ``item.alpha``."""
-    arr, kind = read_input(item.src, nchw)
-    arr = fit_size(arr, kind)
-    if (kind, arr.shape) != (item.kind, item.shape):
-        raise ValueError(f"file changed while running: now {kind} of shape {arr.shape}")
-    if kind == "pixels":
-        item.icc = rgb_icc_profile(item.src)
-        if alpha:
-            item.alpha = read_alpha(item.src, (2 * arr.shape[0], 2 * arr.shape[1]))
+    out_size = (2 * item.shape[0], 2 * item.shape[1])
+    got = read_input(item.src, nchw, alpha_size=out_size if alpha else None)
+    arr = fit_size(got.array, got.kind)
+    if (got.kind, arr.shape) != (item.kind, item.shape):
+        raise ValueError(f"file changed while running: now {got.kind} of shape {arr.shape}")
+    item.alpha, item.icc = got.alpha, got.icc
     return arr
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from flax_latentup.cli import main, read_alpha
+from flax_latentup.cli import main, read_input
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -575,13 +575,12 @@ def test_only_temporaries_of_finished_runs_are_removed(tmp_path):
 def test_sixteen_bit_grey_pictures_keep_their_tones(tmp_path):
     """A 16-bit grey PNG is brought to 8 bits by scale (Pillow's RGB conversion clips at 255,
     which would turn most of it white)."""
-    from flax_latentup.cli import read_input
-
     grey = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
     path = str(tmp_path / "grey16.png")
     PIL.Image.fromarray(grey).save(path)
-    arr, kind = read_input(path, nchw=False)
-    assert kind == "pixels" and arr.shape == (64, 64, 3) and arr.dtype == np.uint8
+    got = read_input(path, nchw=False)
+    arr = got.array
+    assert got.kind == "pixels" and arr.shape == (64, 64, 3) and arr.dtype == np.uint8
     want = np.round(grey / 257.0)
     for c in range(3):
         np.testing.assert_array_equal(arr[..., c], want)
@@ -665,8 +664,10 @@ def test_alpha_of_16_bit_grey_with_a_transparent_value(tmp_path, value):
     with PIL.Image.open(tmp_path / "g.png") as im:
         assert im.mode.startswith("I") and im.info["transparency"] == value
     want = np.where(grey == value, 0, 255)
-    np.testing.assert_array_equal(read_alpha(str(tmp_path / "g.png"), (32, 48)), want)
-    double = read_alpha(str(tmp_path / "g.png"), (64, 96)).astype(int)
+    got = read_input(str(tmp_path / "g.png"), False, alpha_size=(32, 48))
+    np.testing.assert_array_equal(got.alpha, want)
+    np.testing.assert_array_equal(got.array[..., 0], np.round(grey / 257.0))  # colours scaled
+    double = read_input(str(tmp_path / "g.png"), False, alpha_size=(64, 96)).alpha.astype(int)
     assert (double[:28, :28] == 0).all() and (double[36:] == 255).all()
     assert (double[:, 36:] == 255).all()
 
