@@ -234,7 +234,6 @@ def convert(
     pipeline and, with ``verify``, ``(folder, variant)`` of the torch side to compare with
     (else ``None``). Everything is checked before any weights are read."""
     import jax.numpy as jnp
-    from transformers import CLIPTokenizer
 
     from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
     from flax_latentup.models.base import read_json
@@ -243,6 +242,7 @@ def convert(
         PIPELINE_CLASS_NAMES,
         check_pipeline_folder,
         check_variant_folder,
+        load_tokenizer,
     )
     from flax_latentup.sampling import EulerSchedulerConfig
     from flax_latentup.weights import FLAX_WEIGHTS_NAME, open_weights
@@ -280,7 +280,7 @@ def convert(
                 "--verify compares with torch: SRC holds Flax weights, so write DST in the "
                 "torch layout (--layout torch) to verify"
             )
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
     scheduler = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     if variant is not None:
         check_variant_folder(

@@ -201,6 +201,18 @@ def save_tokenizer(tokenizer: Any, folder: str) -> None:
         model.save(folder)
 
 
+def load_tokenizer(folder: str) -> Any:
+    """The CLIP tokenizer saved in ``folder``: transformers' ``CLIPTokenizer``, from the hub
+    repo's ``vocab.json`` and ``merges.txt``; from ``tokenizer.json`` alone (what transformers
+    5 saves) ``CLIPTokenizerFast``, which transformers 4 needs for it (in 5 the same class)."""
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    if "tokenizer.json" in names and not {"vocab.json", "merges.txt"} <= names:
+        return CLIPTokenizerFast.from_pretrained(folder)
+    return CLIPTokenizer.from_pretrained(folder)
+
+
 def check_pipeline_folder(folder: str, skip: Sequence[str] = ()) -> None:
     """FileNotFoundError unless ``folder`` has the pipeline's subfolders (those in ``skip``
     aside: components given otherwise) and a tokenizer's files (an empty ``tokenizer/`` would
@@ -259,10 +271,8 @@ def check_variant_folder(
         check_same_config(folder, scheduler, "scheduler_config.json", "scheduler")
     folder = os.path.join(real, "tokenizer")
     if tokenizer is not None and "tokenizer" in kept:
-        from transformers import CLIPTokenizer
-
         check_pipeline_folder(real, skip=[p for p in PIPELINE_PARTS if p != "tokenizer"])
-        theirs = CLIPTokenizer.from_pretrained(folder)
+        theirs = load_tokenizer(folder)
         if theirs.get_vocab() != tokenizer.get_vocab():
             raise ValueError(
                 f"{folder} holds another tokenizer: its vocabulary differs from this "
@@ -807,8 +817,6 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         ``EulerDiscreteScheduler``. Every component is checked against the others' configs
         before any weights are read.
         """
-        from transformers import CLIPTokenizer
-
         given = {
             "text_encoder": text_encoder,
             "vae": vae,
@@ -846,7 +854,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         }
         check_components(configs["text_encoder"], configs["vae"], configs["unet"])
         if tokenizer is None:
-            tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+            tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
         _check_tokenizer_vocab(tokenizer, configs["text_encoder"])
         kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
         models = {

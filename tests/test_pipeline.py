@@ -335,6 +335,13 @@ def test_save_and_reload(flax_pipe, tmp_path):
         helpers.tokenize(again.tokenizer, helpers.PROMPTS),
     )
     assert from_files.get_vocab() == flax_pipe.tokenizer.get_vocab()
+    # a folder whose tokenizer is tokenizer.json alone (transformers 5's save) loads too
+    (tok / "vocab.json").unlink()
+    (tok / "merges.txt").unlink()
+    only_json = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(tmp_path / "flax"))
+    np.testing.assert_array_equal(
+        only_json.tokenize(helpers.PROMPTS), flax_pipe.tokenize(helpers.PROMPTS)
+    )
 
 
 def test_torch_layout_save_goes_back_to_diffusers(torch_pipe, flax_pipe, tmp_path):
