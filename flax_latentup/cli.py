@@ -724,6 +724,25 @@ def _load_chunk(chunk: list[Item], nchw: bool, alpha: bool) -> list[tuple[Item, 
     return loaded
 
 
+def upscale_failure(error: Exception, batch: int, n_devices: int, tiled: bool) -> str:
+    """The report's reason for the pictures of a call of ``batch`` images over ``n_devices``
+    that raised ``error``; where a device ran out of memory, it names the settings that need
+    less."""
+    reason = f"upscaling failed: {error}"
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+        fixes = []
+        if batch > n_devices:
+            fixes.append(
+                f"a --batch-size under {batch} (the call ran {batch} on {n_devices} device(s))"
+            )
+        if not tiled:
+            fixes.append("--tile (the VAE in tiles, for large pictures)")
+        if fixes:
+            reason += f" [out of device memory: try {' or '.join(fixes)}]"
+    return reason
+
+
 def run_upscale(args: argparse.Namespace) -> int:
     """The ``upscale`` command; returns the exit code."""
     validate_upscale_args(args)
@@ -922,9 +941,10 @@ def run_upscale(args: argparse.Namespace) -> int:
                         output_type="pil",
                     ).images[: len(good)]
             except Exception as e:
+                reason = upscale_failure(e, padded_size, n_devices, args.tile)
                 for it, _ in good:
                     it.alpha = it.icc = None
-                    report["failed"].append({"input": it.src, "reason": f"upscaling failed: {e}"})
+                    report["failed"].append({"input": it.src, "reason": reason})
                     bar.update(1)
                 continue
             del arrays

@@ -586,6 +586,45 @@ def test_sixteen_bit_grey_pictures_keep_their_tones(tmp_path):
         np.testing.assert_array_equal(arr[..., c], want)
 
 
+def test_out_of_device_memory_names_what_needs_less(flax_pipe_dir, tmp_path, monkeypatch):
+    """A call that runs out of device memory fails its pictures with a reason that names the
+    settings needing less: a smaller --batch-size (where a device ran several), --tile (where
+    off). Other errors are reported as they are. Nothing is written for them."""
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+
+    src = make_folder(str(tmp_path / "in"), n=2, corrupt=False, odd=False)
+    raised = {}
+
+    def fail(self, *a, **kw):
+        raise RuntimeError(raised["message"])
+
+    monkeypatch.setattr(P, "__call__", fail)
+    oom = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes."
+    cases = [
+        (
+            oom,
+            ("--batch-size", "2"),
+            " [out of device memory: try a --batch-size under 2 (the "
+            "call ran 2 on 1 device(s)) or --tile (the VAE in tiles, for large pictures)]",
+        ),
+        (oom, ("--tile",), ""),  # one picture per device, tiled: nothing to name
+        (
+            "CUDA error: out of memory",
+            (),
+            " [out of device memory: try --tile (the VAE in tiles, for large pictures)]",
+        ),
+        ("something else", ("--batch-size", "2"), ""),
+    ]
+    for i, (message, flags, hint) in enumerate(cases):
+        raised["message"] = message
+        out = tmp_path / f"out{i}"
+        assert run_cli("-i", src, "-o", out, "-r", "-n", flax_pipe_dir, *flags, *COMMON) == 1
+        report = read_report(out)
+        assert not report["done"] and outputs(out) == []
+        reasons = {f["reason"] for f in report["failed"]}
+        assert reasons == {f"upscaling failed: {message}{hint}"}, (flags, reasons)
+
+
 def test_bmp_tiff_gif_inputs_upscale_as_their_first_frame(flax_pipe_dir, tmp_path):
     """BMP, TIFF and GIF pictures upscale exactly as PNGs of the same pixels (same names, so
     same seeds); of an animated GIF or a multi-page TIFF the first frame, which the report
