@@ -492,6 +492,8 @@ def pil_to_rgb(img):
     import PIL.Image
 
     check_picture_mode(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # the same colours; Pillow warns on a direct RGB conversion
     if img.mode.startswith("I"):
         grey = np.asarray(img, dtype=np.float64) / 257.0
         img = PIL.Image.fromarray(np.clip(grey, 0, 255).round().astype(np.uint8))

@@ -957,6 +957,14 @@ def test_mixed_list_converts_pictures_to_rgb():
     arr, kind = prepare_image([PIL.Image.fromarray(rgba, "RGBA"), rgb])
     assert kind == "pixels" and arr.shape == (2, 64, 64, 3)
     np.testing.assert_array_equal(arr[0], arr[1])
+    # a palette picture with per-entry transparency: its colours, without Pillow's warning
+    pal = PIL.Image.fromarray(rgb).convert("P")
+    pal.info["transparency"] = bytes([0, 128] + [255] * 254)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        arr, _ = prepare_image(pal)
+    want = np.asarray(pal.convert("RGBA"))[..., :3].astype(np.float32) / 127.5 - 1
+    np.testing.assert_array_equal(arr[0], want)
     # a float picture has no agreed range: refused by name, not clipped by Pillow
     floats = PIL.Image.fromarray(rgb[..., 0].astype(np.float32) / 255, "F")
     for given in (floats, [floats], [floats, rgb]):
