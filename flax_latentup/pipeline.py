@@ -484,14 +484,14 @@ def check_picture_mode(img, name: str | None = None) -> None:
         )
 
 
-def pil_to_rgb(img):
+def pil_to_rgb(img, name: str | None = None):
     """``img`` as an 8-bit RGB PIL image. 16-bit grey pictures (modes ``I;16``/``I``) are
     scaled to 8 bits: Pillow's own conversion clips them at 255, turning most of them white.
     Alpha is dropped, as diffusers' ``load_image`` drops it. Floating-point pictures (mode
-    ``F``) raise a ValueError (:func:`check_picture_mode`)."""
+    ``F``) raise a ValueError naming ``name`` (:func:`check_picture_mode`)."""
     import PIL.Image
 
-    check_picture_mode(img)
+    check_picture_mode(img, name)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # the same colours; Pillow warns on a direct RGB conversion
     if img.mode.startswith("I"):
@@ -501,8 +501,7 @@ def pil_to_rgb(img):
 
 
 def _pil_to_array(img) -> np.ndarray:
-    check_picture_mode(img, "image")
-    return np.asarray(pil_to_rgb(img), dtype=np.uint8)
+    return np.asarray(pil_to_rgb(img, "image"), dtype=np.uint8)
 
 
 def prepare_image(
