@@ -6,7 +6,8 @@ Two thin wrappers over the same pure core:
   (``NamedSharding(mesh, P())``), the batch split along its first axis (``P("data")``). This
   is what ``pipe(...)`` uses when several devices are visible, and what JAX recommends.
 - :func:`pmap_upscale`: the ``jax.pmap`` habit of the diffusers-Flax notebooks (parameters
-  replicated, inputs with a leading device axis).
+  replicated, inputs with a leading device axis). It also takes the parameters as
+  :func:`replicate_on_mesh` copies them, so one copy on the devices serves both paths.
 
 A batch that does not divide by the device count is padded with copies of its last image and
 the padding is dropped from the results. Each image's noise comes from its own key, so image
@@ -122,14 +123,17 @@ def _sharded_program(
     keys: tuple[str, ...],
     hooks: Hooks | None = None,
 ):
-    replicated = NamedSharding(mesh, P())
-    split = NamedSharding(mesh, P("data"))
-    batch_shardings = {k: (replicated if k in SHARED_KEYS else split) for k in keys}
     return jax.jit(
         functools.partial(upscale_core, graphdefs, options=options, hooks=hooks, spmd=mesh),
-        in_shardings=(replicated, batch_shardings),
-        out_shardings=split,
+        in_shardings=(NamedSharding(mesh, P()), _batch_shardings(mesh, keys)),
+        out_shardings=NamedSharding(mesh, P("data")),
     )
+
+
+def _batch_shardings(mesh: Mesh, keys: tuple[str, ...]) -> dict[str, NamedSharding]:
+    """Each batch entry's sharding: split along ``"data"``, or replicated if shared."""
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return {k: (replicated if k in SHARED_KEYS else split) for k in keys}
 
 
 def sharded_upscale(
@@ -151,8 +155,10 @@ def sharded_upscale(
     batch, n = _pad_batch(batch, mesh.shape["data"])  # other axes hold copies
     params = replicate_on_mesh(params, mesh)
     options, hooks = _with_hooks(options, hooks)
-    program = _sharded_program(graphdefs, options, mesh, tuple(sorted(batch)), hooks)
-    out = program(params, {k: jnp.asarray(v) for k, v in batch.items()})
+    keys = tuple(sorted(batch))
+    program = _sharded_program(graphdefs, options, mesh, keys, hooks)
+    # each device is sent its own share of the batch (not all of it through the first one)
+    out = program(params, jax.device_put(dict(batch), _batch_shardings(mesh, keys)))
     return {k: np.asarray(v)[:n] for k, v in out.items()}
 
 
@@ -208,21 +214,29 @@ def _pmap_program(
     devices: tuple,
     keys: tuple[str, ...],
     hooks: Hooks | None = None,
+    params_axis: int | None = 0,
 ):
     shared = {k: (None if k in SHARED_KEYS else 0) for k in keys}
     return jax.pmap(
         functools.partial(upscale_core, graphdefs, options=options, hooks=hooks, spmd=PMAP_AXIS),
         axis_name=PMAP_AXIS,
-        in_axes=(0, shared),
+        in_axes=(params_axis, shared),
         devices=list(devices),
     )
 
 
-def _check_replicated(params: Any, devices: Sequence[jax.Device]) -> None:
-    """ValueError unless every leaf of ``params`` is in :func:`replicate`'s layout over
-    exactly ``devices``."""
+def _replicated_axis(params: Any, devices: Sequence[jax.Device]) -> int | None:
+    """How ``params`` are copied to ``devices``: ``None`` when every leaf is replicated over
+    them (:func:`replicate_on_mesh` over ``make_mesh(devices)``), ``0`` when every leaf is in
+    :func:`replicate`'s layout over exactly them; a ValueError naming a leaf otherwise."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    on_mesh = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P())
+    if leaves and all(
+        isinstance(x, jax.Array) and x.sharding.is_equivalent_to(on_mesh, x.ndim) for _, x in leaves
+    ):
+        return None
     want = set(devices)
-    for path, x in jax.tree_util.tree_leaves_with_path(params):
+    for path, x in leaves:
         if (
             not isinstance(x, jax.Array)
             or x.ndim == 0
@@ -235,10 +249,12 @@ def _check_replicated(params: Any, devices: Sequence[jax.Device]) -> None:
                 else f"a {type(x).__name__}"
             )
             raise ValueError(
-                "replicated=True: params must be replicate(params, devices) over the "
-                f"{len(devices)} devices this call runs on; params{jax.tree_util.keystr(path)} "
-                f"is {where}"
+                "replicated=True: params must be replicate(params, devices) or "
+                "replicate_on_mesh(params, make_mesh(devices)) over the "
+                f"{len(devices)} devices this call runs on, in their order; "
+                f"params{jax.tree_util.keystr(path)} is {where}"
             )
+    return 0
 
 
 def pmap_upscale(
@@ -255,18 +271,24 @@ def pmap_upscale(
     parameters replicated, per-image inputs sharded on a leading device axis. ``hooks`` as
     in :func:`sharded_upscale` (the first device makes the host calls).
 
-    ``replicated=True``: ``params`` are already copied to ``devices`` by :func:`replicate`
-    (do that once for many calls: otherwise every call copies all weights to every device)."""
+    ``replicated=True``: ``params`` are already copied to ``devices``, so a call copies no
+    weights (do that once for many calls): either by :func:`replicate` (a leading device
+    axis, the diffusers-Flax habit) or by :func:`replicate_on_mesh` over
+    ``make_mesh(devices)`` (no device axis: the copy that :func:`sharded_upscale` and the
+    VAE take as they are, so one copy serves every path). Otherwise each call copies the
+    weights to every device."""
     devices = tuple(check_devices(devices) if devices is not None else jax.local_devices())
     if replicated:
-        _check_replicated(params, devices)
+        params_axis = _replicated_axis(params, devices)
+    else:
+        params, params_axis = replicate_on_mesh(params, make_mesh(list(devices))), None
     batch, n = _pad_batch(batch, len(devices))
     per_image = {k: v for k, v in batch.items() if k not in SHARED_KEYS}
     sharded = shard(per_image, len(devices))
     sharded.update({k: np.asarray(v) for k, v in batch.items() if k in SHARED_KEYS})
     options, hooks = _with_hooks(options, hooks)
-    program = _pmap_program(graphdefs, options, devices, tuple(sorted(batch)), hooks)
-    out = program(params if replicated else replicate(params, devices), sharded)
+    program = _pmap_program(graphdefs, options, devices, tuple(sorted(batch)), hooks, params_axis)
+    out = program(params, sharded)
     return {k: np.asarray(v).reshape(-1, *v.shape[2:])[:n] for k, v in out.items()}
 
 

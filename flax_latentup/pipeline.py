@@ -742,7 +742,6 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         self._encode_prompt_fn = None
         self._vae_fp32 = None
         self._replicated: dict[Any, Any] = {}
-        self._pmap_replicated: dict[Any, Any] = {}
         self._winograd: dict[Any, Any] = {}
         self._winograd_on_mesh: dict[Any, Any] = {}
         self._on_device: dict[Any, Any] = {}
@@ -1427,8 +1426,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             if vae is not None:
                 params["vae"] = nnx.split(vae)[1]
             params = parallel.replicate_on_mesh(params, mesh)
-            # one copy of the weights on the devices: the pmap layout's goes
-            self._replicated, self._pmap_replicated = {mesh: params}, {}
+            self._replicated = {mesh: params}  # one copy of the weights on the devices
         return params
 
     def _mesh_winograd_kernels(self, mesh: Mesh) -> dict:
@@ -1457,30 +1455,24 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         if use_pmap or len(device_list) > 1:
             from flax_latentup import parallel
 
-            hooks = self._host_hooks
+            # both paths take the one copy of the weights replicated over the devices (the
+            # copy that host-side VAE work on them uses too): pmap broadcasts it unchanged
+            mesh = mesh if mesh is not None else parallel.make_mesh(device_list)
+            params = dict(
+                self._params_on_mesh(mesh), unet_winograd=self._mesh_winograd_kernels(mesh)
+            )
             if use_pmap:
-                key = tuple(device_list)
-                params = self._pmap_replicated.get(key)
-                if params is None:  # copied to the devices once, then reused
-                    params = parallel.replicate(self.params, device_list)
-                    # one copy of the weights on the devices: the sharded layout's goes
-                    self._pmap_replicated, self._replicated = {key: params}, {}
-                    self._winograd_on_mesh = {}
                 return parallel.pmap_upscale(
                     self.graphdefs,
                     params,
                     batch,
                     options,
                     device_list,
-                    hooks=hooks,
+                    hooks=self._host_hooks,
                     replicated=True,
                 )
-            mesh = mesh if mesh is not None else parallel.make_mesh(device_list)
-            params = dict(
-                self._params_on_mesh(mesh), unet_winograd=self._mesh_winograd_kernels(mesh)
-            )
             return parallel.sharded_upscale(
-                self.graphdefs, params, batch, options, mesh, hooks=hooks
+                self.graphdefs, params, batch, options, mesh, hooks=self._host_hooks
             )
         # one device: the one asked for (by `devices` or `mesh`), else JAX's default
         device = device_list[0] if (devices is not None or mesh is not None) else None

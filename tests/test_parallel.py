@@ -25,28 +25,27 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     prompts = [f"a photo of the cat {{i}}" for i in range(8)]
     kw = dict(num_inference_steps=2, guidance_scale=6.0, negative_prompt="dog", output_type="np", rng=42)
     from flax_latentup import parallel
-    copies, replicate = [], parallel.replicate
-    parallel.replicate = lambda *a, **k: copies.append(1) or replicate(*a, **k)
     res = {{}}
     for n in (8, 5):
         res[f"sharded{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], **kw).images
         res[f"pmap{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], use_pmap=True, **kw).images
         res[f"single{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], devices=jax.devices()[:1], **kw).images
         res[f"two{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], devices=jax.devices()[:2], **kw).images
-    # the pmap path copies the weights to the devices once, not per call (the sharded calls
-    # in between let its copy go: one layout is kept)
-    copies.clear()
-    for _ in range(2):
-        pipe(prompt=prompts[:5], image=low[:5], use_pmap=True, **kw)
-    assert len(copies) == 1, copies
-    parallel.replicate = replicate
+    # the pmap and sharded paths share one copy of the weights on the devices, made once:
+    # later calls copy nothing between devices (each is sent its share of the batch directly)
+    pipe(prompt=prompts[:5], image=low[:5], use_pmap=True, **kw)
+    (copy,) = pipe._replicated.values()
+    for extra in ({{}}, {{"use_pmap": True}}, {{}}):
+        with jax.transfer_guard_device_to_device("disallow"):
+            pipe(prompt=prompts[:5], image=low[:5], **extra, **kw)
+    assert list(pipe._replicated.values()) == [copy]
     # weights replicated over other devices than the call's are named, before any compiling
     try:
         on_two = parallel.replicate({{"w": np.zeros(3, np.float32)}}, jax.devices()[:2])
         parallel.pmap_upscale(None, on_two, {{}}, None, devices=jax.devices()[:4], replicated=True)
         raise AssertionError("no error")
     except ValueError as e:
-        assert "over the 4 devices this call runs on; params['w'] is on 2 device(s)" in str(e), e
+        assert "over the 4 devices this call runs on, in their order; params['w'] is on 2 device(s)" in str(e), e
     # image i alone, with the key of index i
     key = jax.random.key(42)
     for i in (0, 4, 7):
@@ -119,8 +118,8 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
 def test_tiled_vae_work_is_split_over_the_devices(flax_pipe_dir, tmp_path):
     """With tiling on and several devices, the tiled encode of the pictures and the tiled
     decode of the results run on all devices (each tile split along the batch, an odd batch
-    padded), with the sampling program's copy of the VAE's weights (also on a mesh whose data
-    axis is 1); the float16 retry goes the same way, and so does a batch-split input to the
+    padded), with the sampling program's copy of the VAE's weights (one copy for the pmap and
+    sharded paths, also on a mesh whose data axis is 1); the float16 retry goes the same way, and so does a batch-split input to the
     VAE alone when its weights are on those devices. Results equal one device's."""
     out_file = tmp_path / "tiled.npz"
     code = f"""
@@ -150,22 +149,20 @@ def test_tiled_vae_work_is_split_over_the_devices(flax_pipe_dir, tmp_path):
         placed = jax.tree.leaves(nnx.split(pipe._vae_placed[(id(pipe.vae), mesh)])[1])
         assert len(shared) == len(placed) and all(a is b for a, b in zip(shared, placed))
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    for path, extra in (("sharded", {{}}), ("pmap", dict(use_pmap=True))):
+    for path, extra in (("pmap", dict(use_pmap=True)), ("sharded", {{}})):
         calls.clear()
         res[path] = pipe(**extra, **kw).images
         assert {{c[0] for c in calls}} == {{"encode", "decode"}}, (path, calls)
         assert all(c[1:3] == (4, 4) for c in calls), (path, calls)
-        if path == "sharded":
-            one_vae_copy(mesh)
-    # one layout of the weights is kept on the devices: the pmap call let the sharded one go
-    assert pipe._replicated == {{}} and len(pipe._pmap_replicated) == 1
+        one_vae_copy(mesh)
+    assert len(pipe._replicated) == 1
     # a mesh whose data axis is 1 runs the VAE work on its devices, with the program's copy
     mesh12 = Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2), ("data", "model"))
     assert P._vae_placement(list(mesh12.devices.flat), None, mesh12) is mesh12
     pipe._params_on_mesh(mesh12)
     pipe._placed_vae(pipe.vae, mesh12)
     one_vae_copy(mesh12)
-    assert pipe._pmap_replicated == {{}}
+    assert list(pipe._replicated) == [mesh12]
     # the float16 retry of an overflowing (tiled) decode runs over the devices too
     pipe16 = P.from_pretrained({flax_pipe_dir!r}, dtype=jnp.float16)
     pipe16.enable_vae_tiling(tile_sample_size=64)
@@ -210,9 +207,9 @@ def test_tiled_vae_work_is_split_over_the_devices(flax_pipe_dir, tmp_path):
 def test_callback_and_step_bar_on_several_devices(flax_pipe_dir, tmp_path):
     """The step bar and ``callback`` work on the sharded-jit and pmap paths: every step once,
     in order, with the whole batch's latents (the padding of an odd batch cut), as on one
-    device. Run with every 3x3 convolution as Winograd (conv_config("fast")): the sharded
-    path gets the transformed kernels copied to its devices once, the pmap path computes
-    them in its program, and all agree."""
+    device. Run with every 3x3 convolution as Winograd (conv_config("fast")): the
+    transformed kernels are copied to the devices once, both paths use that copy, and all
+    agree."""
     out_file = tmp_path / "cb.npz"
     code = f"""
     import io, jax, numpy as np
@@ -231,7 +228,7 @@ def test_callback_and_step_bar_on_several_devices(flax_pipe_dir, tmp_path):
             out = pipe(prompt="a cat", image=low, num_inference_steps=3, guidance_scale=6.0,
                        rng=7, output_type="latent", callback_steps=1,
                        callback=lambda i, t, x: seen.append((i, t, x.copy())), **extra).images
-        if path == "sharded":
+        if path != "single":
             (on_mesh,) = pipe._winograd_on_mesh.values()
             kernels.append(jax.tree.leaves(on_mesh))
         last = bar.getvalue().replace(chr(13), chr(10)).strip().splitlines()[-1]
@@ -239,10 +236,10 @@ def test_callback_and_step_bar_on_several_devices(flax_pipe_dir, tmp_path):
         res[path + "_steps"] = np.array([(i, t) for i, t, _ in seen])
         res[path + "_latents"] = np.stack([x for _, _, x in seen])
         res[path + "_out"] = out
-    # the sharded calls used the kernels copied to both devices, the second the first's copy
+    # the first sharded call copied the kernels to both devices; the later calls used that copy
     assert len(kernels[0]) >= 16 and all(len(k.sharding.device_set) == 2 for k in kernels[0])
-    assert all(a is b for a, b in zip(kernels[0], kernels[1], strict=True))
-    assert pipe._winograd_on_mesh == {{}}  # the pmap call let the sharded layout go
+    for later in kernels[1:]:
+        assert all(a is b for a, b in zip(kernels[0], later, strict=True))
     np.savez({str(out_file)!r}, **res)
     print("ok")
     """
@@ -260,6 +257,60 @@ def test_callback_and_step_bar_on_several_devices(flax_pipe_dir, tmp_path):
         assert res[path + "_latents"].shape == res["single_latents"].shape
         err = np.max(np.abs(res[path + "_latents"] - res["single_latents"]))
         assert err <= 1e-5, f"{path}: callback latents differ from one device's by {err:.3g}"
+
+
+def test_pmap_upscale_takes_either_replicated_layout(flax_pipe_dir, tmp_path):
+    """``parallel.pmap_upscale`` on a core batch: weights given in ``replicate``'s layout (a
+    leading device axis), as ``replicate_on_mesh`` copies them (what the pipeline passes), or
+    on the host give the same latents as the pipeline's pmap call; with weights already
+    copied, a call copies nothing between devices. Weights replicated over the call's devices
+    in another order are refused by name."""
+    out_file = tmp_path / "layouts.npz"
+    code = f"""
+    import jax, numpy as np
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P, parallel
+    assert jax.device_count() == 2, jax.devices()
+    pipe = P.from_pretrained({flax_pipe_dir!r}); pipe.set_progress_bar_config(disable=True)
+    low = np.random.default_rng(1).standard_normal((3, 8, 8, 4)).astype(np.float32)
+    seen, pmap_upscale = [], parallel.pmap_upscale
+    parallel.pmap_upscale = lambda *a, **k: seen.append((a, k)) or pmap_upscale(*a, **k)
+    res = {{}}
+    res["pipe"] = pipe(prompt="a cat", image=low, num_inference_steps=2, guidance_scale=6.0,
+                       rng=7, output_type="latent", use_pmap=True).images
+    parallel.pmap_upscale = pmap_upscale
+    ((graphdefs, params, batch, options, devices), kwargs), = seen
+    assert kwargs["replicated"] and {{a for a in params}} >= {{"unet", "vae", "text_encoder"}}
+    host = {{k: v for k, v in pipe.params.items()}}
+    devices = jax.devices()
+    layouts = {{
+        "pmap_layout": (parallel.replicate(host, devices), True),
+        "mesh_layout": (parallel.replicate_on_mesh(host, parallel.make_mesh(devices)), True),
+        "host": (host, False),
+    }}
+    for name, (weights, replicated) in layouts.items():
+        out = pmap_upscale(graphdefs, weights, batch, options, devices, replicated=replicated)
+        if replicated:
+            with jax.transfer_guard_device_to_device("disallow"):
+                out = pmap_upscale(graphdefs, weights, batch, options, devices, replicated=True)
+        res[name] = out["latents"]
+    reversed_ = parallel.replicate_on_mesh(host, parallel.make_mesh(devices[::-1]))
+    try:
+        pmap_upscale(graphdefs, reversed_, batch, options, devices, replicated=True)
+        raise AssertionError("no error")
+    except ValueError as e:
+        assert "over the 2 devices this call runs on, in their order" in str(e), e
+    np.savez({str(out_file)!r}, **res)
+    print("ok")
+    """
+    proc = run_python(
+        code, env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")}
+    )
+    assert finish(proc).strip().endswith("ok")
+    res = dict(np.load(out_file))
+    assert res["pipe"].shape == (3, 16, 16, 4)
+    for name in ("pmap_layout", "mesh_layout", "host"):
+        err = np.max(np.abs(res[name] - res["pipe"]))
+        assert err <= 1e-6, f"{name}: max abs difference {err:.3g} from the pipeline's call"
 
 
 def test_process_share_covers_the_list():
