@@ -20,6 +20,7 @@ import math
 import numbers
 import os
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -470,7 +471,15 @@ def _is_torch_tensor(x: Any) -> bool:
 
 
 def _torch_to_numpy(x: Any) -> np.ndarray:
-    return x.detach().to("cpu").float().numpy()
+    """A torch tensor's values on the host: floating point ones (bfloat16 and float16 too) as
+    float32, others in their own dtype (uint8 pictures stay 0..255)."""
+    x = x.detach().to("cpu")
+    return x.float().numpy() if x.is_floating_point() else x.numpy()
+
+
+def _is_float(dtype: Any) -> bool:
+    """Whether ``dtype`` is floating point, JAX's bfloat16 (which numpy does not count) too."""
+    return jnp.issubdtype(dtype, jnp.floating)
 
 
 def check_picture_mode(img, name: str | None = None) -> None:
@@ -565,11 +574,13 @@ def prepare_image(
     if arr.shape[0] == 0:
         raise ValueError(f"image holds no images (a batch of 0, shape {arr.shape})")
     if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
+        _is_float(arr.dtype)
+        or np.issubdtype(arr.dtype, np.number)
+        or np.issubdtype(arr.dtype, np.bool_)
     ):
         raise ValueError(f"image must hold numbers, got dtype {arr.dtype}")
     channels = arr.shape[-1]
-    floating = np.issubdtype(arr.dtype, np.floating)
+    floating = _is_float(arr.dtype)
     if channels == latent_channels:
         kind = "latents"
         if not floating:
@@ -638,13 +649,15 @@ def _prompt_list(name: str, prompt: str | Sequence[str] | None, batch: int) -> l
 
 def _embeds(name: str, x: Any, ndim: int) -> np.ndarray:
     arr = _torch_to_numpy(x) if _is_torch_tensor(x) else np.asarray(x)
-    if arr.ndim != ndim or not np.issubdtype(arr.dtype, np.floating):
+    if arr.ndim != ndim or not _is_float(arr.dtype):
         raise ValueError(
             f"{name} must be a float array with {ndim} dimensions, got {arr.dtype} {arr.shape}"
         )
+    with np.errstate(over="ignore"):  # beyond float32's range: caught just below
+        arr = arr.astype(np.float32)
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return arr.astype(np.float32)
+        raise ValueError(f"{name} contains NaN or infinite values (in float32)")
+    return arr
 
 
 def _one_key(rng: Any) -> Array:
@@ -970,19 +983,33 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
     # ---- text --------------------------------------------------------------------------------
 
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        """Token ids ``[B, 77]`` int32: padded to max length and truncated, as diffusers does."""
+        """Token ids ``[B, 77]`` int32: padded to max length and truncated, as diffusers does
+        (with a warning naming the text left out)."""
+        prompts = list(prompts)
+        length = self.tokenizer.model_max_length
         ids = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="np",
+            prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np"
         ).input_ids
+        full = self.tokenizer(prompts, truncation=False, verbose=False).input_ids
+        for i, whole in enumerate(full):
+            if len(whole) > length:  # the text between the kept tokens and the end token
+                cut = self.tokenizer.decode(whole[length - 1 : -1])
+                warnings.warn(
+                    f"prompt {i} is longer than the text encoder's {length} tokens; this part "
+                    f"of it is left out: {cut!r}",
+                    stacklevel=3,
+                )
         return ids.astype(np.int32)
 
     def encode_prompt(self, prompt: str | Sequence[str]) -> tuple[Array, Array]:
         """``(prompt_embeds [B, 77, D], pooled_prompt_embeds [B, D])`` as the pipeline uses them:
         the last layer's output before the final LayerNorm, and the pooled output."""
+        if not isinstance(prompt, str | list | tuple):
+            raise ValueError(
+                f"prompt must be a string or a list of strings, got {type(prompt).__name__}"
+            )
+        if not prompt and not isinstance(prompt, str):
+            raise ValueError("prompt is an empty list")
         prompts = _prompt_list("prompt", prompt, 1 if isinstance(prompt, str) else len(prompt))
         if self._encode_prompt_fn is None:
             graphdef = self.graphdefs.text_encoder
@@ -1106,7 +1133,8 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         means "". ``guidance_scale``: 0 replaces the prompt by "" (the diffusers default use);
         classifier-free guidance runs when it is > 1. ``rng``: an int seed or a JAX key (image i
         draws its noise from ``fold_in(key, i)``, so it does not depend on the batch size), or
-        a list of one seed/key per image.
+        a list of one seed/key per image; ``None`` is seed 0, so a call without ``rng`` gives
+        the same result each time (diffusers draws new noise without a generator).
         ``latents``: the initial noise ``[B, 2h, 2w, 4]`` (NHWC; NCHW for torch), scaled by the
         initial sigma inside. ``callback(step, timestep, latents)`` runs every
         ``callback_steps`` steps with the NHWC latents as a numpy array.
@@ -1174,6 +1202,10 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             )
         if prompt_embeds is None and pooled_prompt_embeds is not None:
             raise ValueError("pooled_prompt_embeds was given without prompt_embeds")
+        if negative_prompt_embeds is None and negative_pooled_prompt_embeds is not None:
+            raise ValueError(
+                "negative_pooled_prompt_embeds was given without negative_prompt_embeds"
+            )
 
         latent_channels = self.vae.config.latent_channels
         factor = self.vae.config.downsample_factor
@@ -1236,13 +1268,21 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
                     )
         noise_mode = "keys"
         if latents is not None:
-            lat = _torch_to_numpy(latents) if _is_torch_tensor(latents) else np.asarray(latents)
-            if _is_torch_tensor(latents) and lat.ndim == 4:
-                lat = lat.transpose(0, 2, 3, 1)
             want = (batch_size, 2 * h, 2 * w, latent_channels)
+            if _is_torch_tensor(latents):
+                lat = _torch_to_numpy(latents)
+                nchw = (batch_size, latent_channels, 2 * h, 2 * w)
+                if lat.shape != nchw:
+                    raise ValueError(
+                        f"latents must have shape {list(nchw)} (NCHW, as a torch tensor), got "
+                        f"{tuple(lat.shape)}"
+                    )
+                lat = lat.transpose(0, 2, 3, 1)
+            else:
+                lat = np.asarray(latents)
             if lat.shape != want:
                 raise ValueError(f"latents must have shape {list(want)} (NHWC), got {lat.shape}")
-            if not np.issubdtype(lat.dtype, np.floating):
+            if not _is_float(lat.dtype):
                 raise ValueError(f"latents must be floating point, got dtype {lat.dtype}")
             with np.errstate(over="ignore"):  # beyond float32's range: caught just below
                 lat = lat.astype(np.float32)

@@ -318,6 +318,50 @@ def test_torch_tensor_inputs(flax_pipe):
     np.testing.assert_array_equal(a, b)
 
 
+def test_bfloat16_and_torch_uint8_inputs(flax_pipe):
+    """bfloat16 arrays (what a bfloat16 pipeline's encode_prompt returns, or latents from
+    another bfloat16 model) are taken as the float32 of their values; a uint8 torch picture
+    as the uint8 numpy one (0..255)."""
+    from flax_latentup.pipeline import prepare_image
+
+    low, noise = inputs(1, seed=61)
+    embeds, pooled = flax_pipe.encode_prompt("a photo of the cat")
+    bf16 = [jnp.asarray(x, jnp.bfloat16) for x in (low, noise, embeds, pooled)]
+    as_f32 = [np.asarray(x, np.float32) for x in bf16]
+    kw = dict(num_inference_steps=2, guidance_scale=0.0, output_type="latent")
+    names = ("image", "latents", "prompt_embeds", "pooled_prompt_embeds")
+    a = flax_pipe(**dict(zip(names, bf16, strict=True)), **kw).images
+    b = flax_pipe(**dict(zip(names, as_f32, strict=True)), **kw).images
+    np.testing.assert_array_equal(a, b)
+    picture = torch.randint(
+        0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    got, kind = prepare_image(picture, 4, 2)
+    want, _ = prepare_image(picture.permute(0, 2, 3, 1).numpy(), 4, 2)
+    assert kind == "pixels"
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"latents must have shape \[1, 4, 16, 16\] \(NCHW"):
+        flax_pipe(prompt="x", image=low, latents=torch.zeros(1, 4, 8, 8), **kw)
+
+
+def test_encode_prompt_checks_and_long_prompts(flax_pipe):
+    """encode_prompt names a bad prompt; a prompt longer than the text encoder's tokens is
+    cut as diffusers cuts it, with a warning that quotes the text left out."""
+    for bad, message in ((None, "got NoneType"), (5, "got int"), ([], "empty list")):
+        with pytest.raises(ValueError, match=f"prompt .*{message}"):
+            flax_pipe.encode_prompt(bad)
+    long = " ".join(["cat"] * 40 + ["dog"] * 40)
+    with pytest.warns(UserWarning, match="prompt 0 is longer than the text encoder's 77 tokens"):
+        ids = flax_pipe.tokenize([long, "a cat"])
+    tok = flax_pipe.tokenizer
+    whole = tok(long).input_ids
+    assert len(whole) > 77
+    np.testing.assert_array_equal(ids[0], whole[:76] + whole[-1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flax_pipe.tokenize(["a cat", "a dog"])
+
+
 def test_save_and_reload(flax_pipe, tmp_path):
     flax_pipe.save_pretrained(tmp_path / "flax")
     for part in ("unet", "vae", "text_encoder"):
@@ -682,6 +726,8 @@ BAD = [
         "pooled_prompt_embeds",
         dict(prompt_embeds=E, pooled_prompt_embeds=np.zeros((2, 32), np.float32)),
     ),
+    ("negative_pooled_prompt_embeds", dict(prompt="x", negative_pooled_prompt_embeds=P)),
+    ("latents", dict(prompt="x", latents=torch.zeros(1, 4, 8, 8))),  # NCHW, a side too short
 ]
 
 
