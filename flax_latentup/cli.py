@@ -4,7 +4,7 @@
 JPEG, WebP) and ``.npy`` low-res latents 2x. Outputs mirror the input names, are written
 atomically (temporary file, then rename) and are skipped when they exist, so a killed run
 continues where it stopped when started again. A corrupt input is reported and skipped;
-the exit code is 1 when anything failed, 2 for bad usage.
+the exit code is 1 when anything failed, 2 for bad usage, 130 when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -73,70 +73,155 @@ def _is_input(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTS + LATENT_EXTS)
 
 
-def _folder_files(folder: str, recursive: bool) -> Iterable[str]:
+def shown(path: str) -> str:
+    """``path`` as printed: bytes of a file name that are not UTF-8 (kept by Python as lone
+    surrogates, which cannot be printed) as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _folder_files(folder: str, recursive: bool, failed: list[dict] | None = None) -> Iterable[str]:
     """The files in ``folder`` (and, recursively, its sub-folders), hidden ones left out as
-    ``glob`` leaves them out. Links to folders are not followed: a link back up the tree would
-    otherwise repeat it without end."""
-    for root, dirs, names in os.walk(folder):
+    ``glob`` leaves them out, broken links kept (so that reading them fails by name). Links to
+    folders are not followed: a link back up the tree would otherwise repeat it without end.
+    A sub-folder that cannot be listed goes to ``failed``."""
+
+    def unlisted(e: OSError) -> None:
+        if failed is not None:
+            failed.append({"input": e.filename or folder, "reason": f"cannot list: {e}"})
+
+    for root, dirs, names in os.walk(folder, onerror=unlisted):
         dirs[:] = sorted(
             d for d in dirs if not d.startswith(".") and not os.path.islink(os.path.join(root, d))
         )
         for name in names:
             path = os.path.join(root, name)
-            if not name.startswith(".") and os.path.isfile(path):
+            if not name.startswith(".") and (os.path.isfile(path) or _is_broken_link(path)):
                 yield path
         if not recursive:
             return
 
 
-def collect_inputs(inputs: Sequence[str], recursive: bool) -> list[Item]:
-    """Expand files, folders and glob patterns into work items (sorted, de-duplicated)."""
+def _is_broken_link(path: str) -> bool:
+    return os.path.islink(path) and not os.path.exists(path)
+
+
+def collect_inputs(
+    inputs: Sequence[str], recursive: bool, report: dict[str, list] | None = None
+) -> list[Item]:
+    """Expand files, folders and glob patterns into work items (sorted, de-duplicated).
+
+    A file listed twice (also through a link) is one item, named after the file itself
+    rather than a link to it; with ``report``, each name left out goes to its ``"skipped"``
+    and each sub-folder that cannot be listed to its ``"failed"``."""
     items: dict[str, Item] = {}
+    failed: list[dict] = []
+
+    def add(path: str, rel: str) -> None:
+        key = os.path.realpath(path)
+        there = items.get(key)
+        if there is None:
+            items[key] = Item(src=path, rel=rel)
+        elif os.path.islink(there.src) and not os.path.islink(path):
+            items[key] = Item(src=path, rel=rel)  # the file's own name before a link's
+            aliases.append((there.src, path))
+        elif there.src != path:
+            aliases.append((path, there.src))
+
+    aliases: list[tuple[str, str]] = []
     for spec in inputs:
         if os.path.isdir(spec):
-            found = sorted(p for p in _folder_files(spec, recursive) if _is_input(p))
+            found = sorted(p for p in _folder_files(spec, recursive, failed) if _is_input(p))
             if not found:
                 hint = "" if recursive else " (use -r to search sub-folders)"
                 raise UsageError(f"input folder {spec!r} holds no {IMAGE_KINDS}/.npy files{hint}")
             for p in found:
-                rel = os.path.splitext(os.path.relpath(p, spec))[0]
-                items.setdefault(os.path.realpath(p), Item(src=p, rel=rel))
+                add(p, os.path.splitext(os.path.relpath(p, spec))[0])
         elif os.path.isfile(spec):
             if not _is_input(spec):
                 raise UsageError(
                     f"input {spec!r} is not a {IMAGE_KINDS} picture or .npy latents file"
                 )
-            items.setdefault(
-                os.path.realpath(spec),
-                Item(src=spec, rel=os.path.splitext(os.path.basename(spec))[0]),
-            )
+            add(spec, os.path.splitext(os.path.basename(spec))[0])
         elif glob.has_magic(spec):
             found = sorted(
                 p
                 for p in glob.glob(spec, recursive=recursive)
-                if os.path.isfile(p) and _is_input(p)
+                if (os.path.isfile(p) or _is_broken_link(p)) and _is_input(p)
             )
             if not found:
                 raise UsageError(f"pattern {spec!r} matches no {IMAGE_KINDS}/.npy files")
             for p in found:
-                items.setdefault(
-                    os.path.realpath(p), Item(src=p, rel=os.path.splitext(os.path.basename(p))[0])
-                )
+                add(p, os.path.splitext(os.path.basename(p))[0])
+        elif _is_broken_link(spec):
+            raise UsageError(f"input {spec!r} is a broken link")
         else:
             raise UsageError(f"input not found: {spec!r}")
+    if report is not None:
+        report["failed"] += failed
+        report["skipped"] += [
+            {"input": alias, "reason": f"the same file as {kept}"} for alias, kept in aliases
+        ]
+    return list(items.values())
+
+
+def check_output_names(items: Sequence[Item]) -> None:
+    """A UsageError if two items would write the same output name."""
     names: dict[str, str] = {}
-    for item in items.values():
+    for item in items:
         if item.rel in names:
             raise UsageError(
                 f"inputs {names[item.rel]!r} and {item.src!r} would both write output {item.rel!r}"
             )
         names[item.rel] = item.src
-    return list(items.values())
+
+
+def plan_outputs(
+    items: list[Item], outdir: str, suffix: str, ext: str, overwrite: bool
+) -> tuple[list[Item], list[dict]]:
+    """Set each item's output path; returns ``(items to upscale, skipped entries)``.
+
+    An input found where another input's output goes (the output of an earlier run into the
+    same folder, or of the same names) is left out, so that outputs are never read back as
+    inputs; with ``overwrite`` that would replace an input, so it is a UsageError, as is an
+    output that would be its own input or two inputs with one output name."""
+    for item in items:
+        item.out = os.path.join(outdir, item.rel + suffix + "." + ext)
+    by_source = {os.path.realpath(item.src): item for item in items}
+    makers: dict[str, Item] = {}  # an output's real path -> the item that writes it
+    for item in items:
+        real_out = os.path.realpath(item.out)
+        if real_out == os.path.realpath(item.src):
+            raise UsageError(
+                f"the output for {item.src!r} would be the input itself: choose another "
+                "output folder (or a --suffix / --ext that differs)"
+            )
+        other = by_source.get(real_out)
+        if other is not None and overwrite:
+            raise UsageError(
+                f"--overwrite would replace input {other.src!r} by the output for {item.src!r}: "
+                "choose an output folder apart from the inputs (or another --suffix)"
+            )
+        makers[real_out] = item
+    kept, skipped = [], []
+    for real_src, item in by_source.items():
+        maker = makers.get(real_src)
+        if maker is None:
+            kept.append(item)
+        else:
+            skipped.append(
+                {
+                    "input": item.src,
+                    "reason": f"it is where the output of {maker.src} goes (an earlier run's?)",
+                }
+            )
+    check_output_names(kept)
+    return kept, skipped
 
 
 def item_seed(seed: int, rel: str) -> int:
-    """A per-image seed from ``--seed`` and the image's relative path (stable across runs)."""
-    digest = hashlib.sha256(f"{seed}:{rel}".encode()).digest()
+    """A per-image seed from ``--seed`` and the image's relative path (stable across runs; a
+    name's bytes as stored, also where they are not UTF-8)."""
+    digest = hashlib.sha256(f"{seed}:".encode() + os.fsencode(rel)).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
@@ -533,16 +618,26 @@ def validate_upscale_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--prompt-file {args.prompt_file!r}: {e}") from None
     if os.sep in args.suffix or (os.altsep and os.altsep in args.suffix):
         raise UsageError(f"--suffix must not contain a path separator, got {args.suffix!r}")
+    if args.compile_cache is not None:
+        if args.no_compile_cache:
+            raise UsageError("give either --compile-cache or --no-compile-cache, not both")
+        try:
+            files.probe_writable(args.compile_cache, create=False)
+        except OSError as e:
+            raise UsageError(
+                f"--compile-cache {args.compile_cache!r} cannot be used: {e}"
+            ) from None
 
 
-def check_report_path(path: str) -> None:
-    """Refuse a ``--report`` path that could not be written, before any work is done."""
+def check_report_path(path: str, flag: str = "--report") -> None:
+    """Refuse a report path (``--report``, or the default one in the output folder) that
+    could not be written, before any work is done."""
     if os.path.isdir(path):
-        raise UsageError(f"--report {path!r} is a folder; give a file path")
+        raise UsageError(f"{flag} {path!r} is a folder; give a file path")
     try:
         files.probe_writable(os.path.dirname(path) or ".", create=False)
     except OSError as e:
-        raise UsageError(f"--report {path!r} cannot be written: {e}") from None
+        raise UsageError(f"{flag} {path!r} cannot be written: {e}") from None
 
 
 def resolve_model(model: str, variant: str | None = None, skip: Sequence[str] = ()) -> str:
@@ -555,9 +650,45 @@ def resolve_model(model: str, variant: str | None = None, skip: Sequence[str] = 
     except ValueError as e:
         raise UsageError(f"--variant: {e}") from None
     try:
-        return hub.resolve(model, allow_patterns=allow, ignore_patterns=ignore)
+        folder = hub.resolve(model, allow_patterns=allow, ignore_patterns=ignore)
     except hub.HubError as e:
         raise UsageError(f"--model: {e}") from None
+    check_model_folder(folder, variant, skip)
+    return folder
+
+
+def check_model_folder(folder: str, variant: str | None, skip: Sequence[str] = ()) -> None:
+    """A UsageError unless ``folder`` is a pipeline folder whose models (but those in
+    ``skip``) have configs and weights of ``variant``; reads file names, the index and the
+    weights files' headers, no weights."""
+    from flax_latentup.models.base import read_json
+    from flax_latentup.pipeline import MODEL_CLASSES, PIPELINE_CLASS_NAMES, check_pipeline_folder
+    from flax_latentup.weights import WeightsError, open_weights
+
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        raise UsageError(
+            f"--model: {folder!r} is not a pipeline folder (it has no model_index.json)"
+        )
+    try:
+        name = read_json(index).get("_class_name")
+        if name not in PIPELINE_CLASS_NAMES:
+            raise ValueError(
+                f"{index}: `_class_name` is {name!r}, expected one of {PIPELINE_CLASS_NAMES}"
+            )
+        check_pipeline_folder(folder, skip=tuple(skip))
+    except (OSError, ValueError, AttributeError) as e:
+        raise UsageError(f"--model: {e}") from None
+    for part, model in MODEL_CLASSES.items():
+        if part in skip:
+            continue
+        where = os.path.join(folder, part)
+        if not os.path.isfile(os.path.join(where, "config.json")):
+            raise UsageError(f"--model: {where} has no config.json")
+        try:
+            open_weights(where, model.weights_names(), variant)
+        except WeightsError as e:
+            raise UsageError(f"{'--variant' if variant else '--model'}: {e}") from None
 
 
 def resolve_component(flag: str, name: str) -> str:
@@ -609,13 +740,34 @@ def check_components_fit(model_dir: str, given: dict[str, str]) -> None:
         raise UsageError(f"{flags} {verb} not fit --model: {e}") from None
 
 
-def enable_compile_cache(path: str) -> None:
+def vae_downsample_factor(model_dir: str, given: dict[str, str]) -> int:
+    """The downsample factor of the VAE the run uses (``--vae``'s, else ``--model``'s)."""
+    from flax_latentup.configs import AutoencoderKLConfig
+    from flax_latentup.models.base import read_json
+
+    folder = given.get("vae", os.path.join(model_dir, "vae"))
+    return AutoencoderKLConfig.from_dict(
+        read_json(os.path.join(folder, "config.json"))
+    ).downsample_factor
+
+
+def enable_compile_cache(path: str, given: bool = True) -> str | None:
+    """Turn on JAX's persistent compilation cache in ``path``; returns ``path``. Where the
+    default folder (not ``given``) cannot be made, a note says so and the run goes on without
+    (``None``)."""
     import jax
 
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        if given:
+            raise UsageError(f"--compile-cache {path!r} cannot be made: {e}") from None
+        print(f"note: no compilation cache: {e}", file=sys.stderr)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path
 
 
 def resolve_precision(name: str, dtype: str) -> str:
@@ -666,9 +818,17 @@ def plan_batch(requested: int | None, n_devices: int) -> tuple[int, str | None]:
     )
 
 
-def scan_inputs(items: list[Item], nchw: bool, prompt: str) -> tuple[dict, list[dict]]:
+# The largest side each output format holds (WebP's format limit; libjpeg's).
+MAX_SIDE = {"webp": 16383, "jpg": 65500}
+
+
+def scan_inputs(
+    items: list[Item], nchw: bool, prompt: str, ext: str = "png", vae_factor: int = 8
+) -> tuple[dict, list[dict]]:
     """Group ``items`` by (kind, fitted shape) from their headers only, so that memory does not
-    grow with the number of inputs; reads sidecar prompts. Returns ``(groups, failures)``."""
+    grow with the number of inputs; reads sidecar prompts. An output too large for ``ext``
+    fails its input here, before any upscaling (latents are decoded ``vae_factor`` times
+    larger). Returns ``(groups, failures)``."""
     groups: dict[tuple, list[Item]] = {}
     failed: list[dict] = []
     for item in items:
@@ -682,6 +842,16 @@ def scan_inputs(items: list[Item], nchw: bool, prompt: str) -> tuple[dict, list[
             nh, nw = fitted_size(h, w, kind)
         except ValueError as e:
             failed.append({"input": item.src, "reason": str(e)})
+            continue
+        scale = 2 * (vae_factor if kind == "latents" else 1)
+        if ext in MAX_SIDE and max(nh, nw) * scale > MAX_SIDE[ext]:
+            failed.append(
+                {
+                    "input": item.src,
+                    "reason": f"its output, {nw * scale}x{nh * scale}, is larger than "
+                    f"{ext.upper()} holds ({MAX_SIDE[ext]} pixels a side): use --ext png",
+                }
+            )
             continue
         item.kind, item.shape = kind, (nh, nw, shape[2])
         notes = [f"the first of {frames} frames"] if frames > 1 else []
@@ -746,17 +916,16 @@ def upscale_failure(error: Exception, batch: int, n_devices: int, tiled: bool) -
 def run_upscale(args: argparse.Namespace) -> int:
     """The ``upscale`` command; returns the exit code."""
     validate_upscale_args(args)
-    items = collect_inputs(args.input, args.recursive)
+    listed: dict[str, list] = {"skipped": [], "failed": []}
+    items = collect_inputs(args.input, args.recursive, listed)
     check_output_dir(args.output, args.input, args.recursive)
     if args.report:
         check_report_path(args.report)
-    for item in items:  # 4: never write over an input
-        item.out = os.path.join(args.output, item.rel + args.suffix + "." + args.ext)
-        if os.path.realpath(item.out) == os.path.realpath(item.src):
-            raise UsageError(
-                f"the output for {item.src!r} would be the input itself: choose another "
-                "output folder (or a --suffix / --ext that differs)"
-            )
+    else:
+        check_report_path(os.path.join(args.output, REPORT_NAME), "the report")
+    # never write over an input, nor read an output back as one
+    items, left_out = plan_outputs(items, args.output, args.suffix, args.ext, args.overwrite)
+    listed["skipped"] += left_out
     files.new_file_mode()  # read while no other thread runs
     components = {part: getattr(args, part) for part in ("unet", "vae")}
     components = {part: name for part, name in components.items() if name is not None}
@@ -779,12 +948,15 @@ def run_upscale(args: argparse.Namespace) -> int:
 
         from flax_latentup import parallel
 
-        parallel.initialize_distributed()
+        try:
+            parallel.initialize_distributed()
+        except ValueError as e:
+            raise UsageError(f"--distributed: {e}") from None
         process = (jax.process_index(), jax.process_count())
         items = parallel.process_share(items)
     cache = None if args.no_compile_cache else (args.compile_cache or default_cache_dir())
     if cache:
-        enable_compile_cache(cache)
+        cache = enable_compile_cache(cache, given=args.compile_cache is not None)
 
     import jax
     import jax.numpy as jnp
@@ -822,14 +994,19 @@ def run_upscale(args: argparse.Namespace) -> int:
         },
         "process": {"index": process[0], "count": process[1]},
         "done": [],
-        "skipped": [],
-        "failed": [],
+        # what listing the inputs found is reported once, by the first process
+        "skipped": listed["skipped"] if process[0] == 0 else [],
+        "failed": listed["failed"] if process[0] == 0 else [],
         "stale_temporaries_removed": stale,
     }
     todo: list[Item] = []
     for item in items:
         item.seed = item_seed(args.seed, item.rel)
-        if os.path.exists(item.out) and not args.overwrite:
+        if os.path.isdir(item.out):
+            report["failed"].append(
+                {"input": item.src, "reason": f"cannot write {item.out}: a folder is in its place"}
+            )
+        elif os.path.exists(item.out) and not args.overwrite:
             report["skipped"].append(
                 {"input": item.src, "output": item.out, "reason": "output exists"}
             )
@@ -837,7 +1014,9 @@ def run_upscale(args: argparse.Namespace) -> int:
             todo.append(item)
 
     # Headers only: each size compiles once, and pixels are read one batch ahead.
-    groups, failed = scan_inputs(todo, args.nchw, args.prompt)
+    groups, failed = scan_inputs(
+        todo, args.nchw, args.prompt, args.ext, vae_downsample_factor(model_dir, components)
+    )
     report["failed"] += failed
 
     compile_seconds = [0.0]
@@ -897,6 +1076,8 @@ def run_upscale(args: argparse.Namespace) -> int:
     def finish(keep: int) -> None:
         while len(pending) > keep:
             item, future = pending.popleft()
+            if future.cancelled():  # dropped by an interrupt, never written
+                continue
             try:
                 report["done"].append(future.result())
             except Exception as e:  # a full disk, a vanished folder: report and go on
@@ -907,6 +1088,7 @@ def run_upscale(args: argparse.Namespace) -> int:
 
     reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flax-latentup-read")
     writer = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="flax-latentup-write")
+    interrupted = False
     try:
         keep_alpha = args.alpha == "keep"
         ahead = reader.submit(_load_chunk, chunks[0][0], args.nchw, keep_alpha) if chunks else None
@@ -952,12 +1134,17 @@ def run_upscale(args: argparse.Namespace) -> int:
                 pending.append((it, writer.submit(save, it, im)))
             finish(keep=2 * batch_size)  # bounded: older writes must be done by now
         finish(keep=0)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         # An interrupted run leaves only whole files: queued writes are dropped, the ones
         # under way finish their rename or remove their temporary.
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)
         bar.close()
+    if interrupted:  # the report holds what was written; a rerun does the rest
+        finish(keep=0)
+        report["interrupted"] = True
     run_seconds = time.perf_counter() - run_started
     done = len(report["done"])
     report["timing"] = {
@@ -975,11 +1162,15 @@ def run_upscale(args: argparse.Namespace) -> int:
     files.atomic_write(report_path, lambda f: json.dump(report, f, indent=2), text=True)
 
     print(
-        f"done {done}, skipped {len(report['skipped'])}, failed {len(report['failed'])} "
-        f"(compile {compile_seconds[0]:.1f}s, run {run_seconds:.1f}s); report: {report_path}"
+        f"{'interrupted: ' if interrupted else ''}done {done}, skipped "
+        f"{len(report['skipped'])}, failed {len(report['failed'])} (compile "
+        f"{compile_seconds[0]:.1f}s, run {run_seconds:.1f}s); report: {shown(report_path)}"
     )
     for f in report["failed"]:
-        print(f"  failed: {f['input']}: {f['reason']}")
+        print(f"  failed: {shown(f['input'])}: {shown(f['reason'])}")
+    if interrupted:
+        print("interrupted: run the same command again to do the rest", file=sys.stderr)
+        return 130
     return 1 if report["failed"] else 0
 
 
@@ -990,6 +1181,7 @@ def run_selftest(outdir: str) -> int:
 
     from flax_latentup.tiny import make_tiny_pipeline
 
+    check_output_dir(outdir, [], recursive=False)  # before the model is built
     with tempfile.TemporaryDirectory(prefix="flax-latentup-selftest-") as tmp:
         model = os.path.join(tmp, "tiny-model")
         make_tiny_pipeline(model)
@@ -1072,16 +1264,18 @@ def main(argv: list[str] | None = None) -> int:
         return convert_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "selftest":
-        return run_selftest(args.output)
-    if args.command == "upscale":
+    commands = {"selftest": lambda: run_selftest(args.output), "upscale": lambda: run_upscale(args)}
+    if args.command in commands:
         try:
-            return run_upscale(args)
+            return commands[args.command]()
         except UsageError as e:
-            print(f"flax-latentup upscale: error: {e}", file=sys.stderr)
+            print(f"flax-latentup {args.command}: error: {e}", file=sys.stderr)
             return 2
-    parser.print_help()
-    return 0
+        except KeyboardInterrupt:
+            print(f"flax-latentup {args.command}: interrupted", file=sys.stderr)
+            return 130
+    parser.print_help(sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

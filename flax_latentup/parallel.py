@@ -308,10 +308,21 @@ def initialize_distributed(
     when set, otherwise JAX's own detection (TPU pods, SLURM, Open MPI, ...)."""
     env = os.environ
     coordinator_address = coordinator_address or env.get("FLAX_LATENTUP_COORDINATOR")
+
+    def count(name: str, least: int) -> int:
+        value = env[name]
+        try:
+            number = int(value)
+        except ValueError:
+            number = least - 1
+        if number < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        return number
+
     if num_processes is None and "FLAX_LATENTUP_NUM_PROCESSES" in env:
-        num_processes = int(env["FLAX_LATENTUP_NUM_PROCESSES"])
+        num_processes = count("FLAX_LATENTUP_NUM_PROCESSES", 1)
     if process_id is None and "FLAX_LATENTUP_PROCESS_ID" in env:
-        process_id = int(env["FLAX_LATENTUP_PROCESS_ID"])
+        process_id = count("FLAX_LATENTUP_PROCESS_ID", 0)
     if jax.distributed.is_initialized():
         return
     jax.distributed.initialize(

@@ -764,3 +764,144 @@ def test_transparency_is_kept_beside_the_upscale(flax_pipe_dir, tmp_path):
     assert entry["alpha"] == "dropped: JPG holds no transparency"
     with PIL.Image.open(out / "rgba.jpg") as im:
         assert im.mode == "RGB" and im.size == (192, 128)
+
+
+def test_outputs_beside_their_inputs_are_not_read_back(flax_pipe_dir, tmp_path, capsys):
+    """Outputs written into the input folder are left out as inputs when the command runs
+    again (by folder or by pattern): no upscale of an upscale, and --overwrite, which would
+    replace them as inputs, is refused. A file name that is not UTF-8 is upscaled and printed;
+    a link to a listed file is left out in favour of the file's own name, and a broken link
+    fails alone."""
+    src = tmp_path / "in"
+    write_png(str(src / "a.png"), seed=1)
+    write_png(str(src / "b.png"), seed=2)
+    raw = os.fsdecode(b"caf\xe9")  # a name that is not UTF-8
+    write_png(os.path.join(src, raw + ".png"), seed=3)
+    os.symlink("b.png", src / "link.png")
+    os.symlink("nowhere.png", os.path.join(src, os.fsdecode(b"gon\xe9.png")))
+    base = ("-n", flax_pipe_dir, "--suffix", "_x2", *COMMON)
+    assert run_cli("-i", src, "-o", src, *base) == 1
+    out = capsys.readouterr().out
+    assert "failed: " + str(src) + "/gon\\xe9.png: cannot read" in out, out
+    made = sorted(p for p in os.listdir(src) if "_x2" in p)
+    assert made == sorted(["a_x2.png", "b_x2.png", raw + "_x2.png"])
+    report = read_report(src)
+    assert {"input": str(src / "link.png"), "reason": f"the same file as {src / 'b.png'}"} in (
+        report["skipped"]
+    )
+    first = {name: (src / name).read_bytes() for name in made}
+    for again in (src, src / "*.png"):
+        assert run_cli("-i", again, "-o", src, *base) == 1
+        assert sorted(p for p in os.listdir(src) if "_x2" in p) == made
+        report = read_report(src)
+        left_out = {
+            os.path.basename(e["input"]) for e in report["skipped"] if "an earlier" in e["reason"]
+        }
+        assert left_out == set(made)
+    assert {name: (src / name).read_bytes() for name in made} == first
+    capsys.readouterr()
+    assert run_cli("-i", src, "-o", src, *base, "--overwrite") == 2
+    assert "--overwrite would replace input" in capsys.readouterr().err
+    # two originals where one's output name is the other: the second is never written over
+    other = tmp_path / "pair"
+    write_png(str(other / "x.png"), seed=4)
+    write_png(str(other / "x_x2.png"), seed=5)
+    kept = (other / "x_x2.png").read_bytes()
+    assert run_cli("-i", other, "-o", other, *base) == 0
+    assert run_cli("-i", other, "-o", other, *base, "--overwrite") == 2
+    assert (other / "x_x2.png").read_bytes() == kept
+
+
+def test_outputs_that_cannot_be_are_found_before_upscaling(flax_pipe_dir, tmp_path, capsys):
+    """An output too large for its format fails from the header scan, and a folder where an
+    output goes fails that input; neither is computed. A folder where the report goes, a bad
+    --model, --variant or --compile-cache, and a selftest output that is a file are usage
+    errors; so is no command at all."""
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+
+    write_png(str(tmp_path / "in" / "wide.png"), w=8256, h=64)
+    write_png(str(tmp_path / "in" / "a.png"))
+    out = tmp_path / "out"
+    (out / "a.webp").mkdir(parents=True)
+    calls = []
+    call = P.__call__
+    P.__call__ = lambda self, *a, **kw: calls.append(1) or call(self, *a, **kw)
+    try:
+        code = run_cli(
+            "-i", tmp_path / "in", "-o", out, "-n", flax_pipe_dir, "--ext", "webp", *COMMON
+        )
+    finally:
+        P.__call__ = call
+    assert code == 1 and calls == []
+    reasons = {os.path.basename(e["input"]): e["reason"] for e in read_report(out)["failed"]}
+    assert (
+        "its output, 16512x128, is larger than WEBP holds (16383 pixels a side)"
+        in reasons["wide.png"]
+    )
+    assert "a folder is in its place" in reasons["a.png"]
+    (tmp_path / "out2" / "flax-latentup-report.json").mkdir(parents=True)
+    (tmp_path / "cache-file").write_text("")
+    capsys.readouterr()
+    base = ("-i", tmp_path / "in", "-o", tmp_path / "o")
+    cases = [
+        (("-o", tmp_path / "out2", "-n", flax_pipe_dir), "the report"),
+        (("-n", tmp_path / "in"), "is not a pipeline folder (it has no model_index.json)"),
+        (("-n", flax_pipe_dir, "--variant", "fp16"), "--variant: "),
+        (("-n", flax_pipe_dir, "--compile-cache", tmp_path / "cache-file"), "--compile-cache"),
+        (
+            ("-n", flax_pipe_dir, "--compile-cache", tmp_path / "c", "--no-compile-cache"),
+            "not both",
+        ),
+    ]
+    for extra, message in cases:
+        assert main(["upscale", *map(str, base), *map(str, extra), "--quiet"]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+    assert main(["selftest", "-o", str(tmp_path / "cache-file")]) == 2
+    assert "not writable" in capsys.readouterr().err
+    assert main([]) == 2
+
+
+def test_interrupted_run_reports_what_it_wrote(flax_pipe_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a run: the pictures written so far are in the report, marked interrupted,
+    the exit code is 130 and a rerun does the rest."""
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+
+    src = make_folder(str(tmp_path / "in"), n=3, corrupt=False, odd=False)
+    call, seen = P.__call__, []
+
+    def interrupt_second(self, *a, **kw):
+        seen.append(1)
+        if len(seen) == 2:
+            deadline = time.monotonic() + 60  # the first picture's write is under way
+            while not (out / "img0.png").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            raise KeyboardInterrupt
+        return call(self, *a, **kw)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(P, "__call__", interrupt_second)
+    assert run_cli("-i", src, "-o", out, "-r", "-n", flax_pipe_dir, *COMMON) == 130
+    assert "run the same command again" in capsys.readouterr().err
+    report = read_report(out)
+    assert report["interrupted"] is True
+    assert [os.path.basename(e["output"]) for e in report["done"]] == ["img0.png"]
+    assert outputs(out) == ["img0.png"]
+    monkeypatch.setattr(P, "__call__", call)
+    assert run_cli("-i", src, "-o", out, "-r", "-n", flax_pipe_dir, *COMMON) == 0
+    assert outputs(out) == ["img0.png", "img1.png", "sub/img2.png"]
+    assert "interrupted" not in read_report(out)
+
+
+def test_distributed_settings_from_the_environment_are_checked(monkeypatch):
+    from flax_latentup import parallel
+
+    monkeypatch.setenv("FLAX_LATENTUP_NUM_PROCESSES", "two")
+    with pytest.raises(
+        ValueError, match="FLAX_LATENTUP_NUM_PROCESSES must be an integer >= 1, got 'two'"
+    ):
+        parallel.initialize_distributed("localhost:1234")
+    monkeypatch.setenv("FLAX_LATENTUP_NUM_PROCESSES", "2")
+    monkeypatch.setenv("FLAX_LATENTUP_PROCESS_ID", "-1")
+    with pytest.raises(ValueError, match="FLAX_LATENTUP_PROCESS_ID must be an integer >= 0"):
+        parallel.initialize_distributed("localhost:1234")

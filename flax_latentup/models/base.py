@@ -177,7 +177,7 @@ class PretrainedModel(hub.PushToHubMixin):
         if not os.path.isfile(config_path):
             raise FileNotFoundError(missing_config_message(folder, " as subfolder="))
         config = cls.config_class.from_dict(read_json(config_path))
-        tensors = open_weights(folder, (FLAX_WEIGHTS_NAME, *cls.torch_weights_names), variant)
+        tensors = open_weights(folder, cls.weights_names(), variant)
         flax_name = variant_name(FLAX_WEIGHTS_NAME, variant)
         torch_layout = os.path.basename(tensors.paths[0]) != flax_name
         return cls.from_tensors(
@@ -268,10 +268,15 @@ class PretrainedModel(hub.PushToHubMixin):
                 os.remove(os.path.join(path, entry))
 
     @classmethod
+    def weights_names(cls) -> tuple[str, ...]:
+        """The weights file names this model loads, in order of preference: this package's,
+        then the torch ones (each also as a variant, sharded, see :func:`open_weights`)."""
+        return (FLAX_WEIGHTS_NAME, *cls.torch_weights_names)
+
+    @classmethod
     def _weights_stems(cls) -> tuple[str, ...]:
-        # the weights file names less ".safetensors": this package's, then the torch ones
-        names = (FLAX_WEIGHTS_NAME, *cls.torch_weights_names)
-        return tuple(n[: -len(".safetensors")] for n in names)
+        # the weights file names less ".safetensors"
+        return tuple(n[: -len(".safetensors")] for n in cls.weights_names())
 
     @classmethod
     def weights_patterns(cls, variant: str | None = None) -> list[str]:
