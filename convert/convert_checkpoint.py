@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m convert SRC DST [--dtype float32|bfloat16|float16] [--layout flax|torch]
+    python -m flax_latentup_convert SRC DST [--dtype float32|bfloat16|float16] [--layout flax|torch]
                               [--variant NAME] [--source-variant NAME] [--verify] [--overwrite]
 
 SRC is a diffusers-layout folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
@@ -14,8 +14,9 @@ this package saved (Flax weights), or a hub repo id. DST receives the same layou
 ``--layout torch`` the torch checkpoints diffusers loads (``.bin`` to safetensors, Flax back
 to torch). ``--variant`` writes the weights as that variant (``NAME.fp16.safetensors``) beside
 the pipeline DST holds; ``--source-variant`` reads SRC's. ``--verify`` runs each torch
-component (DST's in the torch layout, else SRC's) and its Flax counterpart on one random input
-and prints the largest difference.
+component (DST's in the torch layout, else SRC's) and its Flax counterpart (read back from DST
+in the Flax layout) on one random input (the VAE both ways, encode and decode) and prints the
+largest difference.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import fnmatch
 import os
 import sys
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -174,7 +176,7 @@ def check_destination(
     A ``variant`` is written beside the pipeline DST holds (its other files kept): DST may
     then be that pipeline, the source's own folder included when the variants differ; an
     existing copy of the variant there is replaced only with ``overwrite``."""
-    from flax_latentup.files import check_save_folder
+    from flax_latentup.files import TMP_PREFIX, check_save_folder, is_stale_temporary
     from flax_latentup.pipeline import MODEL_CLASSES, PIPELINE_PARTS
 
     real = check_save_folder(dst, "DST")
@@ -182,12 +184,21 @@ def check_destination(
     if os.path.isdir(os.path.expanduser(src)) and not (beside and variant != source_variant):
         source = os.path.realpath(os.path.expanduser(src))
         replaced = [os.path.join(real, p) for p in (*PIPELINE_PARTS, "model_index.json")]
-        if source == real or any(source == r or source.startswith(r + os.sep) for r in replaced):
+        if _same_folder(source, real) or any(_within(source, r) for r in replaced):
             raise ConversionError(
                 f"DST {dst!r} is the source folder (or holds it where the pipeline goes): "
                 "converting there would replace the source's weights; choose another folder"
             )
-    if overwrite or not os.path.isdir(real) or not os.listdir(real):
+    now = time.time()
+    held = [
+        e
+        for e in (os.listdir(real) if os.path.isdir(real) else ())
+        if not (  # what a killed save left behind does not count (the save removes it)
+            e.startswith(TMP_PREFIX)
+            and is_stale_temporary(e, os.lstat(os.path.join(real, e)).st_mtime, now)
+        )
+    ]
+    if overwrite or not held:
         return
     if not beside:
         raise ConversionError(
@@ -207,6 +218,27 @@ def check_destination(
                 f"DST {dst!r} already holds the variant {variant!r} ({part}/{taken[0]}): pass "
                 "--overwrite to replace it"
             )
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` are one folder, by identity (device and inode), so that two
+    names of it (a bind mount, a case-insensitive file system) count as one."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (compared as :func:`_same_folder`)."""
+    path = os.path.abspath(path)
+    while True:
+        if _same_folder(path, folder):
+            return True
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
 
 
 def _check_variant_name(flag: str, variant: str | None) -> str | None:
@@ -247,6 +279,7 @@ def convert(
     from flax_latentup.sampling import EulerSchedulerConfig
     from flax_latentup.weights import FLAX_WEIGHTS_NAME, open_weights
 
+    dst = os.path.expanduser(os.fspath(dst))
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
     if layout not in LAYOUTS:
@@ -306,11 +339,28 @@ def convert(
             param_dtype=param_dtype,
             source=sub,
         )
+        if param_dtype == jnp.float16:
+            _check_finite(part, models[part])
     pipe = FlaxStableDiffusionLatentUpscalePipeline(
         models["text_encoder"], models["vae"], models["unet"], tokenizer, scheduler
     )
     pipe.save_pretrained(dst, torch_layout=layout == "torch", variant=variant)
     return pipe, torch_side
+
+
+def _check_finite(part: str, model) -> None:
+    """A ConversionError naming the first parameter of ``model`` that is not finite (after
+    casting to float16: values beyond its range become infinite)."""
+    import jax
+    from flax import nnx
+
+    for path, value in jax.tree_util.tree_leaves_with_path(nnx.state(model)):
+        if not np.isfinite(np.asarray(value, np.float32)).all():
+            name = ".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+            raise ConversionError(
+                f"--dtype float16: {part} parameter {name} holds values beyond float16's range "
+                "(65504) or non-finite ones; store bfloat16 or float32 weights instead"
+            )
 
 
 def verify(folder: str, pipe, variant: str | None = None) -> dict[str, float]:
@@ -348,7 +398,17 @@ def verify(folder: str, pipe, variant: str | None = None) -> dict[str, float]:
         z = rng.standard_normal((1, 8, 8, c)).astype(np.float32)
         ref = vae.decode(torch.from_numpy(z.transpose(0, 3, 1, 2))).sample.numpy()
         got = pipe.vae.decode(jnp.asarray(z))
-        errors["vae"] = rel(got, ref.transpose(0, 2, 3, 1))
+        decoded = rel(got, ref.transpose(0, 2, 3, 1))
+        # and the encoder (picture inputs): the posterior's mean and log-variance
+        side = 8 * pipe.vae.config.downsample_factor
+        x = rng.uniform(-1, 1, (1, side, side, 3)).astype(np.float32)
+        ref = vae.encode(torch.from_numpy(x.transpose(0, 3, 1, 2))).latent_dist
+        got = pipe.vae.encode(jnp.asarray(x))
+        errors["vae"] = max(
+            decoded,
+            rel(got.mean, ref.mean.numpy().transpose(0, 2, 3, 1)),
+            rel(got.logvar, ref.logvar.numpy().transpose(0, 2, 3, 1)),
+        )
         del vae
 
         unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), **kw).eval()
@@ -409,9 +469,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Variant names that say a dtype, and that dtype.
+VARIANT_DTYPES = {
+    "fp16": "float16",
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from flax_latentup import ConfigError, HubError, WeightsError
+
+    said = VARIANT_DTYPES.get(args.variant or "")
+    if said is not None and said != args.dtype:
+        print(
+            f"note: --variant {args.variant} stores the weights as {args.dtype} (--dtype {said} "
+            f"stores {said})",
+            file=sys.stderr,
+        )
 
     try:
         pipe, torch_side = convert(
@@ -437,6 +514,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {args.dst}" + (f" (variant {args.variant})" if args.variant else ""))
     if torch_side is not None:
+        if args.layout == "flax":  # verify what was written: DST read back
+            import jax.numpy as jnp
+
+            from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
+
+            pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+                os.path.expanduser(args.dst),
+                variant=args.variant,
+                param_dtype=jnp.dtype(args.dtype),
+            )
         errors = verify(torch_side[0], pipe, torch_side[1])
         tol = VERIFY_TOLERANCE[args.dtype]
         ok = True

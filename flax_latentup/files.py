@@ -145,10 +145,10 @@ def probe_writable(folder: str, *, create: bool = True) -> None:
 
 
 def check_save_folder(path: str, what: str = "path") -> str:
-    """The real folder a save into ``path`` writes to (a link to a folder is followed);
-    NotADirectoryError if ``path`` or one of its parents is a file, OSError if it cannot be
-    written. Nothing is created."""
-    real = os.path.realpath(os.fspath(path))
+    """The real folder a save into ``path`` writes to (``~`` expanded, a link to a folder
+    followed); NotADirectoryError if ``path`` or one of its parents is a file, OSError if it
+    cannot be written. Nothing is created."""
+    real = os.path.realpath(os.path.expanduser(os.fspath(path)))
     if os.path.exists(real) and not os.path.isdir(real):
         raise NotADirectoryError(f"{what} {os.fspath(path)!r} is a file; expected a folder")
     try:
@@ -186,11 +186,23 @@ def staged_entries(path: str, names: Iterable[str]):
         _set_modes(staging)
         old = os.path.join(staging, ".replaced")
         os.mkdir(old)
-        for name in names:  # each entry swapped by renames within one file system
-            final = os.path.join(real, name)
-            if os.path.lexists(final):
-                os.replace(final, os.path.join(old, name))
-            os.replace(os.path.join(staging, name), final)
+        swapped: list[tuple[str, bool]] = []  # (name, whether an entry was there)
+        try:
+            for name in names:  # each entry swapped by renames within one file system
+                final = os.path.join(real, name)
+                had = os.path.lexists(final)
+                if had:
+                    os.replace(final, os.path.join(old, name))
+                swapped.append((name, had))
+                os.replace(os.path.join(staging, name), final)
+        except BaseException:  # put back what was there, newest swap first
+            for name, had in reversed(swapped):
+                final, new = os.path.join(real, name), os.path.join(staging, name)
+                if not os.path.lexists(new) and os.path.lexists(final):
+                    os.replace(final, new)
+                if had:
+                    os.replace(os.path.join(old, name), final)
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -147,10 +147,15 @@ def resolve(
             if local_files_only
             else "the hub could not be reached"
         )
+        how = (
+            "unset HF_HUB_OFFLINE and connect to the internet once to download it"
+            if offline_env
+            else "connect to the internet once to download it"
+        )
         raise HubError(
             f"cannot load {name!r}: {why} and it is not in the Hugging Face cache"
-            f"{' at ' + os.fspath(cache_dir) if cache_dir else ''}. Connect to the internet "
-            "once to download it, or pass a local folder."
+            f"{' at ' + os.fspath(cache_dir) if cache_dir else ''}; {how}, or pass a local "
+            f"folder (there is no folder {name!r} here)"
         ) from None
     except (hf_errors.HfHubHTTPError, OSError) as e:
         raise HubError(f"cannot fetch {name!r} from the hub: {e}") from None

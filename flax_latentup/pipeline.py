@@ -916,6 +916,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         from flax_latentup import __version__
         from flax_latentup.files import link_copy, staged_entries
 
+        path = os.path.expanduser(os.fspath(path))
         variant = hub.check_variant(variant)
         if torch_layout:
             index = {

@@ -50,6 +50,7 @@ class TensorFile(Mapping[str, np.ndarray]):
         self._handles: dict[str, Any] = {}
         self._where: dict[str, Any] = {}
         self.paths = [os.fspath(p) for p in paths]
+        self.name: str | None = None  # the weights file name it was opened as, if known
         for path in self.paths:
             if not os.path.isfile(path):
                 raise WeightsError(f"weights file not found: {path}")
@@ -146,11 +147,14 @@ def open_weights(folder: str, candidates: Iterable[str], variant: str | None = N
     for base, name in zip(names, candidates, strict=True):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            return TensorFile(path)
-        weight_map = shard_index(folder, base, variant)
-        if weight_map is not None:
-            shards = sorted(set(weight_map.values()))
-            return TensorFile(os.path.join(folder, s) for s in shards)
+            found = TensorFile(path)
+        else:
+            weight_map = shard_index(folder, base, variant)
+            if weight_map is None:
+                continue
+            found = TensorFile(os.path.join(folder, s) for s in sorted(set(weight_map.values())))
+        found.name = base  # which of the candidates, whole or sharded
+        return found
     present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     hint = ""
     if f"{os.sep}snapshots{os.sep}" in os.path.abspath(folder) and not any(

@@ -414,3 +414,117 @@ def test_convert_layouts_and_variants(torch_pipe_dir, flax_pipe_dir, tmp_path, c
         assert message in capsys.readouterr().err, argv
     assert _files(tmp_path) == before
     assert not (tmp_path / "x").exists()
+
+
+def test_sharded_flax_weights_load(flax_pipe_dir, tmp_path):
+    """A Flax folder whose weights are sharded (flax_model-0000k-of-0000n.safetensors and
+    their index) loads as the Flax layout, equal to the whole file."""
+    from safetensors.numpy import load_file as load_np
+    from safetensors.numpy import save_file as save_np
+
+    from flax_latentup import FlaxUNet2DConditionModel
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(flax_pipe_dir, folder)
+    whole = folder / "unet" / "flax_model.safetensors"
+    tensors = load_np(str(whole))
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2]), start=1):
+        shard = f"flax_model-{i:05d}-of-00002.safetensors"
+        save_np({k: tensors[k] for k in part}, str(folder / "unet" / shard))
+        weight_map.update(dict.fromkeys(part, shard))
+    (folder / "unet" / "flax_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map})
+    )
+    whole.unlink()
+    got = FlaxUNet2DConditionModel.from_pretrained(str(folder), "unet")
+    want = FlaxUNet2DConditionModel.from_pretrained(flax_pipe_dir, "unet")
+    for a, b in zip(jax.tree.leaves(nnx.state(got)), jax.tree.leaves(nnx.state(want)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_interrupted_swap_puts_the_folder_back(flax_pipe_dir, tmp_path, monkeypatch):
+    """A save interrupted while its new entries are renamed into place (here after two of them)
+    puts back every entry that was there: the folder is as it was, byte for byte."""
+    from flax_latentup import files
+
+    folder = tmp_path / "saved"
+    shutil.copytree(flax_pipe_dir, folder)
+    (folder / "notes.txt").write_text("mine")
+
+    def snapshot():
+        return {
+            os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
+            for root, _, fs in os.walk(folder)
+            for f in fs
+        }
+
+    flax_pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(flax_pipe_dir)
+    before = snapshot()
+    replace, placed, real = os.replace, [], os.path.realpath(folder)
+
+    def interrupting(a, b):
+        if os.path.dirname(b) == real:  # a new entry renamed into place
+            placed.append(b)
+            if len(placed) == 2:  # the second entry: the first is in, the second moved aside
+                raise KeyboardInterrupt
+        return replace(a, b)
+
+    monkeypatch.setattr(files.os, "replace", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        flax_pipe.save_pretrained(folder, torch_layout=True)
+    monkeypatch.setattr(files.os, "replace", replace)
+    assert snapshot() == before
+    assert not [e for e in os.listdir(folder) if e.startswith(files.TMP_PREFIX)]
+
+
+def test_convert_names_dtype_troubles_and_finds_its_source(
+    torch_pipe_dir, tmp_path, monkeypatch, capsys
+):
+    """float16 weights beyond its range are refused by name; a variant named after a dtype
+    other than --dtype gets a note; '~' in DST is the home folder; a killed save's leftover
+    does not make DST non-empty; and the source is recognised as DST by identity, not by its
+    path's spelling."""
+    from safetensors.numpy import load_file as load_np
+    from safetensors.numpy import save_file as save_np
+
+    from flax_latentup import files
+
+    src = tmp_path / "big"
+    shutil.copytree(torch_pipe_dir, src)
+    weights = src / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_np(str(weights))
+    tensors["conv_out.bias"] = np.full_like(tensors["conv_out.bias"], 1e5)
+    save_np(tensors, str(weights))
+    assert cli_main(["convert", str(src), str(tmp_path / "f16"), "--dtype", "float16"]) == 2
+    err = capsys.readouterr().err
+    assert "--dtype float16: unet parameter conv_out.bias holds values beyond" in err, err
+    assert not (tmp_path / "f16").exists()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    stale = (
+        tmp_path / "home" / "out" / (files.TMP_PREFIX + "999999999@" + files._host_name() + "@x")
+    )
+    stale.mkdir(parents=True)
+    assert cli_main(["convert", torch_pipe_dir, "~/out", "--variant", "fp16"]) == 0
+    assert "note: --variant fp16 stores the weights as float32" in capsys.readouterr().err
+    assert (tmp_path / "home" / "out" / "unet" / "flax_model.fp16.safetensors").is_file()
+    assert not stale.exists()
+    assert not os.path.exists("~")
+    # the source under another spelling of its path (realpath made blind to links)
+    alias = tmp_path / "alias"
+    os.symlink(src, alias)
+    monkeypatch.setattr(os.path, "realpath", os.path.abspath)
+    assert cli_main(["convert", str(src), str(alias), "--overwrite"]) == 2
+    assert "is the source folder" in capsys.readouterr().err
+    assert weights.is_file()
+
+
+def test_verify_runs_the_vae_encoder_too(torch_pipe_dir):
+    """--verify compares the VAE's encoder (picture inputs go through it) as well as its
+    decoder: a Flax VAE whose quant_conv is wrong fails it."""
+    pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(torch_pipe_dir)
+    assert convert_checkpoint.verify(torch_pipe_dir, pipe)["vae"] <= 1e-5
+    kernel = pipe.vae.quant_conv.kernel
+    kernel.value = jnp.zeros_like(kernel.value)
+    assert convert_checkpoint.verify(torch_pipe_dir, pipe)["vae"] > 0.1

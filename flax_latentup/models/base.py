@@ -178,15 +178,19 @@ class PretrainedModel(hub.PushToHubMixin):
             raise FileNotFoundError(missing_config_message(folder, " as subfolder="))
         config = cls.config_class.from_dict(read_json(config_path))
         tensors = open_weights(folder, cls.weights_names(), variant)
-        flax_name = variant_name(FLAX_WEIGHTS_NAME, variant)
-        torch_layout = os.path.basename(tensors.paths[0]) != flax_name
+        # whole or sharded (then named by its index)
+        source = (
+            tensors.paths[0]
+            if len(tensors.paths) == 1
+            else os.path.join(folder, variant_name(f"{tensors.name}.index.json", variant))
+        )
         return cls.from_tensors(
             config,
             tensors,
-            torch_layout=torch_layout,
+            torch_layout=tensors.name != FLAX_WEIGHTS_NAME,
             dtype=dtype,
             param_dtype=param_dtype,
-            source=os.path.join(folder, os.path.basename(tensors.paths[0])),
+            source=source,
         )
 
     @classmethod
