@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -135,7 +136,7 @@ def caption_of(path: str) -> str:
     """The picture's caption: its ``.txt`` file (UTF-8), else the empty prompt."""
     txt = caption_file(path)
     if os.path.isfile(txt):
-        with open(txt, encoding="utf-8") as f:
+        with open(txt, encoding="utf-8-sig") as f:  # a byte-order mark is not text
             return f.read().strip()
     return ""
 
@@ -195,12 +196,13 @@ def load_crop(path: str, size: int, rng: np.random.Generator) -> np.ndarray:
 def step_pictures(paths, step: int, args, rows=None) -> tuple[np.ndarray, list[int]]:
     """The crops of one step's batch (of its ``rows``, default all): the pictures are a
     function of (seed, step), each crop of (seed, step, row), so resuming draws the same and
-    a row is the same whichever host loads it."""
-    rng = np.random.default_rng([args.seed, step])
+    a row is the same whichever host loads it. The two kinds of draws have seeds of their own
+    (numpy pads a seed with zeros: (seed, step) and (seed, step, 0) would be one stream)."""
+    rng = np.random.default_rng([args.seed, step, 0])
     idx = rng.choice(len(paths), args.batch_size, replace=len(paths) < args.batch_size)
     rows = range(args.batch_size) if rows is None else rows
     crops = [
-        load_crop(paths[idx[r]], args.resolution, np.random.default_rng([args.seed, step, r]))
+        load_crop(paths[idx[r]], args.resolution, np.random.default_rng([args.seed, step, 1, r]))
         for r in rows
     ]
     return np.stack(crops), [int(idx[r]) for r in rows]
@@ -346,6 +348,12 @@ def main(argv=None) -> int:
     me, count = jax.process_index(), jax.process_count()
     if args.batch_size % count:
         raise SystemExit(f"--batch-size {args.batch_size} must divide over {count} processes")
+    if (args.batch_size // count) % jax.local_device_count():
+        where = f"each of the {count} processes' share" if count > 1 else "it"
+        raise SystemExit(
+            f"--batch-size {args.batch_size} must divide over the devices: {where} over "
+            f"{jax.local_device_count()} local device(s)"
+        )
     run = run_settings(args, count)
     last = resume_point(args, config, run)
     start = 0 if last is None else int(checkpoint_info(last)["step"])
@@ -377,9 +385,10 @@ def main(argv=None) -> int:
             "(the UNet needs upscaled latents of at least 16x16)"
         )
 
-    # frozen text encoder: every caption is embedded once
+    # frozen text encoder: every caption is embedded once, a fixed number at a time (one
+    # compiled shape, bounded device memory)
     unique = sorted(set(captions) | {""})
-    context, pooled = (np.asarray(a) for a in pipe.encode_prompt(unique))
+    context, pooled = encode_captions(pipe, unique)
     row = {c: i for i, c in enumerate(unique)}
     uncond = (context[row[""]], pooled[row[""]])
 
@@ -403,12 +412,23 @@ def main(argv=None) -> int:
         done = step + 1
         try:
             pictures, idx = step_pictures(paths, step, args, rows)
+            failed = None
         except ValueError as e:  # a picture corrupt past its header
+            failed = e
+        if count > 1:  # all processes stop together (the others would wait in the step)
+            failing = [i for i, f in enumerate(all_processes(failed is not None)) if f]
+            if failing and failed is None:
+                bar.close()
+                raise SystemExit(
+                    f"step {done}: process {failing[0]} cannot decode one of its pictures (its "
+                    "message names it); stopping"
+                )
+        if failed is not None:
             bar.close()
             raise SystemExit(
-                f"step {done}: {e}. Fix or remove it from --data and run again (the run "
+                f"step {done}: {failed}. Fix or remove it from --data and run again (the run "
                 f"resumes from {last or 'step 0'}; without the picture its draws change)."
-            ) from None
+            )
         batch = dict(make_latents(pipe.vae, pictures, jax.random.fold_in(vae_key, step)))
         batch["context"] = context[[row[captions[i]] for i in idx]]
         batch["pooled"] = pooled[[row[captions[i]] for i in idx]]
@@ -433,6 +453,44 @@ def main(argv=None) -> int:
                 prune(args.output, args.keep, path)
                 bar.write(f"saved {path}")
     return 0
+
+
+def all_processes(flag: bool) -> list[bool]:
+    """Every process's ``flag``, in process order (a collective: all processes call it)."""
+    from jax.experimental import multihost_utils
+
+    return [bool(f) for f in np.asarray(multihost_utils.process_allgather(np.int32(flag)))]
+
+
+CAPTION_CHUNK = 64  # captions embedded per call
+
+
+def encode_captions(pipe, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(context [N, 77, D], pooled [N, D])`` of ``captions``, embedded ``CAPTION_CHUNK`` at
+    a time (the last chunk padded); captions longer than the text encoder's tokens are cut as
+    in the pipeline, and counted in one warning."""
+    contexts, pooleds = [], []
+    with warnings.catch_warnings(record=True) as cut:
+        warnings.simplefilter("always")
+        for i in range(0, len(captions), CAPTION_CHUNK):
+            chunk = captions[i : i + CAPTION_CHUNK]
+            padded = chunk + [""] * (CAPTION_CHUNK - len(chunk))
+            c, p = pipe.encode_prompt(padded)
+            contexts.append(np.asarray(c)[: len(chunk)])
+            pooleds.append(np.asarray(p)[: len(chunk)])
+    long = 0
+    for w in cut:
+        if "is longer than the text encoder" in str(w.message):
+            long += 1
+        else:  # other warnings are shown as they would have been
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if long and jax.process_index() == 0:
+        print(
+            f"warning: {long} caption(s) are longer than the text encoder's "
+            f"{pipe.tokenizer.model_max_length} tokens; their ends are left out",
+            file=sys.stderr,
+        )
+    return np.concatenate(contexts), np.concatenate(pooleds)
 
 
 def diverged(what: str, step: int, args, last: str | None) -> str:

@@ -467,6 +467,13 @@ class Trainer:
         unet.set_remat(remat)
         self.graphdef, params, self.frozen = nnx.split(unet, TRAINABLE, ...)
         unet.set_remat(False)
+        stored = sorted({str(x.dtype) for x in jax.tree.leaves(params)} - {"float32"})
+        if stored:
+            raise ValueError(
+                f"unet: its trainable parameters must be float32, got {stored} (small updates "
+                "would be rounded away and the EMA would not move): load it with "
+                "param_dtype=jnp.float32 (the default; dtype= still sets the compute dtype)"
+            )
         self._initial_params = params
         if mesh is None:
             from flax_latentup.parallel import make_mesh

@@ -329,6 +329,79 @@ def test_example_draws_depend_on_seed_and_step_only(finetune, tmp_path):
     assert idx_a == idx_b and not np.array_equal(a, c)
 
 
+def test_example_crops_do_not_follow_the_picture_choice(finetune, monkeypatch):
+    """A row's crop is drawn apart from the choice of its picture: over many steps each
+    picture is cropped all across its width (numpy pads seeds with zeros, so sharing a stream
+    with the choice tied row 0's crop position to the picture chosen)."""
+    import argparse
+
+    offsets: dict[int, list[int]] = {}
+
+    def spy(path, size, rng):
+        offsets.setdefault(int(path), []).append(int(rng.integers(0, 769)))
+        return np.zeros((size, size, 3), np.float32)
+
+    monkeypatch.setattr(finetune, "load_crop", spy)
+    args = argparse.Namespace(seed=3, batch_size=1, resolution=8)
+    for step in range(300):
+        finetune.step_pictures(["0", "1", "2"], step, args)
+    for picture, xs in offsets.items():
+        assert max(xs) - min(xs) > 600, f"picture {picture}: crops only within {min(xs)}..{max(xs)}"
+
+
+def test_example_embeds_captions_in_chunks(finetune, tmp_path, capsys):
+    """Captions are embedded a chunk at a time, the same as all at once; a byte-order mark
+    is not part of a caption; captions cut at the text encoder's length are counted once."""
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+
+    tok = helpers.write_clip_tokenizer(str(tmp_path / "tok"))
+    pipe_dir = str(tmp_path / "pipe")
+    P.from_pretrained(_torch_pipe(tok, tmp_path)).save_pretrained(pipe_dir)
+    pipe = P.from_pretrained(pipe_dir)
+    captions = [f"a photo of the cat {i}" for i in range(70)] + [" ".join(["cat"] * 90)] * 2
+    got = finetune.encode_captions(pipe, captions)
+    assert "warning: 2 caption(s) are longer than the text encoder's 77 tokens" in (
+        capsys.readouterr().err
+    )
+    with pytest.warns(UserWarning):
+        want = pipe.encode_prompt(captions)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, np.asarray(b), rtol=0, atol=1e-5)
+    (tmp_path / "x.png").write_bytes(b"")
+    (tmp_path / "x.txt").write_bytes("\ufeffa photo".encode())
+    assert finetune.caption_of(str(tmp_path / "x.png")) == "a photo"
+
+
+def _torch_pipe(tokenizer_dir, tmp_path):
+    folder = str(tmp_path / "torch")
+    helpers.make_torch_pipeline(seed=1, tokenizer_dir=tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def test_trainer_refuses_low_precision_weights():
+    """Training bfloat16 parameters would round small updates away: refused by name."""
+    config = UNet2DConditionConfig.from_dict(helpers.PIPE_UNET)
+    unet = random_model(FlaxUNet2DConditionModel, config, 0)
+    graphdef, state = nnx.split(unet)
+    unet = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.bfloat16), state))
+    uncond = (np.zeros((L, D), np.float32), np.zeros(D, np.float32))
+    with pytest.raises(
+        ValueError, match=r"trainable parameters must be float32, got \['bfloat16'\]"
+    ):
+        Trainer(unet, uncond)
+
+
+def test_example_checks_batch_over_local_devices(finetune, tmp_path, monkeypatch):
+    """A batch that does not divide over this host's devices stops before the model loads."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.setattr(jax, "local_device_count", lambda *a: 2)
+    argv = ["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "data")]
+    argv += ["--output", str(tmp_path / "run"), "--steps", "10", "--batch-size", "1"]
+    with pytest.raises(SystemExit, match="--batch-size 1 must divide over the devices"):
+        finetune.main(argv)
+    assert not (tmp_path / "run").exists()
+
+
 def test_example_checks_schedule_before_loading(finetune, tmp_path):
     argv = ["--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data")]
     argv += ["--output", str(tmp_path / "run"), "--steps", "1000"]
