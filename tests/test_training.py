@@ -603,10 +603,11 @@ def test_two_processes_train_as_one(tmp_path, one_device_run):
         assert gap <= 1e-5, f"{sub} of the two-process checkpoint differs by {gap:.3g} (relative)"
 
 
-def test_example_on_two_processes(flax_pipe_dir, tmp_path):
+def test_example_on_two_processes(flax_pipe_dir, finetune, tmp_path):
     """``examples/finetune.py --distributed`` on two processes: one progress bar, one set of
     checkpoints (written by process 0 into the shared folder, the older one pruned). Resuming
-    on several processes is tested with the Trainer above."""
+    on several processes is tested with the Trainer above. A picture that process 1 cannot
+    decode stops both processes at that step (the other does not wait for it)."""
     from PIL import Image
 
     data = tmp_path / "data"
@@ -616,7 +617,7 @@ def test_example_on_two_processes(flax_pipe_dir, tmp_path):
     (data / "0.txt").write_text("a photo of the cat\n")
     run = tmp_path / "run"
 
-    def start(steps: int) -> list[str]:
+    def start(steps: int, ok: bool = True) -> list[str]:
         port = helpers.free_port()
         argv = ["--model", flax_pipe_dir, "--data", str(data), "--output", str(run)]
         argv += ["--resolution", "128", "--batch-size", "2", "--steps", str(steps)]
@@ -627,7 +628,9 @@ def test_example_on_two_processes(flax_pipe_dir, tmp_path):
         try:
             runpy.run_path("examples/finetune.py", run_name="__main__")
         except SystemExit as e:
-            assert not e.code, e.code
+            if e.code:
+                print(e.code, file=sys.stderr)
+                sys.exit(3)
         print("ok")
         """
         env = dict(FLAX_LATENTUP_COORDINATOR=f"127.0.0.1:{port}", FLAX_LATENTUP_NUM_PROCESSES="2")
@@ -635,7 +638,10 @@ def test_example_on_two_processes(flax_pipe_dir, tmp_path):
         errs = []
         for proc in procs:
             out, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0 and out.strip().endswith("ok"), err[-3000:]
+            if ok:
+                assert proc.returncode == 0 and out.strip().endswith("ok"), err[-3000:]
+            else:
+                assert proc.returncode == 3, err[-3000:]
             errs.append(err)
         return errs
 
@@ -644,6 +650,24 @@ def test_example_on_two_processes(flax_pipe_dir, tmp_path):
     assert sorted(os.listdir(run)) == ["checkpoint-00000002"]
     with open(run / "checkpoint-00000002" / "trainer_state.json") as f:
         assert json.load(f)["step"] == 2
+    # step 3 (index 2): the picture of row 1, which process 1 decodes, cut short
+    import argparse
+
+    seen = []
+    spy = lambda path, size, rng: seen.append(path) or np.zeros((size, size, 3), np.float32)  # noqa: E731
+    real, finetune.load_crop = finetune.load_crop, spy
+    try:
+        paths = finetune.list_pictures(str(data))
+        finetune.step_pictures(
+            paths, 2, argparse.Namespace(seed=0, batch_size=2, resolution=8), [1]
+        )
+    finally:
+        finetune.load_crop = real
+    whole = open(seen[0], "rb").read()
+    open(seen[0], "wb").write(whole[: len(whole) // 2])
+    errs = start(3, ok=False)
+    assert "process 1 cannot decode one of its pictures" in errs[0], errs[0][-2000:]
+    assert f"cannot decode the picture {seen[0]}" in errs[1], errs[1][-2000:]
 
 
 # --------------------------------------------------------------------------------------------
