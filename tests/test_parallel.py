@@ -13,6 +13,15 @@ from flax_latentup.parallel import process_share
 from tests.helpers import finish, free_port, run_python, xla_flags
 
 
+def results_on_devices(code: str, devices: int, out_file) -> dict[str, np.ndarray]:
+    """Run ``code`` in a process with ``devices`` fake CPU devices; the arrays of its dict
+    ``res``, which it ends with (saved to ``out_file`` and read back)."""
+    code = textwrap.dedent(code) + f"\nimport numpy\nnumpy.savez({str(out_file)!r}, **res)\n"
+    flags = xla_flags(f"--xla_force_host_platform_device_count={devices}")
+    finish(run_python(code, env={"XLA_FLAGS": flags}))
+    return dict(np.load(out_file))
+
+
 def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     out_file = tmp_path / "out.npz"
     code = f"""
@@ -35,7 +44,7 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     # later calls copy nothing between devices (each is sent its share of the batch directly)
     pipe(prompt=prompts[:5], image=low[:5], use_pmap=True, **kw)
     (copy,) = pipe._replicated.values()
-    for extra in ({{}}, {{"use_pmap": True}}, {{}}):
+    for extra in ({{}}, {{"use_pmap": True}}):
         with jax.transfer_guard_device_to_device("disallow"):
             pipe(prompt=prompts[:5], image=low[:5], **extra, **kw)
     assert list(pipe._replicated.values()) == [copy]
@@ -91,14 +100,8 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     res["mesh2d5"] = pipe(prompt=prompts[:5], image=low[:5], mesh=mesh2d, **kw).images
     parallel._pad_batch = pad
     assert padded_to == [4], padded_to
-    np.savez({str(out_file)!r}, **res)
-    print("ok")
     """
-    proc = run_python(
-        code, env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")}
-    )
-    assert finish(proc).strip().endswith("ok")
-    res = dict(np.load(out_file))
+    res = results_on_devices(code, 8, out_file)
     for n in (8, 5):
         ref = res[f"single{n}"]
         assert ref.shape == (n, 128, 128, 3)
@@ -186,14 +189,8 @@ def test_tiled_vae_work_is_split_over_the_devices(flax_pipe_dir, tmp_path):
         calls.clear()
         res[name] = vae.decode(z4, tiled=True, tile_sample_size=64)[:3]
         assert calls and all(c[2] == devices for c in calls), (name, calls)
-    np.savez({str(out_file)!r}, **res)
-    print("ok")
     """
-    proc = run_python(
-        code, env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=4")}
-    )
-    assert finish(proc).strip().endswith("ok")
-    res = dict(np.load(out_file))
+    res = results_on_devices(code, 4, out_file)
     assert res["single"].shape == (3, 256, 192, 3)
     for path in ("sharded", "pmap"):
         err = np.max(np.abs(res[path] - res["single"]))
@@ -240,14 +237,8 @@ def test_callback_and_step_bar_on_several_devices(flax_pipe_dir, tmp_path):
     assert len(kernels[0]) >= 16 and all(len(k.sharding.device_set) == 2 for k in kernels[0])
     for later in kernels[1:]:
         assert all(a is b for a, b in zip(kernels[0], later, strict=True))
-    np.savez({str(out_file)!r}, **res)
-    print("ok")
     """
-    proc = run_python(
-        code, env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")}
-    )
-    assert finish(proc).strip().endswith("ok")
-    res = dict(np.load(out_file))
+    res = results_on_devices(code, 2, out_file)
     steps = res["single_steps"]
     assert steps[:, 0].tolist() == [0, 1, 2]
     assert res["single_latents"].shape == (3, 3, 16, 16, 4)
@@ -299,14 +290,8 @@ def test_pmap_upscale_takes_either_replicated_layout(flax_pipe_dir, tmp_path):
         raise AssertionError("no error")
     except ValueError as e:
         assert "over the 2 devices this call runs on, in their order" in str(e), e
-    np.savez({str(out_file)!r}, **res)
-    print("ok")
     """
-    proc = run_python(
-        code, env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")}
-    )
-    assert finish(proc).strip().endswith("ok")
-    res = dict(np.load(out_file))
+    res = results_on_devices(code, 2, out_file)
     assert res["pipe"].shape == (3, 16, 16, 4)
     for name in ("pmap_layout", "mesh_layout", "host"):
         err = np.max(np.abs(res[name] - res["pipe"]))
