@@ -48,6 +48,13 @@ if "jax" in sys.modules:  # imported by a plugin before the environment was set
 from tests import helpers  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked heavy run first: with workers (pytest-xdist) they are spread over
+    them from the start, instead of one worker being left alone with a long test at the end.
+    The order is otherwise kept."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> str:
     return helpers.write_clip_tokenizer(str(tmp_path_factory.mktemp("tokenizer")))

@@ -47,6 +47,7 @@ def gpu_run(tmp_path, *steps: str, **settings: str) -> tuple[subprocess.Complete
     return proc, packed
 
 
+@pytest.mark.heavy
 def test_gpu_run_on_the_cpu_packs_the_benchmark(tmp_path):
     """The GPU script's steps, checked on the CPU: the CUDA tests skip, and the benchmark runs
     both sides on the tiny model, taking turns; its report holds what it claims."""

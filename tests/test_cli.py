@@ -165,6 +165,7 @@ def cli_subprocess(*argv):
     )
 
 
+@pytest.mark.heavy
 def test_killed_run_resumes_byte_identical(flax_pipe_dir, tmp_path):
     src = tmp_path / "in"
     for i in range(12):
@@ -280,6 +281,7 @@ def test_version_and_convert_help(capsys):
     assert "into a Flax or torch pipeline folder" in capsys.readouterr().out
 
 
+@pytest.mark.heavy
 def test_distributed_processes_share_one_output_folder(flax_pipe_dir, tmp_path):
     """``--distributed``: two processes upscale their shares into one output folder. A killed
     run's temporary is removed (once, before either process writes), each process writes its

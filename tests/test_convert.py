@@ -33,6 +33,7 @@ def _run(pipe, seed=0):
     ).images
 
 
+@pytest.mark.heavy
 def test_convert_safetensors_with_verify(torch_pipe_dir, flax_pipe_dir, tmp_path, capsys):
     dst = tmp_path / "flax"
     code = cli_main(["convert", torch_pipe_dir, str(dst), "--verify"])
@@ -524,7 +525,6 @@ def test_verify_runs_the_vae_encoder_too(torch_pipe_dir):
     """--verify compares the VAE's encoder (picture inputs go through it) as well as its
     decoder: a Flax VAE whose quant_conv is wrong fails it."""
     pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(torch_pipe_dir)
-    assert convert_checkpoint.verify(torch_pipe_dir, pipe)["vae"] <= 1e-5
-    kernel = pipe.vae.quant_conv.kernel
+    kernel = pipe.vae.quant_conv.kernel  # (the untouched VAE passes: the test above)
     kernel.value = jnp.zeros_like(kernel.value)
     assert convert_checkpoint.verify(torch_pipe_dir, pipe)["vae"] > 0.1

@@ -79,6 +79,7 @@ def test_kernel_is_this_interpreter():
     assert os.path.realpath(cmd[0]) == os.path.realpath(sys.executable), cmd
 
 
+@pytest.mark.heavy
 def test_notebook_runs_on_tiny_model(flax_pipe_dir, tmp_path, monkeypatch):
     overrides = dict(
         MODEL=flax_pipe_dir,

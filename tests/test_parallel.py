@@ -22,6 +22,7 @@ def results_on_devices(code: str, devices: int, out_file) -> dict[str, np.ndarra
     return dict(np.load(out_file))
 
 
+@pytest.mark.heavy
 def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     out_file = tmp_path / "out.npz"
     code = f"""
@@ -39,7 +40,8 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
         res[f"sharded{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], **kw).images
         res[f"pmap{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], use_pmap=True, **kw).images
         res[f"single{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], devices=jax.devices()[:1], **kw).images
-        res[f"two{{n}}"] = pipe(prompt=prompts[:n], image=low[:n], devices=jax.devices()[:2], **kw).images
+        if n == 5:  # an odd batch over two devices
+            res["two5"] = pipe(prompt=prompts[:5], image=low[:5], devices=jax.devices()[:2], **kw).images
     # the pmap and sharded paths share one copy of the weights on the devices, made once:
     # later calls copy nothing between devices (each is sent its share of the batch directly)
     pipe(prompt=prompts[:5], image=low[:5], use_pmap=True, **kw)
@@ -105,7 +107,7 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     for n in (8, 5):
         ref = res[f"single{n}"]
         assert ref.shape == (n, 128, 128, 3)
-        for path in ("sharded", "pmap", "two"):
+        for path in ("sharded", "pmap", "two") if n == 5 else ("sharded", "pmap"):
             err = np.max(np.abs(res[f"{path}{n}"] - ref))
             assert err <= 1e-5, f"{path} batch {n}: max abs difference {err:.3g} from one device"
     for i in (0, 4, 7):
@@ -118,6 +120,7 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     np.testing.assert_allclose(res["mesh2d5"], res["single5"], atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_tiled_vae_work_is_split_over_the_devices(flax_pipe_dir, tmp_path):
     """With tiling on and several devices, the tiled encode of the pictures and the tiled
     decode of the results run on all devices (each tile split along the batch, an odd batch
@@ -201,6 +204,7 @@ def test_tiled_vae_work_is_split_over_the_devices(flax_pipe_dir, tmp_path):
     np.testing.assert_allclose(res["vae_elsewhere"], res["vae_one"], rtol=0, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_callback_and_step_bar_on_several_devices(flax_pipe_dir, tmp_path):
     """The step bar and ``callback`` work on the sharded-jit and pmap paths: every step once,
     in order, with the whole batch's latents (the padding of an odd batch cut), as on one
@@ -308,6 +312,7 @@ def test_process_share_covers_the_list():
         process_share(items, 3, 3)
 
 
+@pytest.mark.heavy
 def test_two_processes_split_the_work(flax_pipe_dir, tmp_path):
     """Two local processes with jax.distributed each upscale their share of 6 inputs; the
     union equals one process upscaling all 6."""

@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 import PIL.Image
+import pytest
 
 from flax_latentup import parallel
 from tests import helpers
@@ -29,6 +30,7 @@ def python_blocks() -> list[str]:
         return re.findall(r"^```python\n(.*?)^```", f.read(), re.S | re.M)
 
 
+@pytest.mark.heavy
 def test_readme_python_examples_run(flax_pipe_dir, tmp_path, monkeypatch):
     blocks = python_blocks()
     assert len(blocks) == 6, "README's Python blocks changed: update this test"

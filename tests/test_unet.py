@@ -139,6 +139,7 @@ def sd_x2_unet(tmp_path_factory):
     return {"folder": folder, "n_params": n_params, "inputs": inputs, "ref": ref}
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_sd_x2_config_parity(sd_x2_unet):
     assert sd_x2_unet["n_params"] == SD_X2_PARAMS
