@@ -661,8 +661,7 @@ def check_model_folder(folder: str, variant: str | None, skip: Sequence[str] = (
     """A UsageError unless ``folder`` is a pipeline folder whose models (but those in
     ``skip``) have configs and weights of ``variant``; reads file names, the index and the
     weights files' headers, no weights."""
-    from flax_latentup.models.base import read_json
-    from flax_latentup.pipeline import MODEL_CLASSES, PIPELINE_CLASS_NAMES, check_pipeline_folder
+    from flax_latentup.pipeline import MODEL_CLASSES, check_pipeline_folder, read_pipeline_index
     from flax_latentup.weights import WeightsError, open_weights
 
     index = os.path.join(folder, "model_index.json")
@@ -671,13 +670,9 @@ def check_model_folder(folder: str, variant: str | None, skip: Sequence[str] = (
             f"--model: {folder!r} is not a pipeline folder (it has no model_index.json)"
         )
     try:
-        name = read_json(index).get("_class_name")
-        if name not in PIPELINE_CLASS_NAMES:
-            raise ValueError(
-                f"{index}: `_class_name` is {name!r}, expected one of {PIPELINE_CLASS_NAMES}"
-            )
+        read_pipeline_index(folder)
         check_pipeline_folder(folder, skip=tuple(skip))
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError) as e:
         raise UsageError(f"--model: {e}") from None
     for part, model in MODEL_CLASSES.items():
         if part in skip:

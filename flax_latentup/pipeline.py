@@ -214,6 +214,19 @@ def load_tokenizer(folder: str) -> Any:
     return CLIPTokenizer.from_pretrained(folder)
 
 
+def read_pipeline_index(folder: str) -> dict[str, Any]:
+    """``folder``'s ``model_index.json``; a ValueError unless it names this pipeline (either
+    layout)."""
+    path = os.path.join(folder, "model_index.json")
+    index = read_json(path)
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if name not in PIPELINE_CLASS_NAMES:
+        raise ValueError(
+            f"{path}: `_class_name` is {name!r}, expected one of {PIPELINE_CLASS_NAMES}"
+        )
+    return index
+
+
 def check_pipeline_folder(folder: str, skip: Sequence[str] = ()) -> None:
     """FileNotFoundError unless ``folder`` has the pipeline's subfolders (those in ``skip``
     aside: components given otherwise) and a tokenizer's files (an empty ``tokenizer/`` would
@@ -851,13 +864,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             local_files_only=local_files_only,
             token=token,
         )
-        index_path = os.path.join(folder, "model_index.json")
-        index = read_json(index_path)
-        name = index.get("_class_name")
-        if name not in PIPELINE_CLASS_NAMES:
-            raise ValueError(
-                f"{index_path}: `_class_name` is {name!r}, expected one of {PIPELINE_CLASS_NAMES}"
-            )
+        read_pipeline_index(folder)
         check_pipeline_folder(folder, skip=tuple(given))
         configs = {
             part: given[part].config
@@ -991,8 +998,16 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         ids = self.tokenizer(
             prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np"
         ).input_ids
-        full = self.tokenizer(prompts, truncation=False, verbose=False).input_ids
-        for i, whole in enumerate(full):
+        # only a row whose tokens fill it (no end or padding token before its last) may have
+        # been cut: those alone are tokenized again, whole
+        ends = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        filled = [i for i, row in enumerate(ids) if int(row[length - 2]) not in ends]
+        whole_rows = (
+            self.tokenizer([prompts[i] for i in filled], truncation=False, verbose=False).input_ids
+            if filled
+            else []
+        )
+        for i, whole in zip(filled, whole_rows, strict=True):
             if len(whole) > length:  # the text between the kept tokens and the end token
                 cut = self.tokenizer.decode(whole[length - 1 : -1])
                 warnings.warn(
