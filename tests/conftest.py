@@ -13,16 +13,27 @@ import pytest
 # Keep XLA and torch from fighting over the two cores, and JAX on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# On the CPU, XLA generates code at LLVM optimisation level 0 for the session (this process,
-# the pytest-xdist workers and the subprocesses, which extend XLA_FLAGS with
-# helpers.xla_flags): the same operations, compiled about 40% faster and run somewhat slower,
-# which is what a suite of many small compiles wants. A level set in XLA_FLAGS already wins.
-if os.environ["JAX_PLATFORMS"] == "cpu" and "xla_backend_optimization_level" not in (
-    os.environ.get("XLA_FLAGS", "")
-):
+# On the CPU, XLA compiles quickly rather than well for the session (this process, the
+# pytest-xdist workers and the subprocesses, which extend XLA_FLAGS with helpers.xla_flags):
+# LLVM optimisation level 0, each program generated as one piece (no parallel split, which
+# only adds work on two cores shared by two workers) and, on jaxlib 0.10 and older, the older
+# loop emitters in place of the fusion emitters (jaxlib 0.11 has no such flag and would stop at
+# it). The same operations, compiled in about half the time and run somewhat slower, which is
+# what a suite of many small compiles wants. A flag already set in XLA_FLAGS wins.
+def _fast_compile_flags() -> list[str]:
+    from importlib.metadata import version
+
+    flags = ["--xla_backend_optimization_level=0", "--xla_cpu_parallel_codegen_split_count=1"]
+    if tuple(int(p) for p in version("jaxlib").split(".")[:2]) < (0, 11):
+        flags.append("--xla_cpu_use_fusion_emitters=false")
+    return flags
+
+
+if os.environ["JAX_PLATFORMS"] == "cpu":
+    _set = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = " ".join(
-        filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"])
-    )
+        [_set] + [f for f in _fast_compile_flags() if f.split("=")[0] not in _set]
+    ).strip()
 
 # One persistent compilation cache for the session: this process, the pytest-xdist workers
 # and the subprocesses they start (all inherit the environment). Many tests compile the same
