@@ -13,6 +13,7 @@ import pytest
 # Keep XLA and torch from fighting over the two cores, and JAX on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
 # On the CPU, XLA compiles quickly rather than well for the session (this process, the
 # pytest-xdist workers and the subprocesses, which extend XLA_FLAGS with helpers.xla_flags):
 # LLVM optimisation level 0, each program generated as one piece (no parallel split, which
