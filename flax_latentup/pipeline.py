@@ -16,6 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import math
 import numbers
 import os
@@ -63,15 +64,16 @@ PIPELINE_CLASS_NAMES = (
     "StableDiffusionLatentUpscalePipeline",
     "FlaxStableDiffusionLatentUpscalePipeline",
 )
-OUTPUT_TYPES = ("pil", "np", "latent")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 VAE_SAMPLE_MODES = ("sample", "argmax")
 DEFAULT_REPO = "stabilityai/sd-x2-latent-upscaler"
 
 
 @dataclasses.dataclass
 class UpscalePipelineOutput:
-    """``images``: a list of PIL images, a float32 array ``[B, H, W, 3]`` in [0, 1], or the
-    latents ``[B, 2h, 2w, 4]``, by ``output_type``."""
+    """``images``: a list of PIL images, a float32 array ``[B, H, W, 3]`` in [0, 1], a float32
+    torch tensor ``[B, 3, H, W]`` in [0, 1], or the latents ``[B, 2h, 2w, 4]``, by
+    ``output_type``."""
 
     images: Any
 
@@ -522,8 +524,35 @@ def pil_to_rgb(img, name: str | None = None):
     return img.convert("RGB")
 
 
-def _pil_to_array(img) -> np.ndarray:
-    return np.asarray(pil_to_rgb(img, "image"), dtype=np.uint8)
+def _pil_to_array(img, size: tuple[int, int] | None = None) -> np.ndarray:
+    """``img`` as an RGB uint8 ``[H, W, 3]`` array, resized bicubic to ``size`` (W, H) if given
+    (PIL's resize, as diffusers' image processor)."""
+    import PIL.Image
+
+    img = pil_to_rgb(img, "image")
+    if size is not None and img.size != size:
+        img = img.resize(size, PIL.Image.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def fitted_picture_size(height: int, width: int, factor: int = 8) -> tuple[int, int] | None:
+    """The size (H, W) a picture of ``height`` x ``width`` is brought to, as diffusers' image
+    processor does: each side down to a multiple of the VAE's ``factor``. ``None`` where that
+    size cannot be upscaled (sides must then be multiples of ``4 * factor``, at least ``8 *
+    factor``), so the pictures diffusers takes are exactly the ones taken here."""
+    fitted = (height - height % factor, width - width % factor)
+    if any(s % (4 * factor) or s < 8 * factor for s in fitted):
+        return None
+    return fitted
+
+
+def _nearest_rows(size_in: int, size_out: int) -> np.ndarray:
+    """The source index of each of ``size_out`` rows in torch's nearest interpolation from
+    ``size_in`` rows (``F.interpolate``'s default mode, which diffusers resizes arrays and
+    tensors with): ``floor(i * size_in / size_out)``, the ratio and product in float32."""
+    scale = np.float32(size_in) / np.float32(size_out)
+    rows = np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(rows, size_in - 1)
 
 
 def prepare_image(
@@ -533,7 +562,9 @@ def prepare_image(
 
     PIL images and uint8 arrays are mapped to [-1, 1]. Float pictures (numpy, JAX or torch) follow
     diffusers: values in [0, 1] are mapped to [-1, 1]; pictures holding negative values are taken
-    as already in [-1, 1]. Torch tensors are NCHW.
+    as already in [-1, 1]. Torch tensors are NCHW. Picture sides are brought down to multiples of
+    ``downsample_factor`` as diffusers' image processor does (:func:`fitted_picture_size`): PIL
+    pictures resized bicubic, arrays and tensors by nearest rows and columns.
     """
     import PIL.Image
 
@@ -541,33 +572,37 @@ def prepare_image(
         raise ValueError("image is required: a PIL image, a list of them, or an array")
     torch_input = False
     if isinstance(image, PIL.Image.Image):
-        arr = _pil_to_array(image)[None]
+        image = [image]
+    if (
+        isinstance(image, list | tuple)
+        and image
+        and all(isinstance(i, PIL.Image.Image) for i in image)
+    ):
+        sizes = {i.size for i in image}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"image: all pictures in a list must have one size, got {sorted(sizes)}"
+            )
+        ((w, h),) = sizes
+        fitted = fitted_picture_size(h, w, downsample_factor)
+        size = None if fitted is None else fitted[::-1]
+        arr = np.stack([_pil_to_array(i, size) for i in image])
     elif isinstance(image, list | tuple):
         if not image:
             raise ValueError("image is an empty list")
-        if all(isinstance(i, PIL.Image.Image) for i in image):
-            sizes = {i.size for i in image}
-            if len(sizes) > 1:
-                raise ValueError(
-                    f"image: all pictures in a list must have one size, got {sorted(sizes)}"
-                )
-            arr = np.stack([_pil_to_array(i) for i in image])
-        else:
-            parts = [
-                _pil_to_array(i)
-                if isinstance(i, PIL.Image.Image)
-                else _torch_to_numpy(i)
-                if _is_torch_tensor(i)
-                else np.asarray(i)
-                for i in image
-            ]
-            torch_input = _is_torch_tensor(image[0])
-            shapes = {p.shape for p in parts}
-            if len(shapes) > 1:
-                raise ValueError(
-                    f"image: all list entries must have one shape, got {sorted(shapes)}"
-                )
-            arr = np.stack(parts) if parts[0].ndim == 3 else np.concatenate(parts)
+        parts = [
+            _pil_to_array(i)
+            if isinstance(i, PIL.Image.Image)
+            else _torch_to_numpy(i)
+            if _is_torch_tensor(i)
+            else np.asarray(i)
+            for i in image
+        ]
+        torch_input = _is_torch_tensor(image[0])
+        shapes = {p.shape for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(f"image: all list entries must have one shape, got {sorted(shapes)}")
+        arr = np.stack(parts) if parts[0].ndim == 3 else np.concatenate(parts)
     elif _is_torch_tensor(image):
         torch_input = True
         arr = _torch_to_numpy(image)
@@ -632,14 +667,23 @@ def prepare_image(
     if not np.isfinite(arr).all():
         raise ValueError("image contains NaN or infinite values (in float32)")
     f = downsample_factor
-    side_unit, side_min = (4, 8) if kind == "latents" else (4 * f, 8 * f)
     h, w = arr.shape[1:3]
-    if h % side_unit or w % side_unit or h < side_min or w < side_min:
-        what = "low-res latents" if kind == "latents" else "pictures"
+    if kind == "latents":
+        if h % 4 or w % 4 or h < 8 or w < 8:
+            raise ValueError(
+                "image: low-res latents must have sides that are multiples of 4 and at least 8 "
+                f"(the 2x latents must be multiples of 8, at least 16), got {h}x{w}"
+            )
+        return arr, kind
+    fitted = fitted_picture_size(h, w, f)
+    if fitted is None:
         raise ValueError(
-            f"image: {what} must have sides that are multiples of {side_unit} and at least "
-            f"{side_min} (the 2x latents must be multiples of 8, at least 16), got {h}x{w}"
+            f"image: pictures must have sides that are multiples of {4 * f} and at least "
+            f"{8 * f} (the 2x latents must be multiples of 8, at least 16), or up to {f - 1} "
+            f"more, which are cut back by resizing as diffusers does; got {h}x{w}"
         )
+    if fitted != (h, w):  # arrays and tensors: nearest rows and columns, as diffusers
+        arr = arr[:, _nearest_rows(h, fitted[0])][:, :, _nearest_rows(w, fitted[1])]
     return arr, kind
 
 
@@ -1145,7 +1189,8 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         pictures (PIL image(s), ``[B, H, W, 3]`` uint8 or float in [0, 1]; NCHW torch) that
         are VAE-encoded (``vae_sample_mode`` "sample" as diffusers, or "argmax" for the
         posterior mode). Pictures need sides that are multiples of 32 (latents: 4), at least
-        64 (latents: 8). ``prompt``: a string (used for every image) or one per image; ``None``
+        64 (latents: 8); as in diffusers, sides up to 7 beyond are resized down to them (PIL
+        pictures bicubic, arrays and tensors nearest). ``prompt``: a string (used for every image) or one per image; ``None``
         means "". ``guidance_scale``: 0 replaces the prompt by "" (the diffusers default use);
         classifier-free guidance runs when it is > 1. ``rng``: an int seed or a JAX key (image i
         draws its noise from ``fold_in(key, i)``, so it does not depend on the batch size), or
@@ -1154,7 +1199,8 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         ``latents``: the initial noise ``[B, 2h, 2w, 4]`` (NHWC; NCHW for torch), scaled by the
         initial sigma inside. ``callback(step, timestep, latents)`` runs every
         ``callback_steps`` steps with the NHWC latents as a numpy array.
-        ``output_type``: "pil", "np" (float32 ``[B, H, W, 3]`` in [0, 1]) or "latent".
+        ``output_type``: "pil", "np" (float32 ``[B, H, W, 3]`` in [0, 1]), "pt" (a float32
+        torch tensor ``[B, 3, H, W]`` in [0, 1], as diffusers') or "latent".
 
         Devices: with several local devices (or ``devices``/``mesh`` given) the batch is split
         over a ``("data",)`` mesh with one sharded ``jit``; ``use_pmap=True`` takes the
@@ -1164,6 +1210,11 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         # ---- checks, before anything compiles ----
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if output_type == "pt" and importlib.util.find_spec("torch") is None:
+            raise ValueError(
+                "output_type='pt' returns torch tensors and needs torch, which is not "
+                "installed: pip install torch, or use output_type='np'"
+            )
         if vae_sample_mode not in VAE_SAMPLE_MODES:
             raise ValueError(
                 f"vae_sample_mode must be one of {VAE_SAMPLE_MODES}, got {vae_sample_mode!r}"
@@ -1373,6 +1424,10 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
                 import PIL.Image
 
                 images = [PIL.Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
+            elif output_type == "pt":  # NCHW float32 in [0, 1] on the CPU, as diffusers' "pt"
+                import torch
+
+                images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         return UpscalePipelineOutput(images=images) if return_dict else (images,)
 
     # ---- host-side VAE work ------------------------------------------------------------------

@@ -194,6 +194,52 @@ def test_parity_pictures_argmax(torch_pipe, flax_pipe):
     assert len(out) == 1 and out[0].size == (128, 128)
 
 
+def test_picture_sides_are_cut_back_as_diffusers_does(torch_pipe, flax_pipe):
+    """Picture sides up to 7 beyond a multiple of 32 are brought down to it as diffusers'
+    image processor does (PIL pictures resized bicubic, arrays and tensors by torch's nearest
+    rows): the same pixels go to the VAE. Sides diffusers would bring to a size its UNet
+    cannot take (72: 8 beyond 64) are refused by name, before any work."""
+    import torch.nn.functional as F
+
+    from flax_latentup.pipeline import _nearest_rows, prepare_image
+
+    for size_in in range(64, 200):
+        size_out = size_in - size_in % 8
+        rows = torch.arange(size_in, dtype=torch.float32)[None, None, :, None]
+        want = F.interpolate(rows, size=(size_out, 1))[0, 0, :, 0].long().numpy()
+        np.testing.assert_array_equal(_nearest_rows(size_in, size_out), want, str(size_in))
+
+    rng = np.random.default_rng(11)
+    u8 = rng.integers(0, 256, (2, 71, 101, 3), dtype=np.uint8)  # 71 -> 64, 101 -> 96
+    pil = [PIL.Image.fromarray(x) for x in u8]
+    floats = rng.uniform(0, 1, (2, 70, 103, 3)).astype(np.float32)
+    tensor = torch.from_numpy(floats).permute(0, 3, 1, 2)
+    for given in (pil, pil[0], floats, floats[0], tensor, u8):
+        got, kind = prepare_image(given, 4, 8)
+        # diffusers' image processor takes floats in [0, 1] (uint8 arrays: as 0..1 floats)
+        theirs = u8.astype(np.float32) / 255 if given is u8 else given
+        want = torch_pipe.image_processor.preprocess(theirs).permute(0, 2, 3, 1).numpy()
+        assert kind == "pixels" and got.shape == want.shape, (got.shape, want.shape)
+        assert got.shape[1:] == (64, 96, 3)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+    kw = dict(prompt="a photo", num_inference_steps=1, guidance_scale=0.0)
+    out = flax_pipe(image=pil[0], rng=1, output_type="pt", **kw).images
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    assert out.shape == (1, 3, 128, 192)  # 2x the 64x96 the picture was brought to
+    same = flax_pipe(image=pil[0], rng=1, output_type="np", **kw).images
+    np.testing.assert_array_equal(out.permute(0, 2, 3, 1).numpy(), same)
+
+    counter = CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    too_far = PIL.Image.fromarray(u8[0, :, :72].copy())  # 71x72: 72 is 8 beyond 64
+    with pytest.raises(ValueError, match=r"^image: pictures .* or up to 7 more.*got 71x72$"):
+        flax_pipe(image=too_far, **kw)
+    assert counter.count == 0
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        torch_pipe(image=too_far, output_type="latent", **kw)
+
+
 def test_prompt_embeds_match_prompt(flax_pipe):
     low, noise = inputs(1, seed=8)
     kw = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np", image=low, latents=noise)
@@ -690,7 +736,7 @@ BAD = [
     ("image", dict(prompt="x", image=np.zeros((1, 8, 8, 5), np.float32))),
     ("image", dict(prompt="x", image=np.zeros((1, 10, 8, 4), np.float32))),
     ("image", dict(prompt="x", image=np.zeros((1, 4, 4, 4), np.float32))),
-    ("image", dict(prompt="x", image=np.zeros((1, 100, 96, 3), np.uint8))),
+    ("image", dict(prompt="x", image=np.zeros((1, 104, 96, 3), np.uint8))),  # 104: 8 past 96
     ("image", dict(prompt="x", image=np.full((1, 64, 64, 3), 3.0, np.float32))),
     ("image", dict(prompt="x", image=np.full((1, 8, 8, 4), np.nan, np.float32))),
     ("image", dict(prompt="x", image="picture.png")),
@@ -714,7 +760,7 @@ BAD = [
     ("guidance_scale", dict(prompt="x", guidance_scale=float("nan"))),
     ("guidance_scale", dict(prompt="x", guidance_scale="high")),
     ("latents", dict(prompt="x", latents=np.zeros((1, 8, 8, 4), np.float32))),
-    ("output_type", dict(prompt="x", output_type="pt")),
+    ("output_type", dict(prompt="x", output_type="torch")),
     ("callback_steps", dict(prompt="x", callback_steps=0)),
     ("rng", dict(prompt="x", rng="seed")),
     ("vae_sample_mode", dict(prompt="x", vae_sample_mode="mean")),
