@@ -268,7 +268,7 @@ def convert(
     import jax.numpy as jnp
 
     from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
-    from flax_latentup.models.base import read_json
+    from flax_latentup.models.base import read_config, read_json
     from flax_latentup.pipeline import (
         MODEL_CLASSES,
         PIPELINE_CLASS_NAMES,
@@ -296,7 +296,7 @@ def convert(
         )
     check_pipeline_folder(folder)
     configs = {
-        part: cls.config_class.from_dict(read_json(os.path.join(folder, part, "config.json")))
+        part: read_config(cls.config_class, os.path.join(folder, part, "config.json"))
         for part, cls in MODEL_CLASSES.items()
     }
     layouts = {
@@ -314,7 +314,9 @@ def convert(
                 "torch layout (--layout torch) to verify"
             )
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
-    scheduler = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    scheduler_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    scheduler = read_json(scheduler_path)
+    read_config(EulerSchedulerConfig, scheduler_path)  # a value it cannot use: named with its file
     if variant is not None:
         check_variant_folder(
             dst,

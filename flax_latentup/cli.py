@@ -705,14 +705,16 @@ def resolve_component(flag: str, name: str) -> str:
 
 def check_components_fit(model_dir: str, given: dict[str, str]) -> None:
     """A UsageError unless the components of ``model_dir`` and those ``given`` (``{"unet":
-    folder, ...}``) fit together, from their configs alone (no weights are read)."""
+    folder, ...}``) can be used and fit together, from their configs alone (no weights are
+    read): a value this port cannot use is named with its file."""
     from flax_latentup.configs import (
         AutoencoderKLConfig,
         CLIPTextConfig,
         UNet2DConditionConfig,
         check_components,
     )
-    from flax_latentup.models.base import read_json
+    from flax_latentup.models.base import read_config
+    from flax_latentup.sampling import EulerSchedulerConfig
 
     classes = {
         "text_encoder": CLIPTextConfig,
@@ -724,12 +726,20 @@ def check_components_fit(model_dir: str, given: dict[str, str]) -> None:
         folder = given.get(part, os.path.join(model_dir, part))
         where = f"--{part}" if part in given else "--model"
         try:
-            configs[part] = cls.from_dict(read_json(os.path.join(folder, "config.json")))
+            configs[part] = read_config(cls, os.path.join(folder, "config.json"))
         except (OSError, ValueError) as e:
             raise UsageError(f"{where}: {e}") from None
     try:
+        read_config(
+            EulerSchedulerConfig, os.path.join(model_dir, "scheduler", "scheduler_config.json")
+        )
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model: {e}") from None
+    try:
         check_components(configs["text_encoder"], configs["vae"], configs["unet"])
     except ValueError as e:
+        if not given:
+            raise UsageError(f"--model: its components do not fit together: {e}") from None
         flags = " and ".join(f"--{part}" for part in given)
         verb = "does" if len(given) == 1 else "do"
         raise UsageError(f"{flags} {verb} not fit --model: {e}") from None
@@ -738,12 +748,10 @@ def check_components_fit(model_dir: str, given: dict[str, str]) -> None:
 def vae_downsample_factor(model_dir: str, given: dict[str, str]) -> int:
     """The downsample factor of the VAE the run uses (``--vae``'s, else ``--model``'s)."""
     from flax_latentup.configs import AutoencoderKLConfig
-    from flax_latentup.models.base import read_json
+    from flax_latentup.models.base import read_config
 
     folder = given.get("vae", os.path.join(model_dir, "vae"))
-    return AutoencoderKLConfig.from_dict(
-        read_json(os.path.join(folder, "config.json"))
-    ).downsample_factor
+    return read_config(AutoencoderKLConfig, os.path.join(folder, "config.json")).downsample_factor
 
 
 def enable_compile_cache(path: str, given: bool = True) -> str | None:
@@ -926,8 +934,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     components = {part: name for part, name in components.items() if name is not None}
     model_dir = resolve_model(args.model, args.variant, skip=tuple(components))
     components = {part: resolve_component(f"--{part}", n) for part, n in components.items()}
-    if components:
-        check_components_fit(model_dir, components)
+    check_components_fit(model_dir, components)
     for folder, flag in (
         (args.output, "output"),
         (os.path.dirname(args.report or ""), "--report"),

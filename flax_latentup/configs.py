@@ -22,6 +22,48 @@ def _get(d: Mapping[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
+_KINDS = {  # kind: (one, several, conversion)
+    "int": ("an integer", "integers", int),
+    "float": ("a number", "numbers", float),
+    "bool": ("true or false", "true/false values", bool),
+    "str": ("a string", "strings", str),
+}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "int":
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer()
+        )
+    if kind == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool) or (type(value) is int and value in (0, 1))
+    return isinstance(value, str)
+
+
+def _typed(component: str, key: str, value: Any, kind: str, minimum: int | None = None) -> Any:
+    """``value`` of the config field ``key`` as ``kind`` ("int", "float", "bool" or "str");
+    a ConfigError naming the field for a value of another type (``null``, ``"eight"``, ...)
+    or, with ``minimum``, a smaller number."""
+    what, _, convert = _KINDS[kind]
+    if not _is_kind(value, kind):
+        raise ConfigError(f"{component} config: `{key}` = {value!r} is not {what}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{component} config: `{key}` = {value!r} must be at least {minimum}")
+    return convert(value)
+
+
+def _typed_list(
+    component: str, key: str, value: Any, kind: str, minimum: int | None = None
+) -> tuple:
+    """``value`` of the config field ``key`` as a tuple of ``kind`` (see :func:`_typed`)."""
+    what = _KINDS[kind][1]
+    if not isinstance(value, list | tuple) or not value:
+        raise ConfigError(f"{component} config: `{key}` = {value!r} is not a list of {what}")
+    return tuple(_typed(component, f"{key}[{i}]", v, kind, minimum) for i, v in enumerate(value))
+
+
 def _extra_field() -> Any:
     """The source config.json's other entries (``_diffusers_version``, ``sample_size``, ...):
     not used here, written back by ``to_dict`` so that a saved config loses nothing; not part
@@ -115,21 +157,23 @@ class CLIPTextConfig:
                 ("absolute",),
             )
         f = cls()
+
+        def get(key: str, kind: str, minimum: int | None = None) -> Any:
+            return _typed("CLIPTextModel", key, _get(d, key, getattr(f, key)), kind, minimum)
+
         return _with_extra(
             cls(
-                vocab_size=int(_get(d, "vocab_size", f.vocab_size)),
-                hidden_size=int(_get(d, "hidden_size", f.hidden_size)),
-                intermediate_size=int(_get(d, "intermediate_size", f.intermediate_size)),
-                num_hidden_layers=int(_get(d, "num_hidden_layers", f.num_hidden_layers)),
-                num_attention_heads=int(_get(d, "num_attention_heads", f.num_attention_heads)),
-                max_position_embeddings=int(
-                    _get(d, "max_position_embeddings", f.max_position_embeddings)
-                ),
-                hidden_act=str(_get(d, "hidden_act", f.hidden_act)),
-                layer_norm_eps=float(_get(d, "layer_norm_eps", f.layer_norm_eps)),
-                bos_token_id=int(_get(d, "bos_token_id", f.bos_token_id)),
-                eos_token_id=int(_get(d, "eos_token_id", f.eos_token_id)),
-                pad_token_id=int(_get(d, "pad_token_id", f.pad_token_id)),
+                vocab_size=get("vocab_size", "int", 1),
+                hidden_size=get("hidden_size", "int", 1),
+                intermediate_size=get("intermediate_size", "int", 1),
+                num_hidden_layers=get("num_hidden_layers", "int", 0),
+                num_attention_heads=get("num_attention_heads", "int", 1),
+                max_position_embeddings=get("max_position_embeddings", "int", 1),
+                hidden_act=get("hidden_act", "str"),
+                layer_norm_eps=get("layer_norm_eps", "float"),
+                bos_token_id=get("bos_token_id", "int"),
+                eos_token_id=get("eos_token_id", "int"),
+                pad_token_id=get("pad_token_id", "int"),
             ),
             d,
         )
@@ -490,14 +534,20 @@ class UNet2DConditionConfig:
             )
         post_act = post_act if post_act is not None else old
 
+        def typed(key: str, kind: str, minimum: int | None = None) -> Any:
+            return _typed(name, key, get(key), kind, minimum)
+
+        def optional(key: str) -> int | None:
+            return None if d.get(key) is None else _typed(name, key, d[key], "int", 1)
+
         def uniform(key: str) -> int:
-            values = _as_tuple(get(key))
+            values = _typed_list(name, key, _as_tuple(get(key)), "int", 1)
             if len(set(values)) != 1:
                 raise ConfigError(
                     f"{name} config: `{key}` = {get(key)!r} is not supported "
                     "(only one value for all blocks)"
                 )
-            return int(values[0])
+            return values[0]
 
         def lower(value: Any) -> Any:
             return value.lower() if isinstance(value, str) else value
@@ -505,26 +555,30 @@ class UNet2DConditionConfig:
         head = get("attention_head_dim")
         return _with_extra(
             cls(
-                in_channels=int(get("in_channels")),
-                out_channels=int(get("out_channels")),
-                down_block_types=tuple(get("down_block_types")),
-                up_block_types=tuple(get("up_block_types")),
-                block_out_channels=tuple(int(c) for c in get("block_out_channels")),
+                in_channels=typed("in_channels", "int", 1),
+                out_channels=typed("out_channels", "int", 1),
+                down_block_types=_typed_list(
+                    name, "down_block_types", get("down_block_types"), "str"
+                ),
+                up_block_types=_typed_list(name, "up_block_types", get("up_block_types"), "str"),
+                block_out_channels=_typed_list(
+                    name, "block_out_channels", get("block_out_channels"), "int", 1
+                ),
                 layers_per_block=uniform("layers_per_block"),
-                attention_head_dim=tuple(int(h) for h in head)
+                attention_head_dim=_typed_list(name, "attention_head_dim", head, "int", 1)
                 if isinstance(head, list | tuple)
-                else int(head),
+                else typed("attention_head_dim", "int", 1),
                 cross_attention_dim=uniform("cross_attention_dim"),
-                act_fn=lower(get("act_fn")),
-                norm_eps=float(get("norm_eps")),
-                flip_sin_to_cos=bool(get("flip_sin_to_cos")),
-                center_input_sample=bool(get("center_input_sample")),
-                time_embedding_dim=d.get("time_embedding_dim"),
+                act_fn=lower(typed("act_fn", "str")),
+                norm_eps=typed("norm_eps", "float"),
+                flip_sin_to_cos=typed("flip_sin_to_cos", "bool"),
+                center_input_sample=typed("center_input_sample", "bool"),
+                time_embedding_dim=optional("time_embedding_dim"),
                 time_embedding_act_fn=lower(d.get("time_embedding_act_fn")),
                 timestep_post_act=lower(post_act),
-                time_cond_proj_dim=d.get("time_cond_proj_dim"),
-                conv_in_kernel=int(get("conv_in_kernel")),
-                conv_out_kernel=int(get("conv_out_kernel")),
+                time_cond_proj_dim=optional("time_cond_proj_dim"),
+                conv_in_kernel=typed("conv_in_kernel", "int", 1),
+                conv_out_kernel=typed("conv_out_kernel", "int", 1),
             ),
             d,
         )
@@ -560,10 +614,6 @@ class UNet2DConditionConfig:
 # --------------------------------------------------------------------------------------------
 
 VAE_ACTIVATIONS = ("silu", "swish")
-
-
-def _float_tuple(value: Any) -> tuple[float, ...] | None:
-    return None if value is None else tuple(float(v) for v in value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -646,6 +696,17 @@ class AutoencoderKLConfig:
             "this is the KL autoencoder",
         )
         f = cls()
+        name = "AutoencoderKL"
+
+        def get(key: str, kind: str, minimum: int | None = None) -> Any:
+            return _typed(name, key, _get(d, key, getattr(f, key)), kind, minimum)
+
+        def get_list(key: str, kind: str, minimum: int | None = None) -> tuple:
+            return _typed_list(name, key, _get(d, key, getattr(f, key)), kind, minimum)
+
+        def get_floats(key: str) -> tuple[float, ...] | None:
+            return None if d.get(key) is None else _typed_list(name, key, d[key], "float")
+
         sample_size = _get(d, "sample_size", f.sample_size)
         if isinstance(sample_size, list | tuple):
             # diffusers derives its latent tile size from the first entry
@@ -653,28 +714,26 @@ class AutoencoderKLConfig:
         shift = d.get("shift_factor")
         return _with_extra(
             cls(
-                in_channels=int(_get(d, "in_channels", f.in_channels)),
-                out_channels=int(_get(d, "out_channels", f.out_channels)),
-                down_block_types=tuple(_get(d, "down_block_types", f.down_block_types)),
-                up_block_types=tuple(_get(d, "up_block_types", f.up_block_types)),
-                block_out_channels=tuple(
-                    int(c) for c in _get(d, "block_out_channels", f.block_out_channels)
-                ),
-                layers_per_block=int(_get(d, "layers_per_block", f.layers_per_block)),
-                act_fn=str(_get(d, "act_fn", f.act_fn)),
-                latent_channels=int(_get(d, "latent_channels", f.latent_channels)),
-                norm_num_groups=int(_get(d, "norm_num_groups", f.norm_num_groups)),
-                sample_size=int(sample_size),
-                scaling_factor=float(_get(d, "scaling_factor", f.scaling_factor)),
-                shift_factor=None if shift is None else float(shift),
-                latents_mean=_float_tuple(d.get("latents_mean")),
-                latents_std=_float_tuple(d.get("latents_std")),
-                force_upcast=bool(_get(d, "force_upcast", f.force_upcast)),
-                use_quant_conv=bool(_get(d, "use_quant_conv", f.use_quant_conv)),
-                use_post_quant_conv=bool(_get(d, "use_post_quant_conv", f.use_post_quant_conv)),
-                mid_block_add_attention=bool(
-                    _get(d, "mid_block_add_attention", f.mid_block_add_attention)
-                ),
+                in_channels=get("in_channels", "int", 1),
+                out_channels=get("out_channels", "int", 1),
+                down_block_types=get_list("down_block_types", "str"),
+                up_block_types=get_list("up_block_types", "str"),
+                block_out_channels=get_list("block_out_channels", "int", 1),
+                layers_per_block=get("layers_per_block", "int", 1),
+                act_fn=get("act_fn", "str"),
+                latent_channels=get("latent_channels", "int", 1),
+                norm_num_groups=get("norm_num_groups", "int", 1),
+                sample_size=_typed(name, "sample_size", sample_size, "int", 1),
+                scaling_factor=get("scaling_factor", "float"),
+                shift_factor=None
+                if shift is None
+                else _typed(name, "shift_factor", shift, "float"),
+                latents_mean=get_floats("latents_mean"),
+                latents_std=get_floats("latents_std"),
+                force_upcast=get("force_upcast", "bool"),
+                use_quant_conv=get("use_quant_conv", "bool"),
+                use_post_quant_conv=get("use_post_quant_conv", "bool"),
+                mid_block_add_attention=get("mid_block_add_attention", "bool"),
             ),
             d,
         )

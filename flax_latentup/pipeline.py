@@ -38,6 +38,7 @@ from flax_latentup.models.base import (
     VARIANT_BESIDE,
     check_no_flax_weights,
     check_same_config,
+    read_config,
     read_json,
     write_json_atomic,
 )
@@ -913,7 +914,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         configs = {
             part: given[part].config
             if part in given
-            else model.config_class.from_dict(read_json(os.path.join(folder, part, "config.json")))
+            else read_config(model.config_class, os.path.join(folder, part, "config.json"))
             for part, model in MODEL_CLASSES.items()
         }
         check_components(configs["text_encoder"], configs["vae"], configs["unet"])
@@ -926,7 +927,9 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             for part, model in MODEL_CLASSES.items()
         }
         if scheduler is None:
-            scheduler = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+            scheduler_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+            scheduler = read_json(scheduler_path)
+            read_config(EulerSchedulerConfig, scheduler_path)  # a bad value: named with its file
         return cls(models["text_encoder"], models["vae"], models["unet"], tokenizer, scheduler)
 
     @property

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_latentup.configs import ConfigError, _require
+from flax_latentup.configs import ConfigError, _require, _typed, _typed_list
 
 Array = jax.Array
 
@@ -74,10 +74,12 @@ class EulerSchedulerConfig:
                 )
         if d.get("timestep_type", "discrete") != "discrete":
             _require("EulerDiscreteScheduler", "timestep_type", d["timestep_type"], ("discrete",))
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in fields and v is not None}
-        if "trained_betas" in kwargs:
-            kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
+        kwargs = {}
+        for key, (kind, minimum) in _SCHEDULER_FIELDS.items():
+            if d.get(key) is None:
+                continue
+            read = _typed_list if key == "trained_betas" else _typed
+            kwargs[key] = read("EulerDiscreteScheduler", key, d[key], kind, minimum)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +98,24 @@ class EulerSchedulerConfig:
             interpolation_type="log_linear",
             prediction_type="original_sample",
         )
+
+
+# The fields read from a scheduler_config.json: (kind, minimum) for configs._typed.
+_SCHEDULER_FIELDS: dict[str, tuple[str, int | None]] = {
+    "num_train_timesteps": ("int", 1),
+    "beta_start": ("float", None),
+    "beta_end": ("float", None),
+    "beta_schedule": ("str", None),
+    "trained_betas": ("float", None),
+    "prediction_type": ("str", None),
+    "interpolation_type": ("str", None),
+    "use_karras_sigmas": ("bool", None),
+    "sigma_min": ("float", None),
+    "sigma_max": ("float", None),
+    "timestep_spacing": ("str", None),
+    "steps_offset": ("int", 0),
+    "final_sigmas_type": ("str", None),
+}
 
 
 def _betas(cfg: EulerSchedulerConfig) -> np.ndarray:

@@ -9,6 +9,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from flax import nnx
@@ -528,3 +529,64 @@ def test_verify_runs_the_vae_encoder_too(torch_pipe_dir):
     kernel = pipe.vae.quant_conv.kernel  # (the untouched VAE passes: the test above)
     kernel.value = jnp.zeros_like(kernel.value)
     assert convert_checkpoint.verify(torch_pipe_dir, pipe)["vae"] > 0.1
+
+
+CONFIG_TYPOS = [
+    ("unet/config.json", "in_channels", None, "`in_channels` = None is not an integer"),
+    (
+        "unet/config.json",
+        "block_out_channels",
+        [32, "32", 64, 64],
+        "`block_out_channels[1]` = '32' is not an integer",
+    ),
+    (
+        "unet/config.json",
+        "flip_sin_to_cos",
+        "yes",
+        "`flip_sin_to_cos` = 'yes' is not true or false",
+    ),
+    ("vae/config.json", "scaling_factor", "0.18", "`scaling_factor` = '0.18' is not a number"),
+    ("vae/config.json", "down_block_types", "DownEncoderBlock2D", "is not a list of strings"),
+    ("text_encoder/config.json", "num_attention_heads", 0, "must be at least 1"),
+    ("text_encoder/config.json", "hidden_act", None, None),  # null: the default, as before
+    (
+        "scheduler/scheduler_config.json",
+        "num_train_timesteps",
+        "1000",
+        "`num_train_timesteps` = '1000' is not an integer",
+    ),
+]
+
+
+@pytest.mark.parametrize("config,key,value,message", CONFIG_TYPOS, ids=[c[1] for c in CONFIG_TYPOS])
+def test_config_value_of_the_wrong_type_is_named_with_its_file(
+    torch_pipe_dir, tmp_path, capsys, config, key, value, message
+):
+    """A config.json value of the wrong type (null, a string for a number, ...) is named, with
+    its file, by loading, the converter and the batch command, before any weights are read."""
+    from flax_latentup import ConfigError
+
+    src = tmp_path / "src"
+    shutil.copytree(torch_pipe_dir, src)
+    path = src / config
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+    if message is None:  # null stands for the default
+        FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(src))
+        return
+    with pytest.raises(ConfigError) as caught:
+        FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(src))
+    assert str(caught.value).startswith(f"{path}: "), caught.value
+    assert message in str(caught.value), caught.value
+    assert cli_main(["convert", str(src), str(tmp_path / "dst")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}: " in err and message in err, err
+    assert not (tmp_path / "dst").exists()
+    picture = tmp_path / "in.png"
+    PIL.Image.new("RGB", (64, 64)).save(picture)
+    out = tmp_path / "up"
+    assert cli_main(["upscale", "-i", str(picture), "-o", str(out), "--model", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert f"--model: {path}: " in err and message in err, err
+    assert not out.exists()

@@ -52,6 +52,18 @@ def read_json(path: str) -> dict[str, Any]:
     return data
 
 
+def read_config(config_class: Any, path: str) -> Any:
+    """``config_class.from_dict`` of the JSON object in the file ``path``; a ConfigError
+    (a value the port cannot use) names the file."""
+    from flax_latentup.configs import ConfigError
+
+    data = read_json(path)
+    try:
+        return config_class.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def write_json_atomic(data: dict[str, Any], path: str) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
 
@@ -176,7 +188,7 @@ class PretrainedModel(hub.PushToHubMixin):
         config_path = os.path.join(folder, CONFIG_NAME)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(missing_config_message(folder, " as subfolder="))
-        config = cls.config_class.from_dict(read_json(config_path))
+        config = read_config(cls.config_class, config_path)
         tensors = open_weights(folder, cls.weights_names(), variant)
         # whole or sharded (then named by its index)
         source = (
