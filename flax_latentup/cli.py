@@ -659,9 +659,14 @@ def resolve_model(model: str, variant: str | None = None, skip: Sequence[str] = 
 
 def check_model_folder(folder: str, variant: str | None, skip: Sequence[str] = ()) -> None:
     """A UsageError unless ``folder`` is a pipeline folder whose models (but those in
-    ``skip``) have configs and weights of ``variant``; reads file names, the index and the
-    weights files' headers, no weights."""
-    from flax_latentup.pipeline import MODEL_CLASSES, check_pipeline_folder, read_pipeline_index
+    ``skip``) have configs and weights of ``variant`` and whose tokenizer loads; reads file
+    names, the index, the weights files' headers and the tokenizer, no weights."""
+    from flax_latentup.pipeline import (
+        MODEL_CLASSES,
+        check_pipeline_folder,
+        load_tokenizer,
+        read_pipeline_index,
+    )
     from flax_latentup.weights import WeightsError, open_weights
 
     index = os.path.join(folder, "model_index.json")
@@ -684,6 +689,10 @@ def check_model_folder(folder: str, variant: str | None, skip: Sequence[str] = (
             open_weights(where, model.weights_names(), variant)
         except WeightsError as e:
             raise UsageError(f"{'--variant' if variant else '--model'}: {e}") from None
+    try:  # small files, read in well under a second
+        load_tokenizer(os.path.join(folder, "tokenizer"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model: {e}") from None
 
 
 def resolve_component(flag: str, name: str) -> str:

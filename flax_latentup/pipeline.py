@@ -212,9 +212,14 @@ def load_tokenizer(folder: str) -> Any:
     from transformers import CLIPTokenizer, CLIPTokenizerFast
 
     names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
-    if "tokenizer.json" in names and not {"vocab.json", "merges.txt"} <= names:
-        return CLIPTokenizerFast.from_pretrained(folder)
-    return CLIPTokenizer.from_pretrained(folder)
+    fast = "tokenizer.json" in names and not {"vocab.json", "merges.txt"} <= names
+    try:
+        return (CLIPTokenizerFast if fast else CLIPTokenizer).from_pretrained(folder)
+    except Exception as e:  # transformers' errors for damaged files are of many kinds
+        raise ValueError(
+            f"{folder}: the tokenizer's files do not load ({type(e).__name__}: {e}); is one of "
+            f"them ({', '.join(sorted(names)) or 'none here'}) damaged or cut short?"
+        ) from e
 
 
 def read_pipeline_index(folder: str) -> dict[str, Any]:

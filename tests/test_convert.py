@@ -575,18 +575,36 @@ def test_config_value_of_the_wrong_type_is_named_with_its_file(
     if message is None:  # null stands for the default
         FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(src))
         return
-    with pytest.raises(ConfigError) as caught:
+    refused_everywhere(src, tmp_path, capsys, ConfigError, f"{path}: ", message)
+
+
+def refused_everywhere(src, tmp_path, capsys, error, prefix: str, message: str) -> None:
+    """Loading the pipeline folder ``src`` raises ``error`` starting with ``prefix`` and
+    holding ``message``; the converter and the batch command stop with it (exit 2) before
+    they write anything."""
+    with pytest.raises(error) as caught:
         FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(src))
-    assert str(caught.value).startswith(f"{path}: "), caught.value
-    assert message in str(caught.value), caught.value
+    assert str(caught.value).startswith(prefix) and message in str(caught.value), caught.value
     assert cli_main(["convert", str(src), str(tmp_path / "dst")]) == 2
     err = capsys.readouterr().err
-    assert f"error: {path}: " in err and message in err, err
+    assert f"error: {prefix}" in err and message in err, err
     assert not (tmp_path / "dst").exists()
     picture = tmp_path / "in.png"
     PIL.Image.new("RGB", (64, 64)).save(picture)
     out = tmp_path / "up"
     assert cli_main(["upscale", "-i", str(picture), "-o", str(out), "--model", str(src)]) == 2
     err = capsys.readouterr().err
-    assert f"--model: {path}: " in err and message in err, err
+    assert f"--model: {prefix}" in err and message in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "vocab.json"])
+def test_damaged_tokenizer_is_named(torch_pipe_dir, tmp_path, capsys, name):
+    src = tmp_path / "src"
+    shutil.copytree(torch_pipe_dir, src)
+    if name == "vocab.json":  # the hub repo's files, without tokenizer.json
+        (src / "tokenizer" / "tokenizer.json").unlink()
+        helpers.write_clip_tokenizer(str(src / "tokenizer"))
+    (src / "tokenizer" / name).write_text('{"cut sh')
+    folder = str(src / "tokenizer")
+    refused_everywhere(src, tmp_path, capsys, ValueError, f"{folder}: ", "damaged or cut short")
