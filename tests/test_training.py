@@ -349,6 +349,26 @@ def test_example_crops_do_not_follow_the_picture_choice(finetune, monkeypatch):
         assert max(xs) - min(xs) > 600, f"picture {picture}: crops only within {min(xs)}..{max(xs)}"
 
 
+def test_example_crops_pictures_upright(finetune, tmp_path):
+    """A picture stored sideways with an EXIF orientation is cropped as it is shown (upright,
+    as PIL.ImageOps.exif_transpose turns it), not as stored."""
+    from PIL import Image, ImageOps
+
+    stored = np.random.default_rng(4).integers(0, 256, (4, 8, 3), dtype=np.uint8)  # 8 wide
+    path = str(tmp_path / "sideways.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise: 4 wide, 8 tall
+    Image.fromarray(stored).save(path, exif=exif)
+    with Image.open(path) as im:
+        upright = np.asarray(ImageOps.exif_transpose(im), np.float32) / 127.5 - 1.0
+    assert upright.shape == (8, 4, 3)
+    windows = [upright[y : y + 4] for y in range(5)]
+    windows += [w[:, ::-1] for w in windows]  # the random h-flip
+    for seed in range(6):
+        crop = finetune.load_crop(path, 4, np.random.default_rng(seed))
+        assert any(np.array_equal(crop, w) for w in windows), f"seed {seed}: not an upright crop"
+
+
 def test_example_embeds_captions_in_chunks(finetune, tmp_path, capsys):
     """Captions are embedded a chunk at a time, the same as all at once; a byte-order mark
     is not part of a caption; captions cut at the text encoder's length are counted once."""
