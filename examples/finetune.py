@@ -52,6 +52,11 @@ from flax_latentup.training import (
 
 LISTED = 10  # bad files named in a message (then a count)
 
+# The scheme by which a step's pictures and crops are drawn, recorded in every checkpoint and
+# raised whenever this script draws differently: 3 (the first recorded) = picture choice and
+# crops from seeds of their own, pictures turned upright by their EXIF orientation.
+DRAWS = 3
+
 # the flag of each setting a resumed run must keep
 FLAGS = {
     "learning_rate": "--learning-rate",
@@ -280,6 +285,7 @@ def run_settings(args: argparse.Namespace, processes: int) -> dict:
         "resolution": args.resolution,
         "batch_size": args.batch_size,
         "processes": processes,
+        "draws": DRAWS,
     }
 
 
@@ -317,7 +323,16 @@ def resume_point(args, config: TrainConfig, run: dict) -> str | None:
                 f"now {new!r}: resuming on the assumption that it holds the same content",
                 file=sys.stderr,
             )
-    changes += [c for c in moved if c[0] not in ("model", "data")]
+    # another draw scheme changes what the rest of the run sees, not whether it can go on
+    if recorded.get("draws") != DRAWS and jax.process_index() == 0:
+        scheme = f"scheme {recorded['draws']}" if "draws" in recorded else "an earlier scheme"
+        print(
+            f"note: {os.path.basename(last)} was saved by a version of this script that drew "
+            f"pictures and crops by {scheme} (now scheme {DRAWS}): the resumed run goes on "
+            "with other crops than an uninterrupted run of that version would have seen",
+            file=sys.stderr,
+        )
+    changes += [c for c in moved if c[0] not in ("model", "data", "draws")]
     if changes:
         lines = "\n".join(
             f"  {name} ({FLAGS[name]}): {old!r} -> {new!r}"

@@ -988,6 +988,7 @@ def test_example_records_and_compares_settings(finetune, diverged_run, monkeypat
         "resolution": 128,
         "batch_size": 2,
         "processes": 1,
+        "draws": 3,
     }
 
     def with_(**flags):
@@ -1010,7 +1011,8 @@ def test_example_records_and_compares_settings(finetune, diverged_run, monkeypat
     capsys.readouterr()
     with pytest.raises(_ModelLoaded):  # a data folder that moved: resumed, with a note
         finetune.main(with_(data=moved))
-    assert "note: --data was" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: --data was" in err and "drew pictures" not in err
 
     def no_data(*args):
         raise AssertionError("the pictures were read")
@@ -1029,7 +1031,9 @@ def _fake_checkpoint(folder, step, config: TrainConfig, run=None):
     return path
 
 
-def test_example_resume_checks_of_schedules_and_older_checkpoints(finetune, tmp_path, monkeypatch):
+def test_example_resume_checks_of_schedules_and_older_checkpoints(
+    finetune, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(finetune, "FlaxStableDiffusionLatentUpscalePipeline", _NoModel)
     data = tmp_path / "data"
     data.mkdir()
@@ -1052,10 +1056,20 @@ def test_example_resume_checks_of_schedules_and_older_checkpoints(finetune, tmp_
     older = tmp_path / "older"
     _fake_checkpoint(older, 4, TrainConfig(learning_rate=1e-5, total_steps=10))
     argv = _argv(tmp_path / "model", data, older, *base, "--steps", "10")
+    capsys.readouterr()
     with pytest.raises(_ModelLoaded):
         finetune.main(argv + ["--batch-size", "4"])
+    # its draws were made by an earlier scheme: said, as the run goes on
+    assert "drew pictures and crops by an earlier scheme (now scheme 3)" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"seed \(--seed\): 0 -> 1"):
         finetune.main(argv + ["--seed", "1"])
+    # a recorded scheme other than this script's: named
+    other = tmp_path / "other"
+    run = finetune.run_settings(finetune.parse_args(argv), 1) | {"draws": 2}
+    _fake_checkpoint(other, 4, TrainConfig(learning_rate=1e-5, total_steps=10), run)
+    with pytest.raises(_ModelLoaded):
+        finetune.main(_argv(tmp_path / "model", data, other, *base, "--steps", "10"))
+    assert "by scheme 2 (now scheme 3)" in capsys.readouterr().err
 
     # --no-resume into a folder with checkpoints of another run (a checkpoint-best is none)
     with pytest.raises(SystemExit, match="checkpoints of an earlier run, up to step 4"):
