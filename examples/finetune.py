@@ -101,7 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--no-ema-warmup",
         action="store_true",
-        help="EMA weight --ema-decay from the first step (default: min(decay, k / (9 + k)))",
+        help="EMA weight --ema-decay from the first step (default: min(decay, k / (9 + k)) at "
+        "update k, 0 at the first)",
     )
     p.add_argument("--sigma-loc", type=float, default=-1.2, help="mean of log sigma")
     p.add_argument("--sigma-scale", type=float, default=1.2, help="std of log sigma")
