@@ -116,8 +116,12 @@ def resolve(
     from huggingface_hub import snapshot_download
 
     patterns = list(allow_patterns or MODEL_PATTERNS)
+    ignore = list(ignore_patterns or ())
     if subfolder:
+        # the ignore patterns too: their "*" also matches "/", so an unprefixed "*.*.safetensors"
+        # (a variant) would match every file under a subfolder with a dot ("v1.0/unet/...")
         patterns = [f"{subfolder}/{p}" for p in patterns]
+        ignore = [f"{subfolder}/{p}" for p in ignore]
     offline_env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         root = snapshot_download(
@@ -126,7 +130,7 @@ def resolve(
             cache_dir=cache_dir,
             local_files_only=bool(local_files_only),
             allow_patterns=patterns,
-            ignore_patterns=list(ignore_patterns) if ignore_patterns else None,
+            ignore_patterns=ignore or None,
             token=token,
         )
     except hf_errors.HFValidationError as e:

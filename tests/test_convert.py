@@ -608,3 +608,45 @@ def test_damaged_tokenizer_is_named(torch_pipe_dir, tmp_path, capsys, name):
     (src / "tokenizer" / name).write_text('{"cut sh')
     folder = str(src / "tokenizer")
     refused_everywhere(src, tmp_path, capsys, ValueError, f"{folder}: ", "damaged or cut short")
+
+
+def test_hub_subfolder_with_a_dot_fetches_its_weights(tmp_path, monkeypatch):
+    """A model in a hub repo's subfolder whose name holds a dot ("v1.0/unet") is fetched with
+    its plain weights and without their variants (a variant pattern's "*" matches "/" too)."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from flax_latentup import hub
+
+    repo = [
+        "v1.0/unet/config.json",
+        "v1.0/unet/diffusion_pytorch_model.safetensors",
+        "v1.0/unet/diffusion_pytorch_model.fp16.safetensors",
+        "v1.0/vae/diffusion_pytorch_model.safetensors",
+    ]
+    fetched = []
+
+    def snapshot_download(repo_id, *, allow_patterns, ignore_patterns, **kwargs):
+        root = tmp_path / "snapshot"
+        for f in filter_repo_objects(
+            repo, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+        ):
+            fetched.append(f)
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            (root / f).write_text("")
+        return str(root)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    folder = hub.resolve("me/models", subfolder="v1.0/unet")
+    assert folder == str(tmp_path / "snapshot" / "v1.0" / "unet")
+    assert sorted(fetched) == [
+        "v1.0/unet/config.json",
+        "v1.0/unet/diffusion_pytorch_model.safetensors",
+    ]
+    fetched.clear()
+    allow, ignore = hub.with_variant(hub.MODEL_PATTERNS, "fp16")
+    hub.resolve("me/models", subfolder="v1.0/unet", allow_patterns=allow, ignore_patterns=ignore)
+    assert sorted(fetched) == [
+        "v1.0/unet/config.json",
+        "v1.0/unet/diffusion_pytorch_model.fp16.safetensors",
+    ]
