@@ -111,6 +111,26 @@ def test_round_trip_bitwise(tmp_path, tiny_clip, prompt_ids):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_torch_layout_save_names_the_dtype_of_its_weights(tmp_path, tiny_clip):
+    """transformers loads a checkpoint in the dtype its config.json names: a save in another
+    dtype than the source's brings that entry along, so transformers reads the weights back
+    in the dtype they were saved in."""
+    import copy
+
+    from transformers import CLIPTextModel
+
+    source = tmp_path / "bf16"
+    # transformers writes "dtype": "bfloat16" in config.json (a copy: the fixture is shared)
+    copy.deepcopy(tiny_clip[0]).to(torch.bfloat16).save_pretrained(source)
+    assert json.loads((source / "config.json").read_text())["dtype"] == "bfloat16"
+    cases = (("float32", jnp.float32, torch.float32), ("bfloat16", jnp.bfloat16, torch.bfloat16))
+    for name, param_dtype, torch_dtype in cases:
+        flax = FlaxCLIPTextModel.from_pretrained(str(source), param_dtype=param_dtype)
+        flax.save_pretrained(tmp_path / name, torch_layout=True)
+        assert json.loads((tmp_path / name / "config.json").read_text())["dtype"] == name
+        assert CLIPTextModel.from_pretrained(str(tmp_path / name)).dtype == torch_dtype
+
+
 # --------------------------------------------------------------------------------------------
 # Strict loading
 # --------------------------------------------------------------------------------------------

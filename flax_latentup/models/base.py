@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any, ClassVar, TypeVar
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -276,12 +277,24 @@ class PretrainedModel(hub.PushToHubMixin):
             key_map=self.key_map,
         )
         if not keep_config:
-            write_json_atomic(self.config.to_dict(), config_path)
+            write_json_atomic(self._config_to_save(), config_path)
         stem = name[: -len(".safetensors")]
         index = variant_name(base + ".index.json", variant)
         for entry in sorted(os.listdir(path)):  # the index first: it names the shards
             if entry == index or fnmatch.fnmatchcase(entry, f"{stem}-*-of-*.safetensors"):
                 os.remove(os.path.join(path, entry))
+
+    def _config_to_save(self) -> dict[str, Any]:
+        """The config.json dict to write beside the weights: a ``dtype`` (or the older
+        ``torch_dtype``) that the source config carried, which transformers loads the weights
+        in, is brought to the dtype the weights are saved in."""
+        d = self.config.to_dict()
+        dtypes = {v.dtype for v in jax.tree.leaves(nnx.state(self, nnx.Param))}
+        if len(dtypes) == 1:
+            for key in ("dtype", "torch_dtype"):
+                if key in d:
+                    d[key] = jnp.dtype(next(iter(dtypes))).name
+        return d
 
     @classmethod
     def weights_names(cls) -> tuple[str, ...]:
