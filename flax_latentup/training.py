@@ -421,8 +421,9 @@ def make_latents(vae: FlaxAutoencoderKL, images: Array, key: Array) -> dict[str,
 # The train state and step
 # --------------------------------------------------------------------------------------------
 
-# The Fourier projection weight is a fixed random vector (frozen in diffusers too).
-TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("time_proj")))
+# The parameters trained: nnx.Param, which the UNet's fixed Fourier vector (a FixedParam, frozen
+# in diffusers too) is not.
+TRAINABLE = nnx.Param
 
 
 @struct.dataclass

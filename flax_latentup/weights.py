@@ -360,9 +360,19 @@ def load_state(
     return nnx.from_flat_state(new_flat)
 
 
+class FixedParam(nnx.Variable):
+    """A weight that is loaded and saved with the parameters but is not one to train (torch's
+    ``requires_grad=False``: the UNet's random Fourier vector). Not an ``nnx.Param``, so
+    ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and ``nnx.grad`` leave it alone."""
+
+
+# The variables that make up a checkpoint: what is loaded and saved.
+WEIGHTS = nnx.Any(nnx.Param, FixedParam)
+
+
 def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
     """The model's parameters as ``{"a.0.b": array}`` in this package's own layout."""
-    return {path_to_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return {path_to_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model, WEIGHTS))}
 
 
 def torch_state_dict(model: nnx.Module, key_map: KeyMap | None = None) -> dict[str, np.ndarray]:
@@ -371,7 +381,7 @@ def torch_state_dict(model: nnx.Module, key_map: KeyMap | None = None) -> dict[s
     ``torch_layout=True`` gives the same parameters bit for bit."""
     key_map = key_map or KeyMap()
     out: dict[str, np.ndarray] = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, var in nnx.to_flat_state(nnx.state(model, WEIGHTS)):
         arr = np.asarray(jax.device_get(var[...]))
         key, rule = torch_key(path, arr.ndim)
         out[key_map.export(key)] = np.ascontiguousarray(rule.to_torch(arr) if rule else arr)

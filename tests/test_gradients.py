@@ -121,9 +121,8 @@ def test_unet_gradients_match_torch(unet_pair):
     weight = np.random.RandomState(6).randn(2, 16, 16, helpers.PIPE_UNET["out_channels"])
     weight = weight.astype(np.float32)
 
-    # the Fourier weight is frozen in diffusers; ask torch for its gradient too
-    for p in torch_model.parameters():
-        p.requires_grad_(True)
+    # the Fourier weight is frozen in diffusers (no gradient) and a FixedParam here (not in
+    # the nnx.Param split): both sides differentiate the same parameters
     torch_model.zero_grad()
     sample = torch.from_numpy(inputs["sample"]).requires_grad_(True)
     out = torch_model(

@@ -21,6 +21,8 @@ from safetensors.numpy import load_file, save_file
 from flax_latentup import ConfigError, FlaxUNet2DConditionModel, UNet2DConditionConfig, WeightsError
 from flax_latentup.models.conv import conv_config
 from flax_latentup.models.layers import k_downsample_2d, k_upsample_2d
+from flax_latentup.weights import WEIGHTS as CHECKPOINT_VARIABLES
+from flax_latentup.weights import FixedParam, flat_params
 from tests import helpers
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -124,6 +126,7 @@ def sd_x2_unet(tmp_path_factory):
     """
     model = helpers.make_unet(seed=20, **helpers.SD_X2_UNET)
     n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     folder = helpers.save_unet(model, str(tmp_path_factory.mktemp("sd_x2_unet")))
     cfg_path = os.path.join(folder, "config.json")
     with open(cfg_path) as f:
@@ -136,7 +139,13 @@ def sd_x2_unet(tmp_path_factory):
     )
     ref = helpers.torch_unet_output(model, inputs)
     del model
-    return {"folder": folder, "n_params": n_params, "inputs": inputs, "ref": ref}
+    return {
+        "folder": folder,
+        "n_params": n_params,
+        "n_trainable": n_trainable,
+        "inputs": inputs,
+        "ref": ref,
+    }
 
 
 @pytest.mark.heavy
@@ -145,8 +154,11 @@ def test_sd_x2_config_parity(sd_x2_unet):
     assert sd_x2_unet["n_params"] == SD_X2_PARAMS
     model = FlaxUNet2DConditionModel.from_pretrained(sd_x2_unet["folder"])
     assert model.config == UNet2DConditionConfig.sd_x2_latent_upscaler()
-    n = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    n = sum(v.size for v in jax.tree.leaves(nnx.state(model, CHECKPOINT_VARIABLES)))
     assert n == SD_X2_PARAMS, f"{n} parameters, diffusers has {SD_X2_PARAMS}"
+    # the trainable ones are diffusers' too: all but the fixed Fourier vector
+    trainable = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert trainable == sd_x2_unet["n_trainable"] < n, (trainable, sd_x2_unet["n_trainable"])
     ref = sd_x2_unet["ref"]
     got = model(**to_flax(sd_x2_unet["inputs"]))
     err = max_err(got, ref)
@@ -183,7 +195,7 @@ _MEASURE_LOAD = textwrap.dedent(
     done.set()
     thread.join()
     peak_anon.append(status("RssAnon"))
-    param_bytes = sum(v.nbytes for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    param_bytes = sum(v.nbytes for v in jax.tree.leaves(nnx.state(model)))
     print(json.dumps(dict(
         param_bytes=param_bytes,
         anon=max(peak_anon) - base_anon,
@@ -228,7 +240,7 @@ def test_bfloat16_close_to_float32(tiny_unet):
     run32, state32 = jitted(FlaxUNet2DConditionModel.from_pretrained(folder))
     bf16 = FlaxUNet2DConditionModel.from_pretrained(folder, dtype=jnp.bfloat16)
     run16, state16 = jitted(bf16)
-    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(bf16)))
     a = np.asarray(run32(state32, **x))
     b = run16(state16, **x)
     assert b.dtype == jnp.bfloat16
@@ -435,13 +447,38 @@ def test_to_dict_read_back_by_diffusers(tmp_path, which):
     FlaxUNet2DConditionModel.from_pretrained(str(tmp_path))
 
 
+def test_fourier_vector_is_fixed_in_training(tiny_unet):
+    """The Fourier projection's random vector is loaded from the checkpoint but not trained, as
+    in diffusers (requires_grad=False): an optimizer step over nnx.Param leaves it as loaded,
+    and diffusers freezes it alone."""
+    import optax
+
+    torch_model, folder = tiny_unet
+    model = FlaxUNet2DConditionModel.from_pretrained(folder)
+    assert isinstance(model.time_proj.weight, FixedParam)
+    want = torch_model.time_proj.weight.detach().numpy()
+    np.testing.assert_array_equal(np.asarray(model.time_proj.weight[...]), want)
+    x = to_flax(helpers.unet_inputs(helpers.TINY_UNET, batch=1, height=16, width=16, seed=2))
+    before = {k: np.asarray(v) for k, v in flat_params(model).items()}
+    optimizer = nnx.Optimizer(model, optax.sgd(1e-2), wrt=nnx.Param)
+    optimizer.update(model, nnx.grad(lambda m: jnp.mean(m(**x) ** 2))(model))
+    after = {k: np.asarray(v) for k, v in flat_params(model).items()}
+    unchanged = {k for k in before if np.array_equal(before[k], after[k])}
+    # besides it, only the key biases, whose gradient is 0 (softmax ignores a shift of all
+    # of a query's scores)
+    assert "time_proj.weight" in unchanged
+    assert all(k.endswith(".to_k.bias") for k in unchanged - {"time_proj.weight"}), unchanged
+    frozen = [n for n, p in torch_model.named_parameters() if not p.requires_grad]
+    assert frozen == ["time_proj.weight"]
+
+
 def test_round_trip_bitwise(tmp_path, tiny_flax):
     tiny_flax.save_pretrained(tmp_path / "flax")
     assert sorted(os.listdir(tmp_path / "flax")) == ["config.json", "flax_model.safetensors"]
     again = FlaxUNet2DConditionModel.from_pretrained(str(tmp_path / "flax"))
     assert again.config == tiny_flax.config
-    a = jax.tree.leaves(nnx.state(tiny_flax, nnx.Param))
-    b = jax.tree.leaves(nnx.state(again, nnx.Param))
+    a = jax.tree.leaves(nnx.state(tiny_flax))
+    b = jax.tree.leaves(nnx.state(again))
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

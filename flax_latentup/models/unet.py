@@ -29,7 +29,7 @@ from flax_latentup.models.layers import (
     k_downsample_2d,
     k_upsample_2d,
 )
-from flax_latentup.weights import KeyMap
+from flax_latentup.weights import FixedParam, KeyMap
 
 Array = jax.Array
 
@@ -68,7 +68,8 @@ class GaussianFourierProjection(nnx.Module):
 
     def __init__(self, size: int, *, flip_sin_to_cos: bool, rngs: nnx.Rngs, param_dtype):
         self.flip_sin_to_cos = flip_sin_to_cos
-        self.weight = nnx.Param(jax.random.normal(rngs.params(), (size,), param_dtype))
+        # fixed, as in diffusers (requires_grad=False): loaded and saved, never trained
+        self.weight = FixedParam(jax.random.normal(rngs.params(), (size,), param_dtype))
 
     def __call__(self, t: Array) -> Array:  # [B] -> [B, 2D]
         w = self.weight[...].astype(jnp.float32)
