@@ -19,6 +19,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from flax_latentup import ConfigError, FlaxUNet2DConditionModel, UNet2DConditionConfig, WeightsError
+from flax_latentup.configs import AutoencoderKLConfig, CLIPTextConfig
 from flax_latentup.models.conv import conv_config
 from flax_latentup.models.layers import k_downsample_2d, k_upsample_2d
 from flax_latentup.weights import WEIGHTS as CHECKPOINT_VARIABLES
@@ -290,6 +291,13 @@ def test_jit_does_not_recompile(tiny_flax):
             dict(timestep_cond=jnp.zeros((2, 128))),
             r"timestep_cond has width 128, .* time_cond_proj_dim=160",
         ),
+        (dict(sample=jnp.zeros((2, 16, 16, 8), jnp.int32)), r"sample must have a floating"),
+        (
+            dict(encoder_hidden_states=jnp.zeros((2, 7, 32), bool)),
+            r"encoder_hidden_states must have a floating-point dtype, got bool",
+        ),
+        (dict(timestep_cond=jnp.zeros((2, 160), jnp.complex64)), r"timestep_cond must have a"),
+        (dict(timestep=jnp.zeros((2,), bool)), r"timestep must have a numeric dtype, got bool"),
     ],
 )
 def test_bad_inputs_named(tiny_flax, edit, match):
@@ -299,6 +307,28 @@ def test_bad_inputs_named(tiny_flax, edit, match):
     run, state = jitted(tiny_flax)
     with pytest.raises(ValueError, match=match):  # at trace time, before anything compiles
         run(state, **x)
+
+
+def test_torch_tensors_and_text_are_named(tiny_flax, tiny_unet, tmp_path):
+    """The Flax modules take numpy or JAX arrays: a torch tensor (which the pipeline takes,
+    NCHW) is named as such by the UNet, the VAE and the text encoder, a timestep given as text
+    too, before anything is traced."""
+    import torch
+
+    from flax_latentup import FlaxAutoencoderKL, FlaxCLIPTextModel
+
+    x = to_flax(helpers.unet_inputs(helpers.TINY_UNET, 2, 16, 16))
+    as_torch = torch.from_numpy(np.asarray(x["sample"]))
+    with pytest.raises(ValueError, match=r"^sample is a torch tensor: .* channels last"):
+        tiny_flax(**dict(x, sample=as_torch))
+    with pytest.raises(ValueError, match=r"^timestep must have a numeric dtype, got <U3"):
+        tiny_flax(**dict(x, timestep="0.1"))
+    vae = FlaxAutoencoderKL.abstract(AutoencoderKLConfig.tiny())
+    with pytest.raises(ValueError, match=r"^z is a torch tensor"):
+        vae.decode(torch.zeros(1, 8, 8, 4))
+    clip = FlaxCLIPTextModel.abstract(CLIPTextConfig.tiny())
+    with pytest.raises(ValueError, match=r"^input_ids is a torch tensor: .* \(e.g. input_ids"):
+        clip(torch.zeros(1, 7, dtype=torch.int64))
 
 
 def test_timestep_cond_without_projection(small_unet):

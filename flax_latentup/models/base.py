@@ -15,6 +15,7 @@ from typing import Any, ClassVar, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flax_latentup import hub
@@ -51,6 +52,32 @@ def read_json(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def check_array(name: str, x: Any, kind: str = "floating") -> None:
+    """A ValueError naming the argument ``name`` unless ``x`` is a numpy or JAX array (or a
+    tracer) whose dtype is ``kind``: "floating", "integer" or "number" (integer or floating).
+    Torch tensors are named as such: the modules take channels-last numpy or JAX arrays."""
+    if type(x).__module__.split(".")[0] == "torch":
+        nchw = len(getattr(x, "shape", ())) == 4
+        raise ValueError(
+            f"{name} is a torch tensor: the Flax modules take numpy or JAX arrays"
+            + (", channels last" if nchw else "")
+            + f" (e.g. {name}.cpu().numpy()"
+            + (", transposed from NCHW to NHWC)" if nchw else ")")
+        )
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(x).dtype
+        except (TypeError, ValueError):  # ragged nesting and the like
+            dtype = np.dtype(object)
+    wanted = {"floating": (jnp.floating,), "integer": (jnp.integer,)}.get(
+        kind, (jnp.floating, jnp.integer)
+    )
+    if jnp.issubdtype(dtype, jnp.bool_) or not any(jnp.issubdtype(dtype, t) for t in wanted):
+        what = {"floating": "floating-point", "integer": "integer"}.get(kind, "numeric")
+        raise ValueError(f"{name} must have a {what} dtype, got {dtype}")
 
 
 def read_config(config_class: Any, path: str) -> Any:

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx, struct
 
 from flax_latentup.configs import CLIPTextConfig
-from flax_latentup.models.base import PretrainedModel
+from flax_latentup.models.base import PretrainedModel, check_array
 from flax_latentup.models.layers import LayerNorm, attention, call_block, get_activation
 from flax_latentup.weights import KeyMap
 
@@ -156,7 +156,10 @@ class FlaxCLIPTextModel(nnx.Module, PretrainedModel):
         )
 
     def check_input_ids(self, input_ids) -> None:
-        """Raise a ValueError naming ``input_ids`` when its rank, dtype or length is wrong."""
+        """Raise a ValueError naming ``input_ids`` when its type, rank, dtype or length is
+        wrong."""
+        if type(input_ids).__module__.split(".")[0] == "torch":
+            check_array("input_ids", input_ids, "integer")  # names it as a torch tensor
         shape = getattr(input_ids, "shape", None)
         if shape is None or len(shape) != 2:
             raise ValueError(

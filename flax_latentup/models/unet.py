@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from flax_latentup.configs import AttentionPlan, BlockPlan, ResnetPlan, UNet2DConditionConfig
-from flax_latentup.models.base import PretrainedModel
+from flax_latentup.models.base import PretrainedModel, check_array
 from flax_latentup.models.conv import Conv
 from flax_latentup.models.layers import (
     AdaGroupNorm,
@@ -328,8 +328,17 @@ class FlaxUNet2DConditionModel(nnx.Module, PretrainedModel):
         encoder_hidden_states,
         timestep_cond=None,
     ) -> None:
-        """Raise a ValueError naming the argument whose shape does not fit the model."""
+        """Raise a ValueError naming the argument whose type, dtype or shape does not fit the
+        model: arrays of floats (numpy or JAX, channels last), a numeric timestep."""
         cfg = self.config
+        for name, x in (
+            ("sample", sample),
+            ("timestep", timestep),
+            ("encoder_hidden_states", encoder_hidden_states),
+            ("timestep_cond", timestep_cond),
+        ):
+            if x is not None:
+                check_array(name, x, "number" if name == "timestep" else "floating")
         shape = getattr(sample, "shape", None)
         if shape is None or len(shape) != 4:
             raise ValueError(

@@ -26,7 +26,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flax_latentup.configs import AutoencoderKLConfig
-from flax_latentup.models.base import PretrainedModel
+from flax_latentup.models.base import PretrainedModel, check_array
 from flax_latentup.models.conv import (
     Conv,
     upsample2x_conv3x3,
@@ -489,6 +489,8 @@ def _run(graphdef, state, x: Array, valid_hw: Array | None, *, part: str, settin
 
 def _check_input(name: str, x, channels: int, multiple: int = 1) -> None:
     """Python-side checks, before anything is traced: a ValueError naming ``name``."""
+    if type(x).__module__.split(".")[0] == "torch":
+        check_array(name, x)  # names it as a torch tensor
     shape = getattr(x, "shape", None)
     if shape is None or len(shape) != 4:
         raise ValueError(
@@ -505,8 +507,7 @@ def _check_input(name: str, x, channels: int, multiple: int = 1) -> None:
         )
     if min(shape) == 0:
         raise ValueError(f"{name} is empty: shape {tuple(shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    check_array(name, x)
     if shape[1] % multiple or shape[2] % multiple:
         raise ValueError(
             f"{name} height and width must be multiples of {multiple} (the encoder halves them "
