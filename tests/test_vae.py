@@ -484,6 +484,38 @@ def test_posterior():
     assert len(leaves) == 2
 
 
+def test_posterior_kl_and_nll_match_diffusers():
+    """``kl`` (to the standard normal or to another posterior) and ``nll`` per image equal
+    diffusers' on the same moments (NCHW there); a key that is not a PRNG key is named."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as Theirs
+
+    moments, other_moments = latents(2, 3, 5, c=8), latents(2, 3, 5, c=8)
+    sample = latents(2, 3, 5)
+    ours = DiagonalGaussianDistribution.from_moments(jnp.asarray(moments))
+    other = DiagonalGaussianDistribution.from_moments(jnp.asarray(other_moments))
+    theirs = Theirs(torch.from_numpy(moments.transpose(0, 3, 1, 2)))
+    theirs_other = Theirs(torch.from_numpy(other_moments.transpose(0, 3, 1, 2)))
+    pairs = [
+        (ours.kl(), theirs.kl()),
+        (ours.kl(other), theirs.kl(theirs_other)),
+        (ours.nll(sample), theirs.nll(torch.from_numpy(sample.transpose(0, 3, 1, 2)))),
+    ]
+    for got, want in pairs:
+        assert got.shape == (2,)
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-5)
+    # the KL of a posterior to itself is 0
+    np.testing.assert_allclose(np.asarray(ours.kl(ours)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(ours.nll(sample, axis=(1, 2))).sum(-1), np.asarray(ours.nll(sample)), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match=r"sample has shape \(2, 3, 5, 3\)"):
+        ours.nll(sample[..., :3])
+    for bad in (0, np.zeros(3, np.uint32), jax.random.split(jax.random.key(0), (2, 2))):
+        with pytest.raises(ValueError, match="key must be a JAX PRNG key"):
+            ours.sample(bad)
+    assert ours.sample(jax.random.PRNGKey(1)).shape == (2, 3, 5, 4)  # a raw key works too
+
+
 def test_bfloat16_decode_close_to_float32(tiny_vae):
     z = latents(1, 12, 12)
     f32 = np.asarray(FlaxAutoencoderKL.from_pretrained(tiny_vae[1]).decode(z))

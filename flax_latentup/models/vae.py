@@ -16,8 +16,9 @@ part. A new picture size therefore compiles nothing new in the network.
 from __future__ import annotations
 
 import functools
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,15 @@ class DiagonalGaussianDistribution:
         ``key``: one PRNG key for the whole batch, or ``B`` keys (``jax.random.split``), one
         per image, so that an image's draw does not depend on the batch it is in.
         """
-        typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        dtype = getattr(key, "dtype", None)
+        typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+        raw = dtype == jnp.uint32 and key.ndim in (1, 2) and key.shape[-1] == 2
+        if not (typed and key.ndim <= 1) and not raw:
+            raise ValueError(
+                "key must be a JAX PRNG key (jax.random.key(seed), or jax.random.PRNGKey) or a "
+                f"batch of them (jax.random.split(key, B)), got {type(key).__name__}"
+                + (f" of dtype {dtype} and shape {tuple(key.shape)}" if dtype is not None else "")
+            )
         if key.ndim == (1 if typed else 2):
             if key.shape[0] != self.mean.shape[0]:
                 raise ValueError(
@@ -102,6 +111,35 @@ class DiagonalGaussianDistribution:
         else:
             noise = jax.random.normal(key, self.mean.shape, self.mean.dtype)
         return self.mean + self.std * noise
+
+    def kl(self, other: DiagonalGaussianDistribution | None = None) -> Array:
+        """``KL(self || other)`` per image, ``[B]`` (summed over the latent elements); against
+        the standard normal when ``other`` is None. As diffusers' ``kl``: the VAE's
+        regularisation term."""
+        if other is None:
+            terms = jnp.square(self.mean) + self.var - 1.0 - self.logvar
+        else:
+            terms = (
+                jnp.square(self.mean - other.mean) / other.var
+                + self.var / other.var
+                - 1.0
+                - self.logvar
+                + other.logvar
+            )
+        return 0.5 * jnp.sum(terms, axis=tuple(range(1, terms.ndim)))
+
+    def nll(self, sample: Array, axis: Sequence[int] | None = None) -> Array:
+        """The negative log-likelihood of ``sample`` ``[B, h, w, C]`` under the posterior,
+        summed over ``axis`` (default: all but the batch axis, giving ``[B]``), as diffusers'
+        ``nll``."""
+        sample = jnp.asarray(sample)
+        if sample.shape != self.mean.shape:
+            raise ValueError(
+                f"sample has shape {sample.shape}, the posterior {self.mean.shape} (NHWC)"
+            )
+        terms = math.log(2.0 * math.pi) + self.logvar + jnp.square(sample - self.mean) / self.var
+        axis = tuple(range(1, terms.ndim)) if axis is None else tuple(axis)
+        return 0.5 * jnp.sum(terms, axis=axis)
 
 
 def nonfinite_images(x: Array) -> Array:
