@@ -318,8 +318,10 @@ class UNet2DConditionConfig:
     the K blocks (``only_cross_attention``, ``upcast_attention``, ``use_linear_projection``,
     ``dual_cross_attention``, ``transformer_layers_per_block``, ``resnet_time_scale_shift``,
     ``resnet_skip_time_act``, ``resnet_out_scale_factor``, ``cross_attention_norm``,
-    ``downsample_padding``, ``mid_block_scale_factor``, ``dropout``, ``freq_shift``,
-    ``sample_size``) and rejects by name every value that would change the architecture.
+    ``downsample_padding``, ``mid_block_scale_factor``, ``freq_shift``, ``sample_size``) and
+    ``dropout``, which the K blocks apply in training only (this port has no dropout: the
+    :class:`~flax_latentup.training.Trainer` warns of a non-zero one), and rejects by name every
+    value that would change the architecture.
     """
 
     in_channels: int = 8

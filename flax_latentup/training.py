@@ -44,6 +44,7 @@ import numbers
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -474,6 +475,14 @@ class Trainer:
                 f"unet: its trainable parameters must be float32, got {stored} (small updates "
                 "would be rounded away and the EMA would not move): load it with "
                 "param_dtype=jnp.float32 (the default; dtype= still sets the compute dtype)"
+            )
+        dropout = unet.config.extra.get("dropout") or 0.0
+        if isinstance(dropout, int | float) and dropout > 0:
+            warnings.warn(
+                f"unet: its config.json has dropout={dropout}, which diffusers applies in its "
+                "K blocks when training; this UNet has no dropout, so it is fine-tuned without",
+                UserWarning,
+                stacklevel=2,
             )
         self._initial_params = params
         if mesh is None:

@@ -145,6 +145,24 @@ def _edited_copy(src: str, dst, edit) -> str:
     return str(dst)
 
 
+def test_with_projection_checkpoint_loads_its_text_tower(tmp_path, tiny_clip, prompt_ids):
+    """A CLIPTextModelWithProjection checkpoint loads as its text tower, as transformers'
+    CLIPTextModel loads it (text_projection left unused): the same outputs."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(**dict(helpers.TINY_CLIP, eos_token_id=2, projection_dim=16))
+    torch.manual_seed(0)
+    CLIPTextModelWithProjection(config).save_pretrained(tmp_path / "proj")
+    flax = FlaxCLIPTextModel.from_pretrained(str(tmp_path / "proj"))
+    tower = CLIPTextModel.from_pretrained(str(tmp_path / "proj")).eval()
+    with torch.no_grad():
+        want = tower(torch.from_numpy(prompt_ids.astype(np.int64)))
+    got = flax(jnp.asarray(prompt_ids))
+    for name in ("last_hidden_state", "pooler_output"):
+        err = np.max(np.abs(np.asarray(getattr(got, name)) - getattr(want, name).numpy()))
+        assert err <= 1e-5, f"{name}: {err:.3g}"
+
+
 def test_missing_key_named(tmp_path, tiny_clip):
     _, folder = tiny_clip
     bad = _edited_copy(folder, tmp_path / "m", lambda t: t.pop("encoder.layers.1.mlp.fc2.bias"))

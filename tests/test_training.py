@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -409,6 +410,22 @@ def test_trainer_refuses_low_precision_weights():
         ValueError, match=r"trainable parameters must be float32, got \['bfloat16'\]"
     ):
         Trainer(unet, uncond)
+
+
+def test_trainer_warns_of_config_dropout():
+    """A UNet config with dropout > 0 (which diffusers' K blocks apply in training) is
+    fine-tuned without it here: said once, at the Trainer's start; dropout 0 says nothing."""
+    uncond = (np.zeros((L, D), np.float32), np.zeros(D, np.float32))
+    for dropout, warns in ((0.1, True), (0.0, False)):
+        config = UNet2DConditionConfig.from_dict(dict(helpers.PIPE_UNET, dropout=dropout))
+        unet = random_model(FlaxUNet2DConditionModel, config, 0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(unet, uncond)
+        said = [str(w.message) for w in caught if "dropout" in str(w.message)]
+        assert len(said) == warns, said
+        if warns:
+            assert "dropout=0.1" in said[0] and "fine-tuned without" in said[0]
 
 
 def test_example_checks_batch_over_local_devices(finetune, tmp_path, monkeypatch):

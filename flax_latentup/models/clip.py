@@ -115,7 +115,10 @@ def _clip_rename(key: str) -> str:
     return key.removeprefix("text_model.")
 
 
-_CLIP_IGNORED = re.compile(r"^(text_model\.)?embeddings\.position_ids$")
+# Left out of loading: the position ids (a buffer older checkpoints hold) and the projection
+# of a CLIPTextModelWithProjection checkpoint, whose text tower this is (transformers'
+# CLIPTextModel loads such a checkpoint the same way, leaving text_projection unused).
+_CLIP_IGNORED = re.compile(r"^(text_model\.)?embeddings\.position_ids$|^text_projection\.weight$")
 
 
 class FlaxCLIPTextModel(nnx.Module, PretrainedModel):
