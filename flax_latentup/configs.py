@@ -134,6 +134,12 @@ class CLIPTextConfig:
         """Build from a transformers config.json dict (a ``CLIPConfig`` is unwrapped)."""
         if "text_config" in d and isinstance(d["text_config"], Mapping):
             d = d["text_config"]
+        if "_class_name" in d and "model_type" not in d:  # a diffusers model's config.json
+            raise ConfigError(
+                f"CLIPTextModel config: this is the config of a diffusers {d['_class_name']!r} "
+                "(`_class_name`), not of a CLIP text encoder (transformers' `model_type` "
+                "'clip_text_model')"
+            )
         model_type = d.get("model_type", "clip_text_model")
         _require(
             "CLIPTextModel",

@@ -245,6 +245,16 @@ def test_unsupported_config_named(tmp_path, tiny_clip):
         FlaxCLIPTextModel.from_pretrained(str(tmp_path / "c"))
 
 
+def test_another_models_folder_is_named(tmp_path, tiny_clip):
+    """A diffusers model's folder (a UNet's) given as the text encoder's is named from its
+    config, before any weights are read."""
+    helpers.save_unet(helpers.make_unet(seed=0, **helpers.TINY_UNET), str(tmp_path / "unet"))
+    with pytest.raises(
+        ConfigError, match=r"config.json: CLIPTextModel config: .* diffusers 'UNet2DConditionModel'"
+    ):
+        FlaxCLIPTextModel.from_pretrained(str(tmp_path / "unet"))
+
+
 def test_missing_folder_and_weights(tmp_path):
     from flax_latentup import HubError
 
