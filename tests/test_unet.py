@@ -331,6 +331,28 @@ def test_torch_tensors_and_text_are_named(tiny_flax, tiny_unet, tmp_path):
         clip(torch.zeros(1, 7, dtype=torch.int64))
 
 
+def test_direct_construction_checks_its_arguments():
+    """Building a model directly names a config of another kind (a config.json dict) and a
+    dtype that is not float32, bfloat16 or float16, before any weight is made."""
+    from flax_latentup import FlaxAutoencoderKL, FlaxCLIPTextModel
+
+    rngs = nnx.Rngs(0)
+    with pytest.raises(
+        TypeError, match=r"^config must be of type UNet2DConditionConfig \(build one"
+    ):
+        FlaxUNet2DConditionModel(helpers.TINY_UNET, rngs=rngs)
+    with pytest.raises(
+        TypeError, match=r"^config must be of type AutoencoderKLConfig, got CLIPText"
+    ):
+        FlaxAutoencoderKL(CLIPTextConfig.tiny(), rngs=rngs)
+    with pytest.raises(TypeError, match=r"^dtype must be float32, bfloat16 or float16, got int8"):
+        FlaxAutoencoderKL(AutoencoderKLConfig.tiny(), rngs=rngs, dtype=jnp.int8)
+    with pytest.raises(TypeError, match=r"^param_dtype must be float32, bfloat16 or float16"):
+        FlaxCLIPTextModel(CLIPTextConfig.tiny(), rngs=rngs, param_dtype="int32")
+    model = FlaxCLIPTextModel(CLIPTextConfig.tiny(), rngs=rngs, dtype="bfloat16")
+    assert model.dtype == jnp.bfloat16
+
+
 def test_timestep_cond_without_projection(small_unet):
     model = FlaxUNet2DConditionModel.abstract(
         UNet2DConditionConfig.from_dict(dict(small_unet[0].config, time_cond_proj_dim=None))

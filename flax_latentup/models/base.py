@@ -162,6 +162,22 @@ def _check_dtype(name: str, dtype) -> jnp.dtype:
     return dt
 
 
+def check_construction(cls: type, config: Any, dtype: Any, param_dtype: Any) -> tuple:
+    """``(dtype, param_dtype)`` as jnp dtypes for a model built directly (``cls(config,
+    rngs=..., dtype=..., param_dtype=...)``), after a TypeError naming the argument for a
+    config of another class or a dtype that is not float32, bfloat16 or float16."""
+    if not isinstance(config, cls.config_class):
+        hint = (
+            " (build one with from_dict(...) from a config.json dict)"
+            if isinstance(config, dict)
+            else ""
+        )
+        raise TypeError(
+            f"config must be of type {cls.config_class.__name__}{hint}, got {type(config).__name__}"
+        )
+    return _check_dtype("dtype", dtype), _check_dtype("param_dtype", param_dtype)
+
+
 class PretrainedModel(hub.PushToHubMixin):
     """Mixin for NNX models loadable from Hugging Face folders or hub repos."""
 

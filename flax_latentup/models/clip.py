@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx, struct
 
 from flax_latentup.configs import CLIPTextConfig
-from flax_latentup.models.base import PretrainedModel, check_array
+from flax_latentup.models.base import PretrainedModel, check_array, check_construction
 from flax_latentup.models.layers import LayerNorm, attention, call_block, get_activation
 from flax_latentup.weights import KeyMap
 
@@ -149,6 +149,7 @@ class FlaxCLIPTextModel(nnx.Module, PretrainedModel):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
     ):
+        dtype, param_dtype = check_construction(type(self), config, dtype, param_dtype)
         self.config = config
         self.dtype = dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)

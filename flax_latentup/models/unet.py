@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from flax_latentup.configs import AttentionPlan, BlockPlan, ResnetPlan, UNet2DConditionConfig
-from flax_latentup.models.base import PretrainedModel, check_array
+from flax_latentup.models.base import PretrainedModel, check_array, check_construction
 from flax_latentup.models.conv import Conv
 from flax_latentup.models.layers import (
     AdaGroupNorm,
@@ -300,6 +300,7 @@ class FlaxUNet2DConditionModel(nnx.Module, PretrainedModel):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
     ):
+        dtype, param_dtype = check_construction(type(self), config, dtype, param_dtype)
         self.config = config
         self.dtype = dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)

@@ -27,7 +27,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flax_latentup.configs import AutoencoderKLConfig
-from flax_latentup.models.base import PretrainedModel, check_array
+from flax_latentup.models.base import PretrainedModel, check_array, check_construction
 from flax_latentup.models.conv import (
     Conv,
     upsample2x_conv3x3,
@@ -642,6 +642,7 @@ class FlaxAutoencoderKL(nnx.Module, PretrainedModel):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
     ):
+        dtype, param_dtype = check_construction(type(self), config, dtype, param_dtype)
         self.config = config
         self.dtype = dtype
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
