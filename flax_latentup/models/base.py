@@ -22,6 +22,7 @@ from flax_latentup import hub
 from flax_latentup.files import atomic_write, check_save_folder, remove_stale_temporaries
 from flax_latentup.weights import (
     FLAX_WEIGHTS_NAME,
+    WEIGHTS,
     KeyMap,
     load_state,
     open_weights,
@@ -332,7 +333,7 @@ class PretrainedModel(hub.PushToHubMixin):
         ``torch_dtype``) that the source config carried, which transformers loads the weights
         in, is brought to the dtype the weights are saved in."""
         d = self.config.to_dict()
-        dtypes = {v.dtype for v in jax.tree.leaves(nnx.state(self, nnx.Param))}
+        dtypes = {v.dtype for v in jax.tree.leaves(nnx.state(self, WEIGHTS))}
         if len(dtypes) == 1:
             for key in ("dtype", "torch_dtype"):
                 if key in d:
