@@ -83,6 +83,23 @@ def test_unsupported_scheduler_config(key, value):
         EulerSchedulerConfig.from_dict(dict(HUB, **{key: value}))
 
 
+def test_every_scheduler_field_is_read_with_its_type():
+    """Each field of EulerSchedulerConfig is read from scheduler_config.json, type-checked:
+    the reader's table covers the dataclass, and a value of another type is named."""
+    import dataclasses
+
+    from flax_latentup import sampling
+
+    fields = {f.name for f in dataclasses.fields(EulerSchedulerConfig)}
+    assert set(sampling._SCHEDULER_FIELDS) == fields
+    config = EulerSchedulerConfig.from_dict(dict(HUB, steps_offset=1, trained_betas=None))
+    assert config.steps_offset == 1 and config.beta_schedule == HUB["beta_schedule"]
+    with pytest.raises(ConfigError, match=r"`beta_end` = '0.012' is not a number"):
+        EulerSchedulerConfig.from_dict(dict(HUB, beta_end="0.012"))
+    with pytest.raises(ConfigError, match=r"`trained_betas\[1\]` = None is not a number"):
+        EulerSchedulerConfig.from_dict(dict(HUB, trained_betas=[0.1, None]))
+
+
 def test_bad_step_count():
     for n in (0, -1, 2.5):
         with pytest.raises(ValueError, match="num_inference_steps"):
