@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
-from flax_latentup.cli import IMAGE_EXTS
+from flax_latentup.cli import IMAGE_EXTS, upright_transpose
 from flax_latentup.files import check_save_folder
 from flax_latentup.pipeline import check_picture_mode, pil_to_rgb
 from flax_latentup.training import (
@@ -176,27 +176,6 @@ def scan_pictures(paths: list[str], resolution: int) -> tuple[list[str], list[st
     return captions, small
 
 
-def exif_orientation(im: Image.Image) -> Image.Transpose | None:
-    """The transposition that shows ``im`` upright by its EXIF orientation tag (2-8), as
-    ``PIL.ImageOps.exif_transpose``; ``None`` for none, 1, or a malformed EXIF block."""
-    try:
-        value = int(im.getexif().get(0x0112, 1))
-    except Exception:  # a malformed EXIF block: the picture as stored
-        return None
-    return EXIF_TRANSPOSE.get(value)
-
-
-EXIF_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
 def load_crop(path: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """A random ``size`` x ``size`` crop (shorter side resized to ``size``), random h-flip,
     as float32 ``[size, size, 3]`` in [-1, 1], of the picture turned upright by its EXIF
@@ -205,7 +184,7 @@ def load_crop(path: str, size: int, rng: np.random.Generator) -> np.ndarray:
     try:
         with Image.open(path) as opened:
             im = pil_to_rgb(opened)  # decodes it; 16-bit grey is scaled to 8 bits, not clipped
-            orientation = exif_orientation(opened)  # after decoding: a PNG's may come last
+            orientation = upright_transpose(opened)  # after decoding: a PNG's may come last
     except Exception as e:
         raise ValueError(
             f"cannot decode the picture {path} ({type(e).__name__}: {e}): it is probably "

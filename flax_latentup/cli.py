@@ -328,6 +328,15 @@ def _orientation(im) -> int:
     return value if value in _ORIENT else 1
 
 
+def upright_transpose(im):
+    """The ``PIL.Image.Transpose`` that shows the opened picture ``im`` upright by its EXIF
+    orientation (see :func:`_orientation`), ``None`` for one stored upright."""
+    import PIL.Image
+
+    name = _ORIENT.get(_orientation(im))
+    return getattr(PIL.Image.Transpose, name) if name else None
+
+
 def read_text(path: str) -> str:
     """A prompt file's text (UTF-8, a byte-order mark allowed), stripped."""
     with open(path, encoding="utf-8-sig") as f:
@@ -402,15 +411,13 @@ def read_input(
     from flax_latentup.pipeline import pil_to_rgb
 
     with PIL.Image.open(path) as im:
-        orientation = _orientation(im)
+        transpose = upright_transpose(im)
         icc = im.info.get("icc_profile")
         im.load()
         rgb = pil_to_rgb(im)  # 16-bit grey scaled, not clipped
         alpha = _alpha_channel(im) if alpha_size is not None else None
     # an ICC header names its colour space in bytes 16-19
     icc = icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None
-    name = _ORIENT.get(orientation)  # None: stored upright
-    transpose = getattr(PIL.Image.Transpose, name) if name else None
     if transpose is not None:  # upright, as the EXIF orientation says it is shown
         rgb = rgb.transpose(transpose)
     if alpha is not None:

@@ -16,7 +16,6 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import math
 import numbers
 import os
@@ -38,6 +37,7 @@ from flax_latentup.models.base import (
     VARIANT_BESIDE,
     check_no_flax_weights,
     check_same_config,
+    is_torch_tensor,
     read_config,
     read_json,
     write_json_atomic,
@@ -65,16 +65,15 @@ PIPELINE_CLASS_NAMES = (
     "StableDiffusionLatentUpscalePipeline",
     "FlaxStableDiffusionLatentUpscalePipeline",
 )
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+OUTPUT_TYPES = ("pil", "np", "latent")
 VAE_SAMPLE_MODES = ("sample", "argmax")
 DEFAULT_REPO = "stabilityai/sd-x2-latent-upscaler"
 
 
 @dataclasses.dataclass
 class UpscalePipelineOutput:
-    """``images``: a list of PIL images, a float32 array ``[B, H, W, 3]`` in [0, 1], a float32
-    torch tensor ``[B, 3, H, W]`` in [0, 1], or the latents ``[B, 2h, 2w, 4]``, by
-    ``output_type``."""
+    """``images``: a list of PIL images, a float32 array ``[B, H, W, 3]`` in [0, 1], or the
+    latents ``[B, 2h, 2w, 4]``, by ``output_type``."""
 
     images: Any
 
@@ -487,10 +486,6 @@ def upscale_core(
 # --------------------------------------------------------------------------------------------
 
 
-def _is_torch_tensor(x: Any) -> bool:
-    return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
-
-
 def _torch_to_numpy(x: Any) -> np.ndarray:
     """A torch tensor's values on the host: floating point ones (bfloat16 and float16 too) as
     float32, others in their own dtype (uint8 pictures stay 0..255)."""
@@ -600,16 +595,16 @@ def prepare_image(
             _pil_to_array(i)
             if isinstance(i, PIL.Image.Image)
             else _torch_to_numpy(i)
-            if _is_torch_tensor(i)
+            if is_torch_tensor(i)
             else np.asarray(i)
             for i in image
         ]
-        torch_input = _is_torch_tensor(image[0])
+        torch_input = is_torch_tensor(image[0])
         shapes = {p.shape for p in parts}
         if len(shapes) > 1:
             raise ValueError(f"image: all list entries must have one shape, got {sorted(shapes)}")
         arr = np.stack(parts) if parts[0].ndim == 3 else np.concatenate(parts)
-    elif _is_torch_tensor(image):
+    elif is_torch_tensor(image):
         torch_input = True
         arr = _torch_to_numpy(image)
     elif isinstance(image, np.ndarray | jax.Array):
@@ -711,7 +706,7 @@ def _prompt_list(name: str, prompt: str | Sequence[str] | None, batch: int) -> l
 
 
 def _embeds(name: str, x: Any, ndim: int) -> np.ndarray:
-    arr = _torch_to_numpy(x) if _is_torch_tensor(x) else np.asarray(x)
+    arr = _torch_to_numpy(x) if is_torch_tensor(x) else np.asarray(x)
     if arr.ndim != ndim or not _is_float(arr.dtype):
         raise ValueError(
             f"{name} must be a float array with {ndim} dimensions, got {arr.dtype} {arr.shape}"
@@ -1207,8 +1202,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         ``latents``: the initial noise ``[B, 2h, 2w, 4]`` (NHWC; NCHW for torch), scaled by the
         initial sigma inside. ``callback(step, timestep, latents)`` runs every
         ``callback_steps`` steps with the NHWC latents as a numpy array.
-        ``output_type``: "pil", "np" (float32 ``[B, H, W, 3]`` in [0, 1]), "pt" (a float32
-        torch tensor ``[B, 3, H, W]`` in [0, 1], as diffusers') or "latent".
+        ``output_type``: "pil", "np" (float32 ``[B, H, W, 3]`` in [0, 1]) or "latent".
 
         Devices: with several local devices (or ``devices``/``mesh`` given) the batch is split
         over a ``("data",)`` mesh with one sharded ``jit``; ``use_pmap=True`` takes the
@@ -1218,10 +1212,11 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         # ---- checks, before anything compiles ----
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if output_type == "pt" and importlib.util.find_spec("torch") is None:
+        if output_type == "pt":  # diffusers' torch output: this package does not use torch
             raise ValueError(
-                "output_type='pt' returns torch tensors and needs torch, which is not "
-                "installed: pip install torch, or use output_type='np'"
+                "output_type must be one of ('pil', 'np', 'latent'), got 'pt': for diffusers' "
+                "NCHW tensor, take output_type='np' and torch.from_numpy(images.transpose(0, 3, "
+                "1, 2))"
             )
         if vae_sample_mode not in VAE_SAMPLE_MODES:
             raise ValueError(
@@ -1344,7 +1339,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         noise_mode = "keys"
         if latents is not None:
             want = (batch_size, 2 * h, 2 * w, latent_channels)
-            if _is_torch_tensor(latents):
+            if is_torch_tensor(latents):
                 lat = _torch_to_numpy(latents)
                 nchw = (batch_size, latent_channels, 2 * h, 2 * w)
                 if lat.shape != nchw:
@@ -1432,10 +1427,6 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
                 import PIL.Image
 
                 images = [PIL.Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
-            elif output_type == "pt":  # NCHW float32 in [0, 1] on the CPU, as diffusers' "pt"
-                import torch
-
-                images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         return UpscalePipelineOutput(images=images) if return_dict else (images,)
 
     # ---- host-side VAE work ------------------------------------------------------------------

@@ -224,11 +224,8 @@ def test_picture_sides_are_cut_back_as_diffusers_does(torch_pipe, flax_pipe):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
     kw = dict(prompt="a photo", num_inference_steps=1, guidance_scale=0.0)
-    out = flax_pipe(image=pil[0], rng=1, output_type="pt", **kw).images
-    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
-    assert out.shape == (1, 3, 128, 192)  # 2x the 64x96 the picture was brought to
-    same = flax_pipe(image=pil[0], rng=1, output_type="np", **kw).images
-    np.testing.assert_array_equal(out.permute(0, 2, 3, 1).numpy(), same)
+    out = flax_pipe(image=pil[0], rng=1, output_type="np", **kw).images
+    assert out.shape == (1, 128, 192, 3)  # 2x the 64x96 the picture was brought to
 
     counter = CompileCounter()
     jax.monitoring.register_event_duration_secs_listener(counter)
@@ -761,6 +758,7 @@ BAD = [
     ("guidance_scale", dict(prompt="x", guidance_scale="high")),
     ("latents", dict(prompt="x", latents=np.zeros((1, 8, 8, 4), np.float32))),
     ("output_type", dict(prompt="x", output_type="torch")),
+    ("output_type", dict(prompt="x", output_type="pt")),  # diffusers' torch output
     ("callback_steps", dict(prompt="x", callback_steps=0)),
     ("rng", dict(prompt="x", rng="seed")),
     ("vae_sample_mode", dict(prompt="x", vae_sample_mode="mean")),

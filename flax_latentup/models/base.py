@@ -55,11 +55,16 @@ def read_json(path: str) -> dict[str, Any]:
     return data
 
 
+def is_torch_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor, told without importing torch."""
+    return type(x).__module__.split(".")[0] == "torch" and hasattr(x, "detach")
+
+
 def check_array(name: str, x: Any, kind: str = "floating") -> None:
     """A ValueError naming the argument ``name`` unless ``x`` is a numpy or JAX array (or a
     tracer) whose dtype is ``kind``: "floating", "integer" or "number" (integer or floating).
     Torch tensors are named as such: the modules take channels-last numpy or JAX arrays."""
-    if type(x).__module__.split(".")[0] == "torch":
+    if is_torch_tensor(x):
         nchw = len(getattr(x, "shape", ())) == 4
         raise ValueError(
             f"{name} is a torch tensor: the Flax modules take numpy or JAX arrays"

@@ -10,7 +10,12 @@ import numpy as np
 from flax import nnx, struct
 
 from flax_latentup.configs import CLIPTextConfig
-from flax_latentup.models.base import PretrainedModel, check_array, check_construction
+from flax_latentup.models.base import (
+    PretrainedModel,
+    check_array,
+    check_construction,
+    is_torch_tensor,
+)
 from flax_latentup.models.layers import LayerNorm, attention, call_block, get_activation
 from flax_latentup.weights import KeyMap
 
@@ -162,7 +167,7 @@ class FlaxCLIPTextModel(nnx.Module, PretrainedModel):
     def check_input_ids(self, input_ids) -> None:
         """Raise a ValueError naming ``input_ids`` when its type, rank, dtype or length is
         wrong."""
-        if type(input_ids).__module__.split(".")[0] == "torch":
+        if is_torch_tensor(input_ids):
             check_array("input_ids", input_ids, "integer")  # names it as a torch tensor
         shape = getattr(input_ids, "shape", None)
         if shape is None or len(shape) != 2:

@@ -27,7 +27,12 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flax_latentup.configs import AutoencoderKLConfig
-from flax_latentup.models.base import PretrainedModel, check_array, check_construction
+from flax_latentup.models.base import (
+    PretrainedModel,
+    check_array,
+    check_construction,
+    is_torch_tensor,
+)
 from flax_latentup.models.conv import (
     Conv,
     upsample2x_conv3x3,
@@ -527,7 +532,7 @@ def _run(graphdef, state, x: Array, valid_hw: Array | None, *, part: str, settin
 
 def _check_input(name: str, x, channels: int, multiple: int = 1) -> None:
     """Python-side checks, before anything is traced: a ValueError naming ``name``."""
-    if type(x).__module__.split(".")[0] == "torch":
+    if is_torch_tensor(x):
         check_array(name, x)  # names it as a torch tensor
     shape = getattr(x, "shape", None)
     if shape is None or len(shape) != 4:
