@@ -72,6 +72,17 @@ def pipeline_patterns(
     return allow, ignore
 
 
+def below_patterns(patterns: Sequence[str]) -> str:
+    """The ignore pattern for the files in deeper folders than any of ``patterns`` reaches.
+
+    A pattern's ``*`` matches ``/`` too, so ``"*.safetensors"`` alone would fetch, with a model
+    at a repo's root, the weights of every model in its subfolders (``unet/``, ``unet_ema/``),
+    and ``"*/*.safetensors"`` those of any folder nested in a pipeline's components.
+    """
+    depth = max((p.count("/") for p in patterns), default=0)
+    return "/".join(["*"] * (depth + 2))
+
+
 class HubError(OSError):
     """A model folder or hub repo that cannot be found or fetched."""
 
@@ -96,7 +107,8 @@ def resolve(
 
     A path to an existing folder is used as is. Anything else is taken as a hub repo id and
     fetched (or found in the HF cache) with only ``allow_patterns``, less ``ignore_patterns``
-    (weight variants by default). Raises :class:`HubError`
+    (weight variants by default) and less the files in folders deeper than any pattern names
+    (see :func:`below_patterns`). Raises :class:`HubError`
     with a readable message when the folder does not exist, the repo cannot be found, or the
     hub is unreachable and nothing is cached.
     """
@@ -122,6 +134,7 @@ def resolve(
         # (a variant) would match every file under a subfolder with a dot ("v1.0/unet/...")
         patterns = [f"{subfolder}/{p}" for p in patterns]
         ignore = [f"{subfolder}/{p}" for p in ignore]
+    ignore.append(below_patterns(patterns))
     offline_env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         root = snapshot_download(

@@ -610,20 +610,12 @@ def test_damaged_tokenizer_is_named(torch_pipe_dir, tmp_path, capsys, name):
     refused_everywhere(src, tmp_path, capsys, ValueError, f"{folder}: ", "damaged or cut short")
 
 
-def test_hub_subfolder_with_a_dot_fetches_its_weights(tmp_path, monkeypatch):
-    """A model in a hub repo's subfolder whose name holds a dot ("v1.0/unet") is fetched with
-    its plain weights and without their variants (a variant pattern's "*" matches "/" too)."""
+def fake_hub(monkeypatch, tmp_path, repo):
+    """``huggingface_hub.snapshot_download`` over a repo of the file names ``repo`` (written
+    empty under ``tmp_path/snapshot``); returns the list the fetched names are put in."""
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
-    from flax_latentup import hub
-
-    repo = [
-        "v1.0/unet/config.json",
-        "v1.0/unet/diffusion_pytorch_model.safetensors",
-        "v1.0/unet/diffusion_pytorch_model.fp16.safetensors",
-        "v1.0/vae/diffusion_pytorch_model.safetensors",
-    ]
     fetched = []
 
     def snapshot_download(repo_id, *, allow_patterns, ignore_patterns, **kwargs):
@@ -637,6 +629,21 @@ def test_hub_subfolder_with_a_dot_fetches_its_weights(tmp_path, monkeypatch):
         return str(root)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return fetched
+
+
+def test_hub_subfolder_with_a_dot_fetches_its_weights(tmp_path, monkeypatch):
+    """A model in a hub repo's subfolder whose name holds a dot ("v1.0/unet") is fetched with
+    its plain weights and without their variants (a variant pattern's "*" matches "/" too)."""
+    from flax_latentup import hub
+
+    repo = [
+        "v1.0/unet/config.json",
+        "v1.0/unet/diffusion_pytorch_model.safetensors",
+        "v1.0/unet/diffusion_pytorch_model.fp16.safetensors",
+        "v1.0/vae/diffusion_pytorch_model.safetensors",
+    ]
+    fetched = fake_hub(monkeypatch, tmp_path, repo)
     folder = hub.resolve("me/models", subfolder="v1.0/unet")
     assert folder == str(tmp_path / "snapshot" / "v1.0" / "unet")
     assert sorted(fetched) == [
@@ -649,4 +656,39 @@ def test_hub_subfolder_with_a_dot_fetches_its_weights(tmp_path, monkeypatch):
     assert sorted(fetched) == [
         "v1.0/unet/config.json",
         "v1.0/unet/diffusion_pytorch_model.fp16.safetensors",
+    ]
+
+
+def test_hub_fetches_no_deeper_folders(tmp_path, monkeypatch):
+    """A model at a hub repo's root is fetched without the models in its subfolders (a
+    fine-tuning checkpoint's ``unet/`` and ``unet_ema/``), a model in a subfolder without the
+    folders under it, and a pipeline without folders nested in its components."""
+    from flax_latentup import hub
+
+    repo = [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/old/config.json",
+        "unet/old/diffusion_pytorch_model.safetensors",
+        "unet_ema/config.json",
+        "unet_ema/diffusion_pytorch_model.safetensors",
+    ]
+    fetched = fake_hub(monkeypatch, tmp_path, repo)
+    hub.resolve("me/models")
+    assert sorted(fetched) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    fetched.clear()
+    hub.resolve("me/models", subfolder="unet")
+    assert sorted(fetched) == ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    fetched.clear()
+    allow, ignore = hub.pipeline_patterns(None)
+    hub.resolve("me/models", allow_patterns=allow, ignore_patterns=ignore)
+    assert sorted(fetched) == [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet_ema/config.json",
+        "unet_ema/diffusion_pytorch_model.safetensors",
     ]
