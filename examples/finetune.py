@@ -405,12 +405,14 @@ def main(argv=None) -> int:
             "(the UNet needs upscaled latents of at least 16x16)"
         )
 
-    # frozen text encoder: every caption is embedded once, a fixed number at a time (one
-    # compiled shape, bounded device memory)
+    # frozen text encoder: every caption is tokenized once (77 ids each) and a step's captions
+    # are embedded with the step (one compiled shape; the embeddings, 77 x 768 floats a
+    # caption, are never all held)
     unique = sorted(set(captions) | {""})
-    context, pooled = encode_captions(pipe, unique)
+    ids = tokenize_captions(pipe, unique)
     row = {c: i for i, c in enumerate(unique)}
-    uncond = (context[row[""]], pooled[row[""]])
+    context, pooled = pipe.encode_ids(ids[row[""]][None])
+    uncond = (context[0], pooled[0])
 
     trainer = Trainer(pipe.unet, uncond, config, remat=args.remat)
     if last is not None:
@@ -450,8 +452,7 @@ def main(argv=None) -> int:
                 f"resumes from {last or 'step 0'}; without the picture its draws change)."
             )
         batch = dict(make_latents(pipe.vae, pictures, jax.random.fold_in(vae_key, step)))
-        batch["context"] = context[[row[captions[i]] for i in idx]]
-        batch["pooled"] = pooled[[row[captions[i]] for i in idx]]
+        batch["context"], batch["pooled"] = pipe.encode_ids(ids[[row[captions[i]] for i in idx]])
         state, metrics = trainer.step(state, batch)
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -482,22 +483,12 @@ def all_processes(flag: bool) -> list[bool]:
     return [bool(f) for f in np.asarray(multihost_utils.process_allgather(np.int32(flag)))]
 
 
-CAPTION_CHUNK = 64  # captions embedded per call
-
-
-def encode_captions(pipe, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``(context [N, 77, D], pooled [N, D])`` of ``captions``, embedded ``CAPTION_CHUNK`` at
-    a time (the last chunk padded); captions longer than the text encoder's tokens are cut as
-    in the pipeline, and counted in one warning."""
-    contexts, pooleds = [], []
+def tokenize_captions(pipe, captions: list[str]) -> np.ndarray:
+    """The token ids ``[N, 77]`` of ``captions``, as the pipeline tokenizes prompts: those
+    longer than the text encoder's tokens are cut, and counted in one warning."""
     with warnings.catch_warnings(record=True) as cut:
         warnings.simplefilter("always")
-        for i in range(0, len(captions), CAPTION_CHUNK):
-            chunk = captions[i : i + CAPTION_CHUNK]
-            padded = chunk + [""] * (CAPTION_CHUNK - len(chunk))
-            c, p = pipe.encode_prompt(padded)
-            contexts.append(np.asarray(c)[: len(chunk)])
-            pooleds.append(np.asarray(p)[: len(chunk)])
+        ids = pipe.tokenize(captions)
     long = 0
     for w in cut:
         if "is longer than the text encoder" in str(w.message):
@@ -510,7 +501,7 @@ def encode_captions(pipe, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
             f"{pipe.tokenizer.model_max_length} tokens; their ends are left out",
             file=sys.stderr,
         )
-    return np.concatenate(contexts), np.concatenate(pooleds)
+    return ids
 
 
 def diverged(what: str, step: int, args, last: str | None) -> str:

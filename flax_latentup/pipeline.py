@@ -1074,6 +1074,15 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         if not prompt and not isinstance(prompt, str):
             raise ValueError("prompt is an empty list")
         prompts = _prompt_list("prompt", prompt, 1 if isinstance(prompt, str) else len(prompt))
+        return self.encode_ids(self.tokenize(prompts))
+
+    def encode_ids(self, input_ids: Any) -> tuple[Array, Array]:
+        """``(prompt_embeds [B, L, D], pooled_prompt_embeds [B, D])`` of token ids ``[B, L]``
+        (integers, as :meth:`tokenize` makes them): :meth:`encode_prompt` for prompts tokenized
+        beforehand, e.g. a dataset's captions tokenized once and embedded batch by batch. The ids
+        are checked (rank, dtype, length, the vocabulary's range) before anything runs; one
+        program is compiled per shape."""
+        self.text_encoder.check_input_ids(input_ids)
         if self._encode_prompt_fn is None:
             graphdef = self.graphdefs.text_encoder
 
@@ -1085,7 +1094,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             self._encode_prompt_fn = fn
         return self._encode_prompt_fn(
             self.params["text_encoder"],
-            jnp.asarray(self.tokenize(prompts)),
+            jnp.asarray(input_ids, jnp.int32),
             settings=trace_settings(),
         )
 

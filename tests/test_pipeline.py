@@ -254,6 +254,27 @@ def test_prompt_embeds_match_prompt(flax_pipe):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_encode_ids_matches_the_torch_text_encoder(torch_pipe, flax_pipe):
+    """encode_ids embeds token ids as diffusers' pipeline embeds its prompts (the last hidden
+    state before the final norm, and the pooled output); bad ids are named before anything
+    runs."""
+    prompts = ["a photo of the cat", "", "the dog"]
+    ids = flax_pipe.tokenize(prompts)
+    embeds, pooled = flax_pipe.encode_ids(ids)
+    with torch.no_grad():
+        out = torch_pipe.text_encoder(torch.from_numpy(ids).long(), output_hidden_states=True)
+    np.testing.assert_allclose(embeds, out.hidden_states[-1].numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(pooled, out.pooler_output.numpy(), rtol=0, atol=1e-5)
+    vocab = flax_pipe.text_encoder.config.vocab_size
+    for bad, message in (
+        (ids[0], r"input_ids must be an integer array \[batch, length\], got shape \(77,\)"),
+        (ids.astype(np.float32), "input_ids must have an integer dtype, got float32"),
+        (np.full_like(ids, vocab), rf"input_ids must be in \[0, {vocab}\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            flax_pipe.encode_ids(bad)
+
+
 # --------------------------------------------------------------------------------------------
 # Compilation, determinism, outputs
 # --------------------------------------------------------------------------------------------

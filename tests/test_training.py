@@ -370,24 +370,22 @@ def test_example_crops_pictures_upright(finetune, tmp_path):
         assert any(np.array_equal(crop, w) for w in windows), f"seed {seed}: not an upright crop"
 
 
-def test_example_embeds_captions_in_chunks(finetune, tmp_path, capsys):
-    """Captions are embedded a chunk at a time, the same as all at once; a byte-order mark
-    is not part of a caption; captions cut at the text encoder's length are counted once."""
+def test_example_tokenizes_captions(finetune, tmp_path, capsys):
+    """Captions are tokenized as the pipeline tokenizes prompts; those cut at the text
+    encoder's length are counted in one warning; a byte-order mark is not part of a caption."""
     from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
 
     tok = helpers.write_clip_tokenizer(str(tmp_path / "tok"))
     pipe_dir = str(tmp_path / "pipe")
     P.from_pretrained(_torch_pipe(tok, tmp_path)).save_pretrained(pipe_dir)
     pipe = P.from_pretrained(pipe_dir)
-    captions = [f"a photo of the cat {i}" for i in range(70)] + [" ".join(["cat"] * 90)] * 2
-    got = finetune.encode_captions(pipe, captions)
+    captions = [f"a photo of the cat {i}" for i in range(3)] + [" ".join(["cat"] * 90)] * 2
+    got = finetune.tokenize_captions(pipe, captions)
     assert "warning: 2 caption(s) are longer than the text encoder's 77 tokens" in (
         capsys.readouterr().err
     )
-    with pytest.warns(UserWarning):
-        want = pipe.encode_prompt(captions)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_allclose(a, np.asarray(b), rtol=0, atol=1e-5)
+    want = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True)
+    np.testing.assert_array_equal(got, np.asarray(want.input_ids))
     (tmp_path / "x.png").write_bytes(b"")
     (tmp_path / "x.txt").write_bytes("\ufeffa photo".encode())
     assert finetune.caption_of(str(tmp_path / "x.png")) == "a photo"
@@ -962,9 +960,51 @@ def diverged_run(finetune, flax_pipe_dir, tmp_path_factory):
     argv += ["--steps", "3", "--checkpoint-every", "1", "--keep", "1"]
     argv += ["--learning-rate", "1e30"]
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e, record_steps(finetune):
         finetune.main(argv)
     return argv, e.value.code, err.getvalue()
+
+
+STEPS = []  # (pictures, batch) of every step of the script's last run under record_steps
+
+
+@contextlib.contextmanager
+def record_steps(finetune):
+    """Record in :data:`STEPS` every training step's pictures and batch (context, pooled)."""
+    real_pictures, real_trainer = finetune.step_pictures, finetune.Trainer
+    drawn = []
+
+    def step_pictures(paths, step, args, rows):
+        pictures, idx = real_pictures(paths, step, args, rows)
+        drawn.append([paths[i] for i in idx])
+        return pictures, idx
+
+    class Trainer(real_trainer):
+        def step(self, state, batch):
+            STEPS.append((drawn[-1], {k: np.asarray(batch[k]) for k in ("context", "pooled")}))
+            return super().step(state, batch)
+
+    STEPS.clear()
+    finetune.step_pictures, finetune.Trainer = step_pictures, Trainer
+    try:
+        yield
+    finally:
+        finetune.step_pictures, finetune.Trainer = real_pictures, real_trainer
+
+
+def test_example_embeds_each_steps_captions(finetune, flax_pipe_dir, diverged_run):
+    """Each step's batch holds the embeddings of its pictures' captions (the pipeline's
+    encode_prompt of them), the empty prompt for a picture without a caption."""
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+
+    pipe = P.from_pretrained(flax_pipe_dir)
+    assert len(STEPS) == 2, "steps 1 and 2 ran (step 2 diverged)"
+    captions = [finetune.caption_of(p) for pictures, _ in STEPS for p in pictures]
+    assert "a photo of the cat" in captions and "" in captions, captions
+    for pictures, batch in STEPS:
+        context, pooled = pipe.encode_prompt([finetune.caption_of(p) for p in pictures])
+        np.testing.assert_allclose(batch["context"], context, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(batch["pooled"], pooled, rtol=0, atol=1e-5)
 
 
 @pytest.mark.heavy
