@@ -932,9 +932,10 @@ def upscale_failure(error: Exception, batch: int, n_devices: int, tiled: bool) -
     return reason
 
 
-def run_upscale(args: argparse.Namespace) -> int:
-    """The ``upscale`` command; returns the exit code."""
-    validate_upscale_args(args)
+def prepare_upscale(args: argparse.Namespace) -> tuple[list[Item], dict[str, list], str, dict]:
+    """Everything the ``upscale`` command checks before it loads a model: ``(items, listed,
+    model_dir, components)``, the work list (every process's), what listing the inputs left
+    out, the model folder and the ``--unet``/``--vae`` folders. Makes the output folder."""
     listed: dict[str, list] = {"skipped": [], "failed": []}
     items = collect_inputs(args.input, args.recursive, listed)
     check_output_dir(args.output, args.input, args.recursive)
@@ -945,7 +946,6 @@ def run_upscale(args: argparse.Namespace) -> int:
     # never write over an input, nor read an output back as one
     items, left_out = plan_outputs(items, args.output, args.suffix, args.ext, args.overwrite)
     listed["skipped"] += left_out
-    files.new_file_mode()  # read while no other thread runs
     components = {part: getattr(args, part) for part in ("unet", "vae")}
     components = {part: name for part, name in components.items() if name is not None}
     model_dir = resolve_model(args.model, args.variant, skip=tuple(components))
@@ -960,8 +960,48 @@ def run_upscale(args: argparse.Namespace) -> int:
                 os.makedirs(folder, exist_ok=True)
         except OSError as e:
             raise UsageError(f"{flag} folder {folder!r} cannot be made: {e}") from None
+    return items, listed, model_dir, components
+
+
+def agree_across_processes(failure: UsageError | None, items: list[Item]) -> None:
+    """With ``--distributed``, after every process's checks (a collective: all call it): a
+    UsageError in every process if one of them failed its checks, or if they do not list the
+    same inputs (each takes its share of one list). Nothing has been written then."""
+    import hashlib
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    digest = hashlib.sha256("\0".join(item.rel for item in items).encode("utf-8", "surrogatepass"))
+    mine = np.array([failure is not None, len(items), *digest.digest()[:16]], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, mine.size)
+    if failure is not None:
+        raise failure
+    failing = [i for i, row in enumerate(every) if row[0]]
+    if failing:
+        which = ", ".join(map(str, failing))
+        raise UsageError(
+            f"--distributed: process(es) {which} of {len(every)} stopped at their checks (their "
+            "own messages say why); nothing was upscaled"
+        )
+    if any((row[1:] != every[0, 1:]).any() for row in every):
+        counts = ", ".join(f"process {i}: {row[1]}" for i, row in enumerate(every))
+        raise UsageError(
+            f"--distributed: the processes do not list the same inputs ({counts}; process "
+            f"{jax.process_index()} is this one): give every process the same inputs, e.g. "
+            "on a file system they share, since each upscales its share of one list"
+        )
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    """The ``upscale`` command; returns the exit code."""
+    validate_upscale_args(args)
+    files.new_file_mode()  # read while no other thread runs
     process = (0, 1)  # (index, count) among the processes sharing the work
     if args.distributed:
+        # first, so that a process failing its checks stops the others at once (they would
+        # otherwise wait for it in jax.distributed.initialize until its timeout)
         import jax
 
         from flax_latentup import parallel
@@ -971,7 +1011,16 @@ def run_upscale(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"--distributed: {e}") from None
         process = (jax.process_index(), jax.process_count())
+    if process[1] > 1:
+        try:
+            items, listed, model_dir, components = prepare_upscale(args)
+            failure = None
+        except UsageError as e:
+            items, failure = [], e
+        agree_across_processes(failure, items)
         items = parallel.process_share(items)
+    else:
+        items, listed, model_dir, components = prepare_upscale(args)
     cache = None if args.no_compile_cache else (args.compile_cache or default_cache_dir())
     if cache:
         cache = enable_compile_cache(cache, given=args.compile_cache is not None)

@@ -282,6 +282,67 @@ def test_version_and_convert_help(capsys):
 
 
 @pytest.mark.heavy
+def run_distributed(argvs: list[list[str]], timeout: float = 600) -> list[tuple[int, str]]:
+    """``flax-latentup ARGV --distributed`` in one local process per ``argvs`` entry, started
+    together: their ``(exit code, stderr)``."""
+    port = helpers.free_port()
+    code = "import sys; from flax_latentup.cli import main; sys.exit(main())"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, *argv, "--distributed"],
+            env=dict(
+                os.environ,
+                PYTHONPATH=ROOT,
+                JAX_PLATFORMS="cpu",
+                FLAX_LATENTUP_COORDINATOR=f"127.0.0.1:{port}",
+                FLAX_LATENTUP_NUM_PROCESSES=str(len(argvs)),
+                FLAX_LATENTUP_PROCESS_ID=str(i),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, argv in enumerate(argvs)
+    ]
+    results = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, err))
+    finally:  # none left running after a timeout
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+@pytest.mark.heavy
+def test_distributed_checks_stop_every_process(flax_pipe_dir, tmp_path):
+    """``--distributed``: a process that fails its checks (an input it cannot find) stops the
+    others at once, each saying why; so do processes that list different inputs. Nothing is
+    upscaled."""
+    a = make_folder(str(tmp_path / "a"), n=2, corrupt=False, odd=False)
+    b = make_folder(str(tmp_path / "b"), n=3, corrupt=False, odd=False)
+    out = tmp_path / "out"
+    argv = ["upscale", "-o", str(out), "-r", "-n", flax_pipe_dir, *COMMON]
+    missing = str(tmp_path / "nowhere.png")
+    started = time.monotonic()
+    (c0, e0), (c1, e1) = run_distributed([[*argv, "-i", a], [*argv, "-i", missing]], timeout=120)
+    assert time.monotonic() - started < 100, "the first process waited for the second"
+    assert (c0, c1) == (2, 2), (e0[-2000:], e1[-2000:])
+    assert "process(es) 1 of 2 stopped at their checks" in e0, e0[-2000:]
+    assert "nowhere.png" in e1 and "stopped at their checks" not in e1, e1[-2000:]
+    (c0, e0), (c1, e1) = run_distributed([[*argv, "-i", a], [*argv, "-i", b]], timeout=120)
+    assert (c0, c1) == (2, 2), (e0[-2000:], e1[-2000:])
+    for i, err in enumerate((e0, e1)):
+        assert (
+            "the processes do not list the same inputs (process 0: 2, process 1: 3; "
+            f"process {i} is this one)"
+        ) in err, err[-2000:]
+    assert outputs(out) == []
+
+
 def test_distributed_processes_share_one_output_folder(flax_pipe_dir, tmp_path):
     """``--distributed``: two processes upscale their shares into one output folder. A killed
     run's temporary is removed (once, before either process writes), each process writes its
@@ -291,29 +352,9 @@ def test_distributed_processes_share_one_output_folder(flax_pipe_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / ".flax-latentup-tmp-killed.png").write_bytes(b"half a picture")
-    port = helpers.free_port()
-    code = "import sys; from flax_latentup.cli import main; sys.exit(main())"
     argv = ["upscale", "-i", src, "-o", str(out), "-r", "-n", flax_pipe_dir, *COMMON]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", code, *argv, "--distributed"],
-            env=dict(
-                os.environ,
-                PYTHONPATH=ROOT,
-                JAX_PLATFORMS="cpu",
-                FLAX_LATENTUP_COORDINATOR=f"127.0.0.1:{port}",
-                FLAX_LATENTUP_NUM_PROCESSES="2",
-                FLAX_LATENTUP_PROCESS_ID=str(i),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+    for code, err in run_distributed([argv, argv]):
+        assert code == 0, err[-3000:]
     names = ["img0.png", "img1.png", "img2.png", "img3.png", "sub/img4.png"]
     assert outputs(out) == names
     assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith(".flax-latentup-tmp-")]
