@@ -164,15 +164,22 @@ def collect_inputs(
     return list(items.values())
 
 
-def check_output_names(items: Sequence[Item]) -> None:
-    """A UsageError if two items would write the same output name."""
-    names: dict[str, str] = {}
+def check_output_names(items: Sequence[Item], fold_case: bool = False) -> None:
+    """A UsageError if two items would write the same output name (with ``fold_case``, for an
+    output folder whose file system ignores case: the same but for case)."""
+    names: dict[str, Item] = {}
     for item in items:
-        if item.rel in names:
+        key = item.rel.casefold() if fold_case else item.rel
+        other = names.get(key)
+        if other is not None:
+            why = ""
+            if other.rel != item.rel:
+                why = f" (and {other.rel!r}: the output folder's file system ignores case)"
             raise UsageError(
-                f"inputs {names[item.rel]!r} and {item.src!r} would both write output {item.rel!r}"
+                f"inputs {other.src!r} and {item.src!r} would both write output {item.rel!r}"
+                f"{why}; rename one of them"
             )
-        names[item.rel] = item.src
+        names[key] = item
 
 
 def plan_outputs(
@@ -184,18 +191,25 @@ def plan_outputs(
     same folder, or of the same names) is left out, so that outputs are never read back as
     inputs; with ``overwrite`` that would replace an input, so it is a UsageError, as is an
     output that would be its own input or two inputs with one output name."""
+    # on a file system that ignores case, names that differ only in case are one file
+    fold_case = files.ignores_case(outdir)
+
+    def fold(real_path: str) -> str:
+        return real_path.casefold() if fold_case else real_path
+
     for item in items:
         item.out = os.path.join(outdir, item.rel + suffix + "." + ext)
     by_source = {os.path.realpath(item.src): item for item in items}
-    makers: dict[str, Item] = {}  # an output's real path -> the item that writes it
+    folded_sources = {fold(path): item for path, item in by_source.items()}
+    makers: dict[str, Item] = {}  # an output's real path (folded) -> the item that writes it
     for item in items:
-        real_out = os.path.realpath(item.out)
-        if real_out == os.path.realpath(item.src):
+        real_out = fold(os.path.realpath(item.out))
+        if real_out == fold(os.path.realpath(item.src)):
             raise UsageError(
                 f"the output for {item.src!r} would be the input itself: choose another "
                 "output folder (or a --suffix / --ext that differs)"
             )
-        other = by_source.get(real_out)
+        other = folded_sources.get(real_out)
         if other is not None and overwrite:
             raise UsageError(
                 f"--overwrite would replace input {other.src!r} by the output for {item.src!r}: "
@@ -204,7 +218,7 @@ def plan_outputs(
         makers[real_out] = item
     kept, skipped = [], []
     for real_src, item in by_source.items():
-        maker = makers.get(real_src)
+        maker = makers.get(fold(real_src))
         if maker is None:
             kept.append(item)
         else:
@@ -214,7 +228,7 @@ def plan_outputs(
                     "reason": f"it is where the output of {maker.src} goes (an earlier run's?)",
                 }
             )
-    check_output_names(kept)
+    check_output_names(kept, fold_case)
     return kept, skipped
 
 

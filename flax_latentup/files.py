@@ -131,17 +131,42 @@ def probe_writable(folder: str, *, create: bool = True) -> None:
     if create:
         os.makedirs(target, exist_ok=True)
     else:
-        while not os.path.exists(target):
-            parent = os.path.dirname(os.path.abspath(target))
-            if parent == os.path.abspath(target):
-                break
-            target = parent
+        target = _nearest_existing(target)
         if not os.path.isdir(target):
             raise NotADirectoryError(f"{target!r} is a file, not a folder")
     fd, probe = tempfile.mkstemp(prefix=temporary_prefix(), dir=target)
     os.close(fd)
     with contextlib.suppress(FileNotFoundError):  # another process may have cleaned it
         os.remove(probe)
+
+
+def _nearest_existing(path: str) -> str:
+    """``path``, or its nearest parent that exists."""
+    while not os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if parent == os.path.abspath(path):
+            break
+        path = parent
+    return path
+
+
+def ignores_case(folder: str) -> bool:
+    """Whether the file system that ``folder`` (or, not made yet, its nearest existing parent)
+    is on takes names that differ only in case for one file (macOS's and Windows' by default).
+    Told by writing a probe file and looking for its name in the other case; False where no
+    probe can be written."""
+    target = _nearest_existing(folder or ".")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(), dir=target)
+    except OSError:
+        return False
+    os.close(fd)
+    try:
+        name = os.path.basename(probe)
+        return os.path.exists(os.path.join(target, name.swapcase()))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(probe)
 
 
 def check_save_folder(path: str, what: str = "path") -> str:

@@ -948,3 +948,56 @@ def test_distributed_settings_from_the_environment_are_checked(monkeypatch):
     monkeypatch.setenv("FLAX_LATENTUP_PROCESS_ID", "-1")
     with pytest.raises(ValueError, match="FLAX_LATENTUP_PROCESS_ID must be an integer >= 0"):
         parallel.initialize_distributed("localhost:1234")
+
+
+def test_output_names_that_differ_only_in_case(tmp_path, monkeypatch, capsys):
+    """Where the output folder's file system ignores case (macOS's, Windows'), two inputs
+    whose output names differ only in case would write one file: refused (exit 2) before
+    anything loads, naming both; an input whose name is another's output name but for case is
+    left out as that output. Where case counts (this machine's), both are upscaled."""
+    from flax_latentup import cli, files
+
+    for folder, name in (("a", "x.png"), ("b", "X.png")):
+        write_png(str(tmp_path / folder / name))
+    write_png(str(tmp_path / "c" / "p.png"))
+    write_png(str(tmp_path / "c" / "p_x2.png"))
+    globs = [str(tmp_path / "a" / "*.png"), str(tmp_path / "b" / "*.png")]
+    assert files.ignores_case(str(tmp_path / "out" / "not-made")) is False
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "c"], "the probe left nothing"
+    items, skipped = cli.plan_outputs(
+        cli.collect_inputs(globs, False), str(tmp_path / "out"), "", "png", False
+    )
+    assert sorted(os.path.basename(i.out) for i in items) == ["X.png", "x.png"] and not skipped
+
+    real_exists = os.path.exists
+
+    def exists_ignoring_case(path):  # a file system that ignores case, as the probe sees it
+        folder, name = os.path.split(os.fspath(path))
+        return real_exists(path) or (
+            os.path.isdir(folder) and name.casefold() in {f.casefold() for f in os.listdir(folder)}
+        )
+
+    monkeypatch.setattr(os.path, "exists", exists_ignoring_case)
+    assert files.ignores_case(str(tmp_path / "out" / "not-made")) is True
+    monkeypatch.undo()
+    monkeypatch.setattr(files, "ignores_case", lambda folder: True)
+    out = tmp_path / "out"
+    assert run_cli("-i", *globs, "-o", out, "-n", tmp_path / "no-model", *COMMON) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"inputs {str(tmp_path / 'a' / 'x.png')!r} and {str(tmp_path / 'b' / 'X.png')!r} would "
+        "both write output 'X' (and 'x': the output folder's file system ignores case)"
+    ) in err, err
+    assert not out.exists()
+    src = str(tmp_path / "c")
+    items, skipped = cli.plan_outputs(cli.collect_inputs([src], False), src, "_X2", "png", False)
+    assert [i.src for i in items] == [os.path.join(src, "p.png")]
+    assert skipped == [
+        {
+            "input": os.path.join(src, "p_x2.png"),
+            "reason": f"it is where the output of {os.path.join(src, 'p.png')} goes (an earlier "
+            "run's?)",
+        }
+    ]
+    with pytest.raises(cli.UsageError, match="--overwrite would replace input"):
+        cli.plan_outputs(cli.collect_inputs([src], False), src, "_X2", "png", True)
