@@ -271,10 +271,10 @@ def convert(
     from flax_latentup.models.base import read_config, read_json
     from flax_latentup.pipeline import (
         MODEL_CLASSES,
-        PIPELINE_CLASS_NAMES,
         check_pipeline_folder,
         check_variant_folder,
         load_tokenizer,
+        read_pipeline_index,
     )
     from flax_latentup.sampling import EulerSchedulerConfig
     from flax_latentup.weights import FLAX_WEIGHTS_NAME, open_weights
@@ -288,12 +288,10 @@ def convert(
     source_variant = _check_variant_name("--source-variant", source_variant)
     check_destination(src, dst, overwrite, variant, source_variant)
     folder = resolve_source(src, source_variant)
-    index = read_json(os.path.join(folder, "model_index.json"))
-    if index.get("_class_name") not in PIPELINE_CLASS_NAMES:
-        raise ConversionError(
-            f"{folder}: model_index.json `_class_name` is {index.get('_class_name')!r}, "
-            f"expected one of {PIPELINE_CLASS_NAMES}"
-        )
+    try:
+        read_pipeline_index(folder)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     check_pipeline_folder(folder)
     configs = {
         part: read_config(cls.config_class, os.path.join(folder, part, "config.json"))

@@ -610,6 +610,26 @@ def test_damaged_tokenizer_is_named(torch_pipe_dir, tmp_path, capsys, name):
     refused_everywhere(src, tmp_path, capsys, ValueError, f"{folder}: ", "damaged or cut short")
 
 
+@pytest.mark.parametrize(
+    "index, message",
+    [
+        (
+            {"_class_name": "StableDiffusionPipeline"},
+            ": `_class_name` is 'StableDiffusionPipeline'",
+        ),
+        (["a list"], " must hold a JSON object, got list"),
+    ],
+)
+def test_another_pipeline_is_named(torch_pipe_dir, tmp_path, capsys, index, message):
+    """A folder whose model_index.json names another pipeline (or is no JSON object) is
+    refused by loading, the converter and the batch command alike, naming the file."""
+    src = tmp_path / "src"
+    shutil.copytree(torch_pipe_dir, src)
+    (src / "model_index.json").write_text(json.dumps(index))
+    path = str(src / "model_index.json")
+    refused_everywhere(src, tmp_path, capsys, ValueError, path + message, "")
+
+
 def fake_hub(monkeypatch, tmp_path, repo):
     """``huggingface_hub.snapshot_download`` over a repo of the file names ``repo`` (written
     empty under ``tmp_path/snapshot``); returns the list the fetched names are put in."""
