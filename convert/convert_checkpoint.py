@@ -316,14 +316,22 @@ def convert(
     scheduler = read_json(scheduler_path)
     read_config(EulerSchedulerConfig, scheduler_path)  # a value it cannot use: named with its file
     if variant is not None:
-        check_variant_folder(
-            dst,
-            configs,
-            layout == "torch",
-            variant,
-            scheduler=EulerSchedulerConfig.from_dict(scheduler),
-            tokenizer=tokenizer,
-        )
+        try:
+            check_variant_folder(
+                dst,
+                configs,
+                layout == "torch",
+                variant,
+                scheduler=EulerSchedulerConfig.from_dict(scheduler),
+                tokenizer=tokenizer,
+            )
+        except ValueError as e:  # said of the Python API there: said of this command here
+            raise type(e)(
+                str(e).replace(
+                    "save without variant= to replace that model",
+                    "convert without --variant (and with --overwrite) to replace that pipeline",
+                )
+            ) from None
     param_dtype = jnp.dtype(dtype)
     models = {}
     for part, cls in MODEL_CLASSES.items():

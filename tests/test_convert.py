@@ -405,7 +405,12 @@ def test_convert_layouts_and_variants(torch_pipe_dir, flax_pipe_dir, tmp_path, c
     capsys.readouterr()
     before = _files(tmp_path)
     refusals = [
-        ([str(resched), str(half), "--variant", "bf16"], "holds another scheduler"),
+        (
+            [str(resched), str(half), "--variant", "bf16"],
+            "holds another scheduler: its scheduler_config.json differs from this scheduler's in "
+            "timestep_spacing. A weights variant is saved beside the same model: choose another "
+            "folder, or convert without --variant (and with --overwrite) to replace that pipeline",
+        ),
         ([flax_pipe_dir, str(tmp_path / "x"), "--verify"], "--verify compares with torch"),
         ([torch_pipe_dir, str(back), "--variant", "bf16"], "Flax-layout variant 'bf16' belongs"),
         ([torch_pipe_dir, str(half), "--variant", "../x"], "--variant: variant must be"),
