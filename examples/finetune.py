@@ -469,6 +469,13 @@ def main(argv=None) -> int:
                 raise SystemExit(
                     diverged("the weights hold NaN or infinity", done, args, last)
                 ) from None
+            except OSError as e:  # a full disk: nothing of it is left, earlier ones are kept
+                bar.close()
+                good = f"the last checkpoint is {last}" if last else "no checkpoint was saved"
+                raise SystemExit(
+                    f"step {done}: cannot write its checkpoint: {e}. Stopped with nothing "
+                    f"pruned ({good}); make room (or fix --output) and run again to resume."
+                ) from None
             last = path
             if me == 0:
                 prune(args.output, args.keep, path)

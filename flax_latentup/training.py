@@ -680,7 +680,10 @@ class Trainer:
 
         A state whose weights, EMA or optimizer state hold NaN or infinity (a diverged run)
         is refused with :class:`NonFiniteError` (a ValueError) naming the step, and nothing
-        is written; so is a ``run`` that is not a dict of finite JSON values.
+        is written; so is a ``run`` that is not a dict of finite JSON values. A write that
+        fails (a full disk) raises its OSError, with nothing left of the checkpoint; with
+        several processes (process 0 writes, all call this) the others raise an OSError that
+        names process 0, rather than wait for it.
         """
         folder = os.fspath(folder)
         step = int(_host(state.step))
@@ -706,22 +709,34 @@ class Trainer:
                 "usual cause); nothing was written"
             )
         final = os.path.join(folder, f"checkpoint-{step:08d}")
+        failure = None
         if jax.process_index() == 0:
-            os.makedirs(folder, exist_ok=True)
             tmp = final + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            self.unet(state).save_pretrained(os.path.join(tmp, "unet"))
-            self.unet(state, ema=True).save_pretrained(os.path.join(tmp, "unet_ema"))
-            _save_leaves(_host(state.opt_state), os.path.join(tmp, _OPT_FILE))
-            atomic_write(os.path.join(tmp, _STATE_FILE), lambda f: f.write(text), text=True)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+                self.unet(state).save_pretrained(os.path.join(tmp, "unet"))
+                self.unet(state, ema=True).save_pretrained(os.path.join(tmp, "unet_ema"))
+                _save_leaves(_host(state.opt_state), os.path.join(tmp, _OPT_FILE))
+                atomic_write(os.path.join(tmp, _STATE_FILE), lambda f: f.write(text), text=True)
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except OSError as e:  # a full disk, a folder gone: no half checkpoint is left
+                shutil.rmtree(tmp, ignore_errors=True)
+                failure = e
         if jax.process_count() > 1:  # nobody goes on (or reads it back) before it is whole
             from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices(f"flax_latentup checkpoint {final}")
+            flags = multihost_utils.process_allgather(np.int32(failure is not None))
+            if failure is None and np.asarray(flags).any():
+                raise OSError(
+                    f"process 0 could not write the checkpoint of step {step} ({final}); its "
+                    "own message says why"
+                )
+        if failure is not None:
+            raise failure
         return final
 
     def load_checkpoint(self, path: str | os.PathLike) -> TrainState:

@@ -619,12 +619,28 @@ def test_two_processes_train_as_one(tmp_path, one_device_run):
     state, m = trainer.step(trainer.load_checkpoint(path), mine)
     metrics.append([float(m["loss"]), float(m["grad_norm"])])
     np.save({str(tmp_path)!r} + f"/metrics{{me}}.npy", np.asarray(metrics))
+    if me == 0:  # process 0 cannot write the next one: both stop, neither waits
+        from flax_latentup import training
+
+        def full_disk(*args):
+            raise OSError(28, "No space left on device")
+
+        training._save_leaves = full_disk
+    try:
+        trainer.save_checkpoint({str(tmp_path / "run")!r}, state)
+    except OSError as e:
+        print("refused:", e)
     print("ok")
     """
     env = dict(FLAX_LATENTUP_COORDINATOR=f"127.0.0.1:{port}", FLAX_LATENTUP_NUM_PROCESSES="2")
     procs = [run_python(code, {**env, "FLAX_LATENTUP_PROCESS_ID": str(i)}) for i in range(2)]
-    for proc in procs:
-        assert finish(proc).strip().endswith("ok")
+    out = [finish(proc) for proc in procs]
+    assert all(o.strip().endswith("ok") for o in out), out
+    assert "refused: [Errno 28] No space left on device" in out[0], out[0]
+    assert (
+        "refused: process 0 could not write the checkpoint of step 4 "
+        f"({tmp_path / 'run' / 'checkpoint-00000004'}); its own message says why"
+    ) in out[1], out[1]
 
     metrics, (ref_params, ref_ema) = one_device_run
     for i in range(2):
@@ -795,6 +811,24 @@ def test_checkpoint_refuses_nonfinite_weights(setup, tmp_path):
     with pytest.raises(NonFiniteError, match="step 0: its EMA hold NaN or infinite"):
         trainer.save_checkpoint(run, state.replace(ema=_poisoned(state.ema, np.inf)))
     assert not run.exists(), "nothing is written"
+
+
+def test_checkpoint_that_cannot_be_written(setup, tmp_path, monkeypatch):
+    """A checkpoint write that fails (a full disk) raises its OSError and leaves nothing of
+    that checkpoint; the checkpoints before it stay."""
+    trainer, _ = setup
+    state = trainer.init_state()
+    run = tmp_path / "run"
+    before = trainer.save_checkpoint(run, state)
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(training, "_save_leaves", full_disk)
+    state = state.replace(step=np.asarray(1, np.int32))
+    with pytest.raises(OSError, match="No space left on device"):
+        trainer.save_checkpoint(run, state)
+    assert os.listdir(run) == [os.path.basename(before)]
 
 
 def test_checkpoint_records_run_settings_as_strict_json(setup, tmp_path):
