@@ -987,7 +987,7 @@ def agree_across_processes(failure: UsageError | None, items: list[Item]) -> Non
     import numpy as np
     from jax.experimental import multihost_utils
 
-    digest = hashlib.sha256("\0".join(item.rel for item in items).encode("utf-8", "surrogatepass"))
+    digest = hashlib.sha256(b"\0".join(os.fsencode(item.rel) for item in items))
     mine = np.array([failure is not None, len(items), *digest.digest()[:16]], np.int32)
     every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, mine.size)
     if failure is not None:
