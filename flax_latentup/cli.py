@@ -105,6 +105,17 @@ def _is_broken_link(path: str) -> bool:
     return os.path.islink(path) and not os.path.exists(path)
 
 
+def _file_key(path: str) -> Any:
+    """What tells one file from another: its device and inode (two names of one file, such as
+    a link or, where the file system ignores case, ``a.png`` and ``A.png``, have the same);
+    a broken link's real path."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
+
+
 def collect_inputs(
     inputs: Sequence[str], recursive: bool, report: dict[str, list] | None = None
 ) -> list[Item]:
@@ -117,7 +128,7 @@ def collect_inputs(
     failed: list[dict] = []
 
     def add(path: str, rel: str) -> None:
-        key = os.path.realpath(path)
+        key = _file_key(path)
         there = items.get(key)
         if there is None:
             items[key] = Item(src=path, rel=rel)
@@ -169,7 +180,7 @@ def check_output_names(items: Sequence[Item], fold_case: bool = False) -> None:
     output folder whose file system ignores case: the same but for case)."""
     names: dict[str, Item] = {}
     for item in items:
-        key = item.rel.casefold() if fold_case else item.rel
+        key = item.rel.lower() if fold_case else item.rel
         other = names.get(key)
         if other is not None:
             why = ""
@@ -195,7 +206,7 @@ def plan_outputs(
     fold_case = files.ignores_case(outdir)
 
     def fold(real_path: str) -> str:
-        return real_path.casefold() if fold_case else real_path
+        return real_path.lower() if fold_case else real_path
 
     for item in items:
         item.out = os.path.join(outdir, item.rel + suffix + "." + ext)
@@ -628,20 +639,25 @@ def validate_upscale_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.prompt_file is not None and args.prompt:
+        raise UsageError("give either --prompt or --prompt-file, not both")
+    if os.sep in args.suffix or (os.altsep and os.altsep in args.suffix):
+        raise UsageError(f"--suffix must not contain a path separator, got {args.suffix!r}")
+    if args.compile_cache is not None and args.no_compile_cache:
+        raise UsageError("give either --compile-cache or --no-compile-cache, not both")
+
+
+def read_upscale_files(args: argparse.Namespace) -> None:
+    """The checks of ``upscale``'s arguments that read this machine's files: ``--prompt-file``
+    (read into ``args.prompt``) and ``--compile-cache``."""
     if args.prompt_file is not None:
-        if args.prompt:
-            raise UsageError("give either --prompt or --prompt-file, not both")
         if not os.path.isfile(args.prompt_file):
             raise UsageError(f"--prompt-file {args.prompt_file!r} is not a file")
         try:
             args.prompt = read_text(args.prompt_file)
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"--prompt-file {args.prompt_file!r}: {e}") from None
-    if os.sep in args.suffix or (os.altsep and os.altsep in args.suffix):
-        raise UsageError(f"--suffix must not contain a path separator, got {args.suffix!r}")
     if args.compile_cache is not None:
-        if args.no_compile_cache:
-            raise UsageError("give either --compile-cache or --no-compile-cache, not both")
         try:
             files.probe_writable(args.compile_cache, create=False)
         except OSError as e:
@@ -950,6 +966,7 @@ def prepare_upscale(args: argparse.Namespace) -> tuple[list[Item], dict[str, lis
     """Everything the ``upscale`` command checks before it loads a model: ``(items, listed,
     model_dir, components)``, the work list (every process's), what listing the inputs left
     out, the model folder and the ``--unet``/``--vae`` folders. Makes the output folder."""
+    read_upscale_files(args)
     listed: dict[str, list] = {"skipped": [], "failed": []}
     items = collect_inputs(args.input, args.recursive, listed)
     check_output_dir(args.output, args.input, args.recursive)
@@ -977,18 +994,33 @@ def prepare_upscale(args: argparse.Namespace) -> tuple[list[Item], dict[str, lis
     return items, listed, model_dir, components
 
 
-def agree_across_processes(failure: UsageError | None, items: list[Item]) -> None:
-    """With ``--distributed``, after every process's checks (a collective: all call it): a
-    UsageError in every process if one of them failed its checks, or if they do not list the
-    same inputs (each takes its share of one list). Nothing has been written then."""
+# What every process of a --distributed run must have alike (each upscales its share of one
+# list, with one set of settings), by flag; the inputs are compared by their names.
+_AGREED = ("--prompt", "--negative-prompt", "--steps", "--guidance", "--seed", "--suffix", "--ext")
+_AGREED += ("--alpha", "--nchw", "--dtype", "--precision", "--tile", "--variant")
+
+
+def agree_across_processes(
+    failure: Exception | None, items: list[Item], args: argparse.Namespace
+) -> None:
+    """With ``--distributed``, after every process's checks (a collective: all call it):
+    ``failure`` (this process's, raised here) or a UsageError in every process if another
+    failed its checks, or if they do not list the same inputs or were given other settings.
+    Nothing has been upscaled then."""
     import hashlib
 
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
 
-    digest = hashlib.sha256(b"\0".join(os.fsencode(item.rel) for item in items))
-    mine = np.array([failure is not None, len(items), *digest.digest()[:16]], np.int32)
+    def digest(data: bytes) -> int:  # 31 bits of a hash, an int32
+        return int.from_bytes(hashlib.sha256(data).digest()[:4], "little") >> 1
+
+    names = b"\0".join(os.fsencode(item.rel) for item in items)
+    settings = [repr(getattr(args, f[2:].replace("-", "_"))).encode() for f in _AGREED]
+    mine = np.array(
+        [failure is not None, len(items), digest(names), *map(digest, settings)], np.int32
+    )
     every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, mine.size)
     if failure is not None:
         raise failure
@@ -999,12 +1031,17 @@ def agree_across_processes(failure: UsageError | None, items: list[Item]) -> Non
             f"--distributed: process(es) {which} of {len(every)} stopped at their checks (their "
             "own messages say why); nothing was upscaled"
         )
-    if any((row[1:] != every[0, 1:]).any() for row in every):
-        counts = ", ".join(f"process {i}: {row[1]}" for i, row in enumerate(every))
+    differ = [j for j in range(1, mine.size) if (every[:, j] != every[0, j]).any()]
+    if differ:
+        what = []
+        if 1 in differ or 2 in differ:
+            counts = ", ".join(f"process {i}: {row[1]}" for i, row in enumerate(every))
+            what.append(f"the inputs ({counts})")
+        what += [_AGREED[j - 3] for j in differ if j >= 3]
         raise UsageError(
-            f"--distributed: the processes do not list the same inputs ({counts}; process "
-            f"{jax.process_index()} is this one): give every process the same inputs, e.g. "
-            "on a file system they share, since each upscales its share of one list"
+            f"--distributed: the processes differ in {', '.join(what)} (process "
+            f"{jax.process_index()} is this one): give every process the same inputs (e.g. on "
+            "a file system they share) and settings, since each upscales its share of one list"
         )
 
 
@@ -1029,9 +1066,9 @@ def run_upscale(args: argparse.Namespace) -> int:
         try:
             items, listed, model_dir, components = prepare_upscale(args)
             failure = None
-        except UsageError as e:
+        except Exception as e:  # whatever stops this process stops the others with it
             items, failure = [], e
-        agree_across_processes(failure, items)
+        agree_across_processes(failure, items, args)
         items = parallel.process_share(items)
     else:
         items, listed, model_dir, components = prepare_upscale(args)

@@ -162,8 +162,9 @@ def ignores_case(folder: str) -> bool:
         return False
     os.close(fd)
     try:
-        name = os.path.basename(probe)
-        return os.path.exists(os.path.join(target, name.swapcase()))
+        name = os.path.basename(probe)  # the prefix holds ASCII letters: only those are swapped
+        other = "".join(c.swapcase() if c.isascii() else c for c in name)
+        return os.path.exists(os.path.join(target, other))
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(probe)

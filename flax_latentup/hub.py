@@ -177,8 +177,14 @@ def resolve(
     except (hf_errors.HfHubHTTPError, OSError) as e:
         raise HubError(f"cannot fetch {name!r} from the hub: {e}") from None
     folder = os.path.join(root, subfolder) if subfolder else root
-    if not os.path.isdir(folder):
+    if not os.path.isdir(folder) and subfolder:
         raise HubError(f"hub repo {name!r} has no subfolder {subfolder!r}")
+    if not os.path.isdir(folder):  # nothing matched
+        raise HubError(
+            f"hub repo {name!r} holds none of {', '.join(patterns)} at its root: a model in a "
+            "subfolder (a pipeline's unet/ or vae/) loads with subfolder=..., or with its "
+            "pipeline"
+        )
     return folder
 
 

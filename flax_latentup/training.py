@@ -681,7 +681,7 @@ class Trainer:
         A state whose weights, EMA or optimizer state hold NaN or infinity (a diverged run)
         is refused with :class:`NonFiniteError` (a ValueError) naming the step, and nothing
         is written; so is a ``run`` that is not a dict of finite JSON values. A write that
-        fails (a full disk) raises its OSError, with nothing left of the checkpoint; with
+        fails (a full disk) raises an OSError, with nothing left of the checkpoint; with
         several processes (process 0 writes, all call this) the others raise an OSError that
         names process 0, rather than wait for it.
         """
@@ -723,9 +723,11 @@ class Trainer:
                 if os.path.exists(final):
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-            except OSError as e:  # a full disk, a folder gone: no half checkpoint is left
+            except Exception as e:  # a full disk, a folder gone: no half checkpoint is left
                 shutil.rmtree(tmp, ignore_errors=True)
-                failure = e
+                # safetensors reports its own I/O errors (a full disk) as SafetensorError
+                failure = e if isinstance(e, OSError) else OSError(f"{final}: {e}")
+                failure.__cause__ = e
         if jax.process_count() > 1:  # nobody goes on (or reads it back) before it is whole
             from jax.experimental import multihost_utils
 

@@ -281,7 +281,6 @@ def test_version_and_convert_help(capsys):
     assert "into a Flax or torch pipeline folder" in capsys.readouterr().out
 
 
-@pytest.mark.heavy
 def run_distributed(argvs: list[list[str]], timeout: float = 600) -> list[tuple[int, str]]:
     """``flax-latentup ARGV --distributed`` in one local process per ``argvs`` entry, started
     together: their ``(exit code, stderr)``."""
@@ -320,8 +319,8 @@ def run_distributed(argvs: list[list[str]], timeout: float = 600) -> list[tuple[
 @pytest.mark.heavy
 def test_distributed_checks_stop_every_process(flax_pipe_dir, tmp_path):
     """``--distributed``: a process that fails its checks (an input it cannot find) stops the
-    others at once, each saying why; so do processes that list different inputs. Nothing is
-    upscaled."""
+    others at once, each saying why; so do processes that list different inputs or were given
+    other settings, naming what differs. Nothing is upscaled."""
     a = make_folder(str(tmp_path / "a"), n=2, corrupt=False, odd=False)
     b = make_folder(str(tmp_path / "b"), n=3, corrupt=False, odd=False)
     out = tmp_path / "out"
@@ -333,16 +332,19 @@ def test_distributed_checks_stop_every_process(flax_pipe_dir, tmp_path):
     assert (c0, c1) == (2, 2), (e0[-2000:], e1[-2000:])
     assert "process(es) 1 of 2 stopped at their checks" in e0, e0[-2000:]
     assert "nowhere.png" in e1 and "stopped at their checks" not in e1, e1[-2000:]
-    (c0, e0), (c1, e1) = run_distributed([[*argv, "-i", a], [*argv, "-i", b]], timeout=120)
+    (c0, e0), (c1, e1) = run_distributed(
+        [[*argv, "-i", a], [*argv, "-i", b, "--seed", "7"]], timeout=120
+    )
     assert (c0, c1) == (2, 2), (e0[-2000:], e1[-2000:])
     for i, err in enumerate((e0, e1)):
         assert (
-            "the processes do not list the same inputs (process 0: 2, process 1: 3; "
-            f"process {i} is this one)"
+            "the processes differ in the inputs (process 0: 2, process 1: 3), --seed (process "
+            f"{i} is this one)"
         ) in err, err[-2000:]
     assert outputs(out) == []
 
 
+@pytest.mark.heavy
 def test_distributed_processes_share_one_output_folder(flax_pipe_dir, tmp_path):
     """``--distributed``: two processes upscale their shares into one output folder. A killed
     run's temporary is removed (once, before either process writes), each process writes its
@@ -954,7 +956,8 @@ def test_output_names_that_differ_only_in_case(tmp_path, monkeypatch, capsys):
     """Where the output folder's file system ignores case (macOS's, Windows'), two inputs
     whose output names differ only in case would write one file: refused (exit 2) before
     anything loads, naming both; an input whose name is another's output name but for case is
-    left out as that output. Where case counts (this machine's), both are upscaled."""
+    left out as that output; two names of one file are one input. Where case counts (this
+    machine's), both are upscaled."""
     from flax_latentup import cli, files
 
     for folder, name in (("a", "x.png"), ("b", "X.png")):
@@ -1001,3 +1004,9 @@ def test_output_names_that_differ_only_in_case(tmp_path, monkeypatch, capsys):
     ]
     with pytest.raises(cli.UsageError, match="--overwrite would replace input"):
         cli.plan_outputs(cli.collect_inputs([src], False), src, "_X2", "png", True)
+    # two names of one file (as "p.png" and "P.png" are where case is ignored): one input
+    os.link(os.path.join(src, "p.png"), os.path.join(src, "q.png"))
+    listed = {"skipped": [], "failed": []}
+    names = [os.path.join(src, n) for n in ("p.png", "q.png")]
+    assert [i.src for i in cli.collect_inputs(names, False, listed)] == names[:1]
+    assert listed["skipped"] == [{"input": names[1], "reason": f"the same file as {names[0]}"}]

@@ -708,6 +708,9 @@ def test_hub_fetches_no_deeper_folders(tmp_path, monkeypatch):
     hub.resolve("me/models", subfolder="unet")
     assert sorted(fetched) == ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
     fetched.clear()
+    with pytest.raises(hub.HubError) as e:  # a pipeline repo (or another one) at its root
+        hub.resolve("me/models", subfolder="unet/old/none")
+    assert str(e.value) == "hub repo 'me/models' has no subfolder 'unet/old/none'"
     allow, ignore = hub.pipeline_patterns(None)
     hub.resolve("me/models", allow_patterns=allow, ignore_patterns=ignore)
     assert sorted(fetched) == [
@@ -717,3 +720,12 @@ def test_hub_fetches_no_deeper_folders(tmp_path, monkeypatch):
         "unet_ema/config.json",
         "unet_ema/diffusion_pytorch_model.safetensors",
     ]
+    pipeline = [f for f in repo if "/" in f or f == "model_index.json"]
+    fake_hub(monkeypatch, tmp_path / "pipeline", pipeline)
+    with pytest.raises(hub.HubError) as e:
+        hub.resolve("me/pipeline")
+    assert str(e.value) == (
+        "hub repo 'me/pipeline' holds none of config.json, *.safetensors, "
+        "*.safetensors.index.json at its root: a model in a subfolder (a pipeline's unet/ or "
+        "vae/) loads with subfolder=..., or with its pipeline"
+    )

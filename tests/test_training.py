@@ -621,9 +621,10 @@ def test_two_processes_train_as_one(tmp_path, one_device_run):
     np.save({str(tmp_path)!r} + f"/metrics{{me}}.npy", np.asarray(metrics))
     if me == 0:  # process 0 cannot write the next one: both stop, neither waits
         from flax_latentup import training
+        from safetensors.numpy import save_file
 
-        def full_disk(*args):
-            raise OSError(28, "No space left on device")
+        def full_disk(leaves, path):  # safetensors' own error, as on a full disk
+            save_file({{"a": np.zeros(1, np.float32)}}, "/dev/null/optimizer")
 
         training._save_leaves = full_disk
     try:
@@ -636,7 +637,7 @@ def test_two_processes_train_as_one(tmp_path, one_device_run):
     procs = [run_python(code, {**env, "FLAX_LATENTUP_PROCESS_ID": str(i)}) for i in range(2)]
     out = [finish(proc) for proc in procs]
     assert all(o.strip().endswith("ok") for o in out), out
-    assert "refused: [Errno 28] No space left on device" in out[0], out[0]
+    assert f"refused: {tmp_path / 'run' / 'checkpoint-00000004'}: " in out[0], out[0]
     assert (
         "refused: process 0 could not write the checkpoint of step 4 "
         f"({tmp_path / 'run' / 'checkpoint-00000004'}); its own message says why"
@@ -824,11 +825,18 @@ def test_checkpoint_that_cannot_be_written(setup, tmp_path, monkeypatch):
     def full_disk(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(training, "_save_leaves", full_disk)
+    def cannot_write(leaves, path):  # safetensors' own error (a SafetensorError), as on a full disk
+        from safetensors.numpy import save_file
+
+        save_file({"a": np.zeros(1, np.float32)}, os.path.join(os.devnull, "optimizer"))
+
     state = state.replace(step=np.asarray(1, np.int32))
-    with pytest.raises(OSError, match="No space left on device"):
-        trainer.save_checkpoint(run, state)
-    assert os.listdir(run) == [os.path.basename(before)]
+    final = os.path.join(run, "checkpoint-00000001")
+    for fail, message in ((full_disk, "No space left on device"), (cannot_write, final)):
+        monkeypatch.setattr(training, "_save_leaves", fail)
+        with pytest.raises(OSError, match=message):
+            trainer.save_checkpoint(run, state)
+        assert os.listdir(run) == [os.path.basename(before)]
 
 
 def test_checkpoint_records_run_settings_as_strict_json(setup, tmp_path):
