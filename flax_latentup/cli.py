@@ -113,6 +113,8 @@ def _file_key(path: str) -> Any:
         st = os.stat(path)
     except OSError:
         return os.path.realpath(path)
+    if not st.st_ino:  # a file system without inode numbers
+        return os.path.realpath(path)
     return (st.st_dev, st.st_ino)
 
 
