@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import safetensors
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -422,6 +423,9 @@ def make_latents(vae: FlaxAutoencoderKL, images: Array, key: Array) -> dict[str,
 # The train state and step
 # --------------------------------------------------------------------------------------------
 
+# What safetensors raises for its own errors, I/O ones (a full disk) among them.
+_SafetensorError = getattr(safetensors, "SafetensorError", OSError)
+
 # The parameters trained: nnx.Param, which the UNet's fixed Fourier vector (a FixedParam, frozen
 # in diffusers too) is not.
 TRAINABLE = nnx.Param
@@ -725,9 +729,10 @@ class Trainer:
                 os.replace(tmp, final)
             except Exception as e:  # a full disk, a folder gone: no half checkpoint is left
                 shutil.rmtree(tmp, ignore_errors=True)
-                # safetensors reports its own I/O errors (a full disk) as SafetensorError
-                failure = e if isinstance(e, OSError) else OSError(f"{final}: {e}")
-                failure.__cause__ = e
+                failure = e
+                if isinstance(e, _SafetensorError):  # its I/O errors (a full disk) are its own
+                    failure = OSError(f"{final}: {e}")
+                    failure.__cause__ = e
         if jax.process_count() > 1:  # nobody goes on (or reads it back) before it is whole
             from jax.experimental import multihost_utils
 
