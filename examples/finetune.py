@@ -490,12 +490,21 @@ def all_processes(flag: bool) -> list[bool]:
     return [bool(f) for f in np.asarray(multihost_utils.process_allgather(np.int32(flag)))]
 
 
+TOKENIZE_CHUNK = 4096  # captions tokenized per call
+
+
 def tokenize_captions(pipe, captions: list[str]) -> np.ndarray:
     """The token ids ``[N, 77]`` of ``captions``, as the pipeline tokenizes prompts: those
     longer than the text encoder's tokens are cut, and counted in one warning."""
     with warnings.catch_warnings(record=True) as cut:
         warnings.simplefilter("always")
-        ids = pipe.tokenize(captions)
+        # in chunks: the tokenizer's own records of a caption are far larger than its ids
+        ids = np.concatenate(
+            [
+                pipe.tokenize(captions[i : i + TOKENIZE_CHUNK])
+                for i in range(0, len(captions), TOKENIZE_CHUNK)
+            ]
+        )
     long = 0
     for w in cut:
         if "is longer than the text encoder" in str(w.message):

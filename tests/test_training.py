@@ -370,9 +370,11 @@ def test_example_crops_pictures_upright(finetune, tmp_path):
         assert any(np.array_equal(crop, w) for w in windows), f"seed {seed}: not an upright crop"
 
 
-def test_example_tokenizes_captions(finetune, tmp_path, capsys):
-    """Captions are tokenized as the pipeline tokenizes prompts; those cut at the text
-    encoder's length are counted in one warning; a byte-order mark is not part of a caption."""
+def test_example_tokenizes_captions(finetune, tmp_path, capsys, monkeypatch):
+    """Captions are tokenized (a chunk at a time) as the pipeline tokenizes prompts; those cut
+    at the text encoder's length are counted in one warning; a byte-order mark is not part of
+    a caption."""
+    monkeypatch.setattr(finetune, "TOKENIZE_CHUNK", 2)
     from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
 
     tok = helpers.write_clip_tokenizer(str(tmp_path / "tok"))
