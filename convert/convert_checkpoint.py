@@ -268,7 +268,7 @@ def convert(
     import jax.numpy as jnp
 
     from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
-    from flax_latentup.models.base import read_config, read_json
+    from flax_latentup.models.base import REPLACE_WITHOUT_VARIANT, read_config, read_json
     from flax_latentup.pipeline import (
         MODEL_CLASSES,
         check_pipeline_folder,
@@ -328,7 +328,7 @@ def convert(
         except ValueError as e:  # said of the Python API there: said of this command here
             raise type(e)(
                 str(e).replace(
-                    "save without variant= to replace that model",
+                    REPLACE_WITHOUT_VARIANT,
                     "convert without --variant (and with --overwrite) to replace that pipeline",
                 )
             ) from None

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
 from flax_latentup.cli import IMAGE_EXTS, upright_transpose
 from flax_latentup.files import check_save_folder
+from flax_latentup.parallel import all_processes
 from flax_latentup.pipeline import check_picture_mode, pil_to_rgb
 from flax_latentup.training import (
     SEED_LIMIT,
@@ -438,7 +439,7 @@ def main(argv=None) -> int:
         except ValueError as e:  # a picture corrupt past its header
             failed = e
         if count > 1:  # all processes stop together (the others would wait in the step)
-            failing = [i for i, f in enumerate(all_processes(failed is not None)) if f]
+            failing = [i for i, f in enumerate(all_processes(np.int32(failed is not None))) if f]
             if failing and failed is None:
                 bar.close()
                 raise SystemExit(
@@ -481,13 +482,6 @@ def main(argv=None) -> int:
                 prune(args.output, args.keep, path)
                 bar.write(f"saved {path}")
     return 0
-
-
-def all_processes(flag: bool) -> list[bool]:
-    """Every process's ``flag``, in process order (a collective: all processes call it)."""
-    from jax.experimental import multihost_utils
-
-    return [bool(f) for f in np.asarray(multihost_utils.process_allgather(np.int32(flag)))]
 
 
 TOKENIZE_CHUNK = 4096  # captions tokenized per call

@@ -1013,7 +1013,8 @@ def agree_across_processes(
 
     import jax
     import numpy as np
-    from jax.experimental import multihost_utils
+
+    from flax_latentup.parallel import all_processes
 
     def digest(data: bytes) -> int:  # 31 bits of a hash, an int32
         return int.from_bytes(hashlib.sha256(data).digest()[:4], "little") >> 1
@@ -1023,7 +1024,7 @@ def agree_across_processes(
     mine = np.array(
         [failure is not None, len(items), digest(names), *map(digest, settings)], np.int32
     )
-    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, mine.size)
+    every = all_processes(mine)
     if failure is not None:
         raise failure
     failing = [i for i, row in enumerate(every) if row[0]]

@@ -134,10 +134,21 @@ def probe_writable(folder: str, *, create: bool = True) -> None:
         target = _nearest_existing(target)
         if not os.path.isdir(target):
             raise NotADirectoryError(f"{target!r} is a file, not a folder")
-    fd, probe = tempfile.mkstemp(prefix=temporary_prefix(), dir=target)
+    with _probe_file(target):
+        pass
+
+
+@contextlib.contextmanager
+def _probe_file(folder: str):
+    """An empty temporary file in ``folder`` (its path), removed at the end; OSError if none
+    can be made."""
+    fd, probe = tempfile.mkstemp(prefix=temporary_prefix(), dir=folder)
     os.close(fd)
-    with contextlib.suppress(FileNotFoundError):  # another process may have cleaned it
-        os.remove(probe)
+    try:
+        yield probe
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # another process may have cleaned it
+            os.remove(probe)
 
 
 def _nearest_existing(path: str) -> str:
@@ -157,17 +168,12 @@ def ignores_case(folder: str) -> bool:
     probe can be written."""
     target = _nearest_existing(folder or ".")
     try:
-        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(), dir=target)
+        with _probe_file(target) as probe:
+            name = os.path.basename(probe)  # the prefix holds ASCII letters: only those swap
+            other = "".join(c.swapcase() if c.isascii() else c for c in name)
+            return os.path.exists(os.path.join(target, other))
     except OSError:
         return False
-    os.close(fd)
-    try:
-        name = os.path.basename(probe)  # the prefix holds ASCII letters: only those are swapped
-        other = "".join(c.swapcase() if c.isascii() else c for c in name)
-        return os.path.exists(os.path.join(target, other))
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(probe)
 
 
 def check_save_folder(path: str, what: str = "path") -> str:

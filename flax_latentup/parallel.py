@@ -348,3 +348,13 @@ def process_share(
     start = index * base + min(index, extra)
     stop = start + base + (1 if index < extra else 0)
     return list(items[start:stop])
+
+
+def all_processes(values: Any) -> np.ndarray:
+    """Every process's ``values`` (a number or a host array of one shape and dtype), stacked
+    in process order: ``[process_count, ...]``. A collective: all processes call it."""
+    from jax.experimental import multihost_utils
+
+    values = np.asarray(values)
+    gathered = np.asarray(multihost_utils.process_allgather(values))
+    return gathered.reshape(jax.process_count(), *values.shape)

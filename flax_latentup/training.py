@@ -734,10 +734,10 @@ class Trainer:
                     failure = OSError(f"{final}: {e}")
                     failure.__cause__ = e
         if jax.process_count() > 1:  # nobody goes on (or reads it back) before it is whole
-            from jax.experimental import multihost_utils
+            from flax_latentup.parallel import all_processes
 
-            flags = multihost_utils.process_allgather(np.int32(failure is not None))
-            if failure is None and np.asarray(flags).any():
+            any_failed = all_processes(np.int32(failure is not None)).any()  # all call it
+            if failure is None and any_failed:
                 raise OSError(
                     f"process 0 could not write the checkpoint of step {step} ({final}); its "
                     "own message says why"

@@ -33,9 +33,11 @@ from flax_latentup.weights import (
 M = TypeVar("M", bound="PretrainedModel")
 
 CONFIG_NAME = "config.json"
+# How to replace a model rather than save a variant beside it (a command names its own flags)
+REPLACE_WITHOUT_VARIANT = "save without variant= to replace that model"
 VARIANT_BESIDE = (
-    "A weights variant is saved beside the same model: choose another folder, or save "
-    "without variant= to replace that model"
+    "A weights variant is saved beside the same model: choose another folder, or "
+    f"{REPLACE_WITHOUT_VARIANT}"
 )
 
 
