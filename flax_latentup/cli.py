@@ -967,7 +967,8 @@ def upscale_failure(error: Exception, batch: int, n_devices: int, tiled: bool) -
 def prepare_upscale(args: argparse.Namespace) -> tuple[list[Item], dict[str, list], str, dict]:
     """Everything the ``upscale`` command checks before it loads a model: ``(items, listed,
     model_dir, components)``, the work list (every process's), what listing the inputs left
-    out, the model folder and the ``--unet``/``--vae`` folders. Makes the output folder."""
+    out, the model folder and the ``--unet``/``--vae`` folders. Writes nothing (the output
+    folder is made by :func:`make_upscale_folders`)."""
     read_upscale_files(args)
     listed: dict[str, list] = {"skipped": [], "failed": []}
     items = collect_inputs(args.input, args.recursive, listed)
@@ -984,31 +985,106 @@ def prepare_upscale(args: argparse.Namespace) -> tuple[list[Item], dict[str, lis
     model_dir = resolve_model(args.model, args.variant, skip=tuple(components))
     components = {part: resolve_component(f"--{part}", n) for part, n in components.items()}
     check_components_fit(model_dir, components)
+    return items, listed, model_dir, components
+
+
+def make_upscale_folders(args: argparse.Namespace) -> list[str]:
+    """Make the output folder and ``--report``'s; returns the folders made (see
+    :func:`files.remove_made_folders`). A UsageError if one cannot be made (none is left
+    made then)."""
+    made: list[str] = []
     for folder, flag in (
         (args.output, "output"),
         (os.path.dirname(args.report or ""), "--report"),
     ):
         try:
             if folder:
-                os.makedirs(folder, exist_ok=True)
+                made += files.make_folders(folder)
         except OSError as e:
+            files.remove_made_folders(made)
             raise UsageError(f"{flag} folder {folder!r} cannot be made: {e}") from None
-    return items, listed, model_dir, components
+    return made
+
+
+# a weights file's fingerprint reads this many blocks of this size, spread evenly over it
+_BLOCKS, _BLOCK = 32, 1 << 16
+
+
+def model_fingerprints(
+    model_dir: str, components: dict[str, str], variant: str | None = None
+) -> dict[str, bytes]:
+    """What a run's models are, by flag (``--model``, ``--unet``, ``--vae``), to compare across
+    processes whose paths differ (each host its own copy or cache): the configs as parsed
+    (bookkeeping keys, ``_name_or_path`` and the like, left out), the tokenizer's files, and
+    the weights files that load, by name, size and 2 MiB read evenly across each (a model
+    trained on has other bytes throughout)."""
+    import hashlib
+    import json
+
+    from flax_latentup.pipeline import MODEL_CLASSES
+    from flax_latentup.weights import open_weights
+
+    def config(h: Any, path: str) -> None:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if not k.startswith("_")}
+        h.update(json.dumps(data, sort_keys=True).encode())
+
+    def sample(h: Any, path: str, whole: bool = False) -> None:
+        size = os.path.getsize(path)
+        h.update(f"{os.path.basename(path)}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if whole or size <= _BLOCKS * _BLOCK:
+                h.update(f.read())
+                return
+            for i in range(_BLOCKS):
+                f.seek((size - _BLOCK) * i // (_BLOCKS - 1))
+                h.update(f.read(_BLOCK))
+
+    def model(h: Any, part: str, folder: str, variant: str | None) -> None:
+        h.update(part.encode() + b"\0")
+        config(h, os.path.join(folder, "config.json"))
+        for path in open_weights(folder, MODEL_CLASSES[part].weights_names(), variant).paths:
+            sample(h, path)
+
+    whole = hashlib.sha256()
+    config(whole, os.path.join(model_dir, "scheduler", "scheduler_config.json"))
+    tokenizer = os.path.join(model_dir, "tokenizer")
+    for name in sorted(os.listdir(tokenizer)):
+        if os.path.isfile(os.path.join(tokenizer, name)) and not name.startswith("."):
+            sample(whole, os.path.join(tokenizer, name), whole=True)
+    for part in MODEL_CLASSES:
+        if part not in components:
+            model(whole, part, os.path.join(model_dir, part), variant)
+    prints = {"--model": whole.digest()}
+    for part in ("unet", "vae"):
+        h = hashlib.sha256()
+        if part in components:
+            model(h, part, components[part], None)
+        prints[f"--{part}"] = h.digest()
+    return prints
 
 
 # What every process of a --distributed run must have alike (each upscales its share of one
 # list, with one set of settings), by flag; the inputs are compared by their names.
 _AGREED = ("--prompt", "--negative-prompt", "--steps", "--guidance", "--seed", "--suffix", "--ext")
 _AGREED += ("--alpha", "--nchw", "--dtype", "--precision", "--tile", "--variant")
+# ... and the models, by what they are rather than by their paths
+_FINGERPRINTED = ("--model", "--unet", "--vae")
 
 
 def agree_across_processes(
-    failure: Exception | None, items: list[Item], args: argparse.Namespace
+    failure: Exception | None,
+    items: list[Item],
+    args: argparse.Namespace,
+    fingerprints: dict[str, bytes] | None = None,
 ) -> None:
     """With ``--distributed``, after every process's checks (a collective: all call it):
     ``failure`` (this process's, raised here) or a UsageError in every process if another
-    failed its checks, or if they do not list the same inputs or were given other settings.
-    Nothing has been upscaled then."""
+    failed its checks, or if they do not list the same inputs, were given other settings, or
+    load other models (``fingerprints``, see :func:`model_fingerprints`). Nothing has been
+    upscaled then."""
     import hashlib
 
     import jax
@@ -1021,6 +1097,8 @@ def agree_across_processes(
 
     names = b"\0".join(os.fsencode(item.rel) for item in items)
     settings = [repr(getattr(args, f[2:].replace("-", "_"))).encode() for f in _AGREED]
+    fingerprints = fingerprints or {}
+    settings += [fingerprints.get(flag, b"") for flag in _FINGERPRINTED]
     mine = np.array(
         [failure is not None, len(items), digest(names), *map(digest, settings)], np.int32
     )
@@ -1040,11 +1118,12 @@ def agree_across_processes(
         if 1 in differ or 2 in differ:
             counts = ", ".join(f"process {i}: {row[1]}" for i, row in enumerate(every))
             what.append(f"the inputs ({counts})")
-        what += [_AGREED[j - 3] for j in differ if j >= 3]
+        what += [(_AGREED + _FINGERPRINTED)[j - 3] for j in differ if j >= 3]
         raise UsageError(
             f"--distributed: the processes differ in {', '.join(what)} (process "
             f"{jax.process_index()} is this one): give every process the same inputs (e.g. on "
-            "a file system they share) and settings, since each upscales its share of one list"
+            "a file system they share), settings and model files (configs and weights), since "
+            "each upscales its share of one list"
         )
 
 
@@ -1066,15 +1145,23 @@ def run_upscale(args: argparse.Namespace) -> int:
             raise UsageError(f"--distributed: {e}") from None
         process = (jax.process_index(), jax.process_count())
     if process[1] > 1:
+        made: list[str] = []
         try:
             items, listed, model_dir, components = prepare_upscale(args)
+            fingerprints = model_fingerprints(model_dir, components, args.variant)
+            made = make_upscale_folders(args)
             failure = None
         except Exception as e:  # whatever stops this process stops the others with it
-            items, failure = [], e
-        agree_across_processes(failure, items, args)
+            items, fingerprints, failure = [], {}, e
+        try:
+            agree_across_processes(failure, items, args, fingerprints)
+        except BaseException:  # nothing is upscaled: no folder is left made for nothing
+            files.remove_made_folders(made)
+            raise
         items = parallel.process_share(items)
     else:
         items, listed, model_dir, components = prepare_upscale(args)
+        make_upscale_folders(args)
     cache = None if args.no_compile_cache else (args.compile_cache or default_cache_dir())
     if cache:
         cache = enable_compile_cache(cache, given=args.compile_cache is not None)

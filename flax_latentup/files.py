@@ -161,6 +161,30 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
+def make_folders(path: str) -> list[str]:
+    """``os.makedirs(path, exist_ok=True)``; returns the folders it made, deepest first (none if
+    ``path`` was there), for :func:`remove_made_folders`."""
+    missing, at = [], os.path.abspath(path)
+    while not os.path.lexists(at):
+        missing.append(at)
+        parent = os.path.dirname(at)
+        if parent == at:
+            break
+        at = parent
+    os.makedirs(path, exist_ok=True)
+    return missing
+
+
+def remove_made_folders(made: Sequence[str]) -> None:
+    """Remove the folders :func:`make_folders` made (deepest first), as long as they are
+    empty: whatever was written in them since is kept, and so are their parents."""
+    for folder in made:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
 def ignores_case(folder: str) -> bool:
     """Whether the file system that ``folder`` (or, not made yet, its nearest existing parent)
     is on takes names that differ only in case for one file (macOS's and Windows' by default).

@@ -332,6 +332,7 @@ def test_distributed_checks_stop_every_process(flax_pipe_dir, tmp_path):
     assert (c0, c1) == (2, 2), (e0[-2000:], e1[-2000:])
     assert "process(es) 1 of 2 stopped at their checks" in e0, e0[-2000:]
     assert "nowhere.png" in e1 and "stopped at their checks" not in e1, e1[-2000:]
+    assert not out.exists(), "the output folder was left made for a run that did not start"
     (c0, e0), (c1, e1) = run_distributed(
         [[*argv, "-i", a], [*argv, "-i", b, "--seed", "7"]], timeout=120
     )
@@ -341,7 +342,64 @@ def test_distributed_checks_stop_every_process(flax_pipe_dir, tmp_path):
             "the processes differ in the inputs (process 0: 2, process 1: 3), --seed (process "
             f"{i} is this one)"
         ) in err, err[-2000:]
-    assert outputs(out) == []
+    # a copy of the model whose UNet weights differ (same names and sizes)
+    other = str(tmp_path / "other_model")
+    shutil.copytree(flax_pipe_dir, other)
+    retrain_unet(other)
+    (c0, e0), (c1, e1) = run_distributed([[*argv, "-i", a], [*argv, "-i", a, "-n", other]])
+    assert (c0, c1) == (2, 2), (e0[-2000:], e1[-2000:])
+    for err in (e0, e1):
+        assert "the processes differ in --model (process" in err, err[-2000:]
+    assert not out.exists()
+
+
+def retrain_unet(model_dir: str) -> None:
+    """Change the UNet weights of the pipeline folder ``model_dir`` in place, as training
+    does (file names and sizes stay)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    [path] = [
+        os.path.join(model_dir, "unet", n)
+        for n in os.listdir(os.path.join(model_dir, "unet"))
+        if n.endswith(".safetensors")
+    ]
+    size = os.path.getsize(path)
+    with safe_open(path, framework="np") as f:
+        metadata = f.metadata()
+    tensors = {k: v + np.ones((), v.dtype) for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata=metadata)
+    assert os.path.getsize(path) == size
+
+
+def test_model_fingerprints_tell_models_not_paths(flax_pipe_dir, tmp_path):
+    """What ``--distributed`` processes compare of their models: a copy elsewhere, with other
+    bookkeeping in its configs, is the same model; changed weights or configs, or a ``--unet``
+    given to one only, are not."""
+    from flax_latentup.cli import model_fingerprints
+
+    mine = model_fingerprints(flax_pipe_dir, {})
+    assert set(mine) == {"--model", "--unet", "--vae"}
+    copy = str(tmp_path / "copy")
+    shutil.copytree(flax_pipe_dir, copy)
+    config = os.path.join(copy, "vae", "config.json")
+    with open(config) as f:
+        data = json.load(f)
+    with open(config, "w") as f:
+        json.dump({**data, "_name_or_path": "/elsewhere", "_diffusers_version": "0.0"}, f)
+    assert model_fingerprints(copy, {}) == mine
+    data["scaling_factor"] = 0.5
+    with open(config, "w") as f:
+        json.dump(data, f)
+    assert model_fingerprints(copy, {})["--model"] != mine["--model"]
+    shutil.rmtree(copy)
+    shutil.copytree(flax_pipe_dir, copy)
+    retrain_unet(copy)
+    assert model_fingerprints(copy, {})["--model"] != mine["--model"]
+    given = model_fingerprints(flax_pipe_dir, {"unet": os.path.join(copy, "unet")})
+    assert given["--unet"] != mine["--unet"] and given["--vae"] == mine["--vae"]
+    assert given["--model"] != mine["--model"], "the model's own UNet left out"
+    assert given == model_fingerprints(flax_pipe_dir, {"unet": os.path.join(copy, "unet")})
 
 
 @pytest.mark.heavy
@@ -354,8 +412,10 @@ def test_distributed_processes_share_one_output_folder(flax_pipe_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / ".flax-latentup-tmp-killed.png").write_bytes(b"half a picture")
-    argv = ["upscale", "-i", src, "-o", str(out), "-r", "-n", flax_pipe_dir, *COMMON]
-    for code, err in run_distributed([argv, argv]):
+    argv = ["upscale", "-i", src, "-o", str(out), "-r", *COMMON]
+    copy = str(tmp_path / "model_copy")  # each host its own copy of the model: one model
+    shutil.copytree(flax_pipe_dir, copy)
+    for code, err in run_distributed([[*argv, "-n", flax_pipe_dir], [*argv, "-n", copy]]):
         assert code == 0, err[-3000:]
     names = ["img0.png", "img1.png", "img2.png", "img3.png", "sub/img4.png"]
     assert outputs(out) == names
@@ -1010,3 +1070,20 @@ def test_output_names_that_differ_only_in_case(tmp_path, monkeypatch, capsys):
     names = [os.path.join(src, n) for n in ("p.png", "q.png")]
     assert [i.src for i in cli.collect_inputs(names, False, listed)] == names[:1]
     assert listed["skipped"] == [{"input": names[1], "reason": f"the same file as {names[0]}"}]
+
+
+def test_folders_made_for_a_run_are_removed_if_it_does_not_start(tmp_path):
+    """``files.make_folders`` says which folders it made; ``remove_made_folders`` removes
+    those, but a folder something was written in since, and what was there before, stay."""
+    from flax_latentup import files
+
+    (tmp_path / "was").mkdir()
+    made = files.make_folders(str(tmp_path / "was" / "a" / "b"))
+    assert made == [str(tmp_path / "was" / "a" / "b"), str(tmp_path / "was" / "a")]
+    assert files.make_folders(str(tmp_path / "was" / "a" / "b")) == []
+    files.remove_made_folders(made)
+    assert sorted(os.listdir(tmp_path)) == ["was"] and os.listdir(tmp_path / "was") == []
+    made = files.make_folders(str(tmp_path / "was" / "a" / "b"))
+    (tmp_path / "was" / "a" / "kept.txt").write_text("x")
+    files.remove_made_folders(made)
+    assert os.listdir(tmp_path / "was" / "a") == ["kept.txt"]
