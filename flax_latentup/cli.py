@@ -542,6 +542,14 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
         metavar="MODEL",
         help="a VAE to run in place of --model's (folder or hub repo id, as --unet)",
     )
+    for part in ("unet", "vae"):
+        p.add_argument(
+            f"--{part}-subfolder",
+            default=None,
+            metavar="DIR",
+            help=f"the subfolder of --{part} that holds the model (e.g. unet_ema of a "
+            "fine-tuning checkpoint pushed to the hub whole)",
+        )
     p.add_argument(
         "--prompt", default="", help="text prompt for every image (a sidecar NAME.txt overrides it)"
     )
@@ -647,6 +655,18 @@ def validate_upscale_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--suffix must not contain a path separator, got {args.suffix!r}")
     if args.compile_cache is not None and args.no_compile_cache:
         raise UsageError("give either --compile-cache or --no-compile-cache, not both")
+    for part in ("unet", "vae"):
+        sub = getattr(args, f"{part}_subfolder")
+        if sub is None:
+            continue
+        if getattr(args, part) is None:
+            raise UsageError(f"--{part}-subfolder needs --{part} (the folder or repo it is in)")
+        parts = sub.replace("\\", "/").split("/")
+        if not sub or os.path.isabs(sub) or any(q in ("", ".", "..") for q in parts):
+            raise UsageError(
+                f"--{part}-subfolder must be a relative path inside --{part}, such as "
+                f"unet_ema, got {sub!r}"
+            )
 
 
 def read_upscale_files(args: argparse.Namespace) -> None:
@@ -734,20 +754,21 @@ def check_model_folder(folder: str, variant: str | None, skip: Sequence[str] = (
         raise UsageError(f"--model: {e}") from None
 
 
-def resolve_component(flag: str, name: str) -> str:
-    """The local folder of a ``--unet``/``--vae`` model (fetched from the hub if needed); a
-    UsageError if unknown or if it holds no ``config.json`` (naming the subfolders that do,
-    as a fine-tuning checkpoint's ``unet/`` and ``unet_ema/``)."""
+def resolve_component(flag: str, name: str, subfolder: str | None = None) -> str:
+    """The local folder of a ``--unet``/``--vae`` model (its ``subfolder``; fetched from the
+    hub if needed); a UsageError if unknown or if it holds no ``config.json`` (naming the
+    subfolders that do, as a fine-tuning checkpoint's ``unet/`` and ``unet_ema/``)."""
     from flax_latentup import hub
+    from flax_latentup.models.base import missing_config_message
 
     try:
-        folder = hub.resolve(name, allow_patterns=hub.MODEL_PATTERNS)
+        folder = hub.resolve(name, subfolder=subfolder, allow_patterns=hub.MODEL_PATTERNS)
     except hub.HubError as e:
-        raise UsageError(f"{flag}: {e}") from None
+        message = str(e).replace(hub.SUBFOLDER_HINT, f"{flag}-subfolder")
+        raise UsageError(f"{flag}: {message}") from None
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        from flax_latentup.models.base import missing_config_message
-
-        raise UsageError(f"{flag}: {missing_config_message(folder)}")
+        how = "" if subfolder else f" (or its name to {flag}-subfolder)"
+        raise UsageError(f"{flag}: {missing_config_message(folder, how)}")
     return folder
 
 
@@ -983,7 +1004,10 @@ def prepare_upscale(args: argparse.Namespace) -> tuple[list[Item], dict[str, lis
     components = {part: getattr(args, part) for part in ("unet", "vae")}
     components = {part: name for part, name in components.items() if name is not None}
     model_dir = resolve_model(args.model, args.variant, skip=tuple(components))
-    components = {part: resolve_component(f"--{part}", n) for part, n in components.items()}
+    components = {
+        part: resolve_component(f"--{part}", n, getattr(args, f"{part}_subfolder"))
+        for part, n in components.items()
+    }
     check_components_fit(model_dir, components)
     return items, listed, model_dir, components
 
@@ -1187,7 +1211,9 @@ def run_upscale(args: argparse.Namespace) -> int:
         "model": args.model,
         "variant": args.variant,
         "unet": args.unet,
+        "unet_subfolder": args.unet_subfolder,
         "vae": args.vae,
+        "vae_subfolder": args.vae_subfolder,
         "settings": {
             "steps": args.steps,
             "guidance": args.guidance,

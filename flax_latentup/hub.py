@@ -83,6 +83,10 @@ def below_patterns(patterns: Sequence[str]) -> str:
     return "/".join(["*"] * (depth + 2))
 
 
+# How the Python API names a model's subfolder, in messages (the batch command names its flag)
+SUBFOLDER_HINT = "subfolder=..."
+
+
 class HubError(OSError):
     """A model folder or hub repo that cannot be found or fetched."""
 
@@ -182,7 +186,7 @@ def resolve(
     if not os.path.isdir(folder):  # nothing matched
         raise HubError(
             f"hub repo {name!r} holds none of {', '.join(patterns)} at its root: a model in a "
-            "subfolder (a pipeline's unet/ or vae/) loads with subfolder=..., or with its "
+            f"subfolder (a pipeline's unet/ or vae/) loads with {SUBFOLDER_HINT}, or with its "
             "pipeline"
         )
     return folder

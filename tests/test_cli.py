@@ -264,11 +264,55 @@ def test_component_flags_are_checked_before_loading(flax_pipe_dir, tmp_path, cap
         (("--unet", tmp_path / "missing"), "--unet: model folder not found"),
         (("--vae", vae), "--vae does not fit --model: unet.config.in_channels (8) must be twice"),
         (("--unet", checkpoint / "unet_ema", "--vae", vae), "--unet and --vae do not fit"),
+        (("--unet", checkpoint), "pass one of them (or its name to --unet-subfolder)"),
+        (("--vae", tmp_path, "--vae-subfolder", "vae8"), "--vae does not fit --model"),
+        (("--unet", checkpoint, "--unet-subfolder", "nope"), "subfolder 'nope' not found in"),
+        (("--unet-subfolder", "unet_ema"), "--unet-subfolder needs --unet"),
+        (("--unet", checkpoint, "--unet-subfolder", "../x"), "must be a relative path inside"),
+        (("--vae", vae, "--vae-subfolder", ""), "--vae-subfolder must be a relative path"),
     ]
     for extra, message in cases:
         assert run_cli(*base, *extra) == 2, extra
         assert message in capsys.readouterr().err, extra
     assert not (tmp_path / "o").exists()
+
+
+def test_component_from_a_hub_repo_subfolder(flax_pipe_dir, tmp_path, monkeypatch, capsys):
+    """``--unet REPO --unet-subfolder unet_ema``: a fine-tuning checkpoint pushed to the hub
+    whole gives its EMA UNet, fetched alone; without the subfolder, the message names the
+    flag."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    remote = tmp_path / "remote"
+    for sub in ("unet", "unet_ema"):
+        shutil.copytree(os.path.join(flax_pipe_dir, "unet"), remote / sub)
+    names = [str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file()]
+    fetched = []
+
+    def snapshot_download(repo_id, *, allow_patterns, ignore_patterns, **kwargs):
+        assert repo_id == "me/checkpoint"
+        root = tmp_path / "snapshot"
+        for name in filter_repo_objects(
+            names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+        ):
+            fetched.append(name)
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(remote / name, root / name)
+        return str(root)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    write_png(str(tmp_path / "in" / "a.png"))
+    argv = ("-i", tmp_path / "in", "-o", tmp_path / "o", "-n", flax_pipe_dir, *COMMON)
+    assert run_cli(*argv, "--unet", "me/checkpoint") == 2
+    err = capsys.readouterr().err
+    assert "at its root: a model in a subfolder (a pipeline's unet/ or vae/) loads with " in err
+    assert "--unet-subfolder, or with its pipeline" in err and fetched == []
+    assert run_cli(*argv, "--unet", "me/checkpoint", "--unet-subfolder", "unet_ema") == 0
+    assert sorted(fetched) == sorted(n for n in names if n.startswith("unet_ema/"))
+    report = read_report(tmp_path / "o")
+    assert (report["unet"], report["unet_subfolder"]) == ("me/checkpoint", "unet_ema")
+    assert outputs(tmp_path / "o") == ["a.png"]
 
 
 def test_version_and_convert_help(capsys):
