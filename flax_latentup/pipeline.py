@@ -40,6 +40,7 @@ from flax_latentup.models.base import (
     is_torch_tensor,
     read_config,
     read_json,
+    refuse_keywords,
     write_json_atomic,
 )
 from flax_latentup.models.clip import FlaxCLIPTextModel
@@ -66,6 +67,10 @@ PIPELINE_CLASS_NAMES = (
     "FlaxStableDiffusionLatentUpscalePipeline",
 )
 OUTPUT_TYPES = ("pil", "np", "latent")
+# Float pictures are taken as diffusers takes them, a little beyond [0, 1] or [-1, 1] too (an
+# unclamped VAE decode, a bicubic resize's overshoot); values beyond this are refused, as they
+# mean another scale (0..255 held as floats).
+FLOAT_PICTURE_LIMIT = 1.5
 VAE_SAMPLE_MODES = ("sample", "argmax")
 DEFAULT_REPO = "stabilityai/sd-x2-latent-upscaler"
 
@@ -563,7 +568,8 @@ def prepare_image(
 
     PIL images and uint8 arrays are mapped to [-1, 1]. Float pictures (numpy, JAX or torch) follow
     diffusers: values in [0, 1] are mapped to [-1, 1]; pictures holding negative values are taken
-    as already in [-1, 1]. Torch tensors are NCHW. Picture sides are brought down to multiples of
+    as already in [-1, 1]. Values a little outside (an unclamped decode) are kept as they are
+    (within :data:`FLOAT_PICTURE_LIMIT`; beyond, a ValueError). Torch tensors are NCHW. Picture sides are brought down to multiples of
     ``downsample_factor`` as diffusers' image processor does (:func:`fitted_picture_size`): PIL
     pictures resized bicubic, arrays and tensors by nearest rows and columns.
     """
@@ -653,7 +659,7 @@ def prepare_image(
                 arr = arr.astype(np.float32)
             lo, hi = float(arr.min()), float(arr.max())
             if np.isfinite(lo) and np.isfinite(hi):
-                if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
+                if lo < -FLOAT_PICTURE_LIMIT or hi > FLOAT_PICTURE_LIMIT:
                     raise ValueError(
                         f"image: float pictures must be in [0, 1] (or [-1, 1]), got values in "
                         f"[{lo:.3g}, {hi:.3g}] (pass uint8 for 0..255 pictures)"
@@ -871,6 +877,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         unet: FlaxUNet2DConditionModel | None = None,
         tokenizer: Any = None,
         scheduler: Any = None,
+        **unknown: Any,
     ) -> FlaxStableDiffusionLatentUpscalePipeline:
         """Load a diffusers-layout pipeline folder or hub repo (torch safetensors or Flax weights).
 
@@ -888,6 +895,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         ``EulerDiscreteScheduler``. Every component is checked against the others' configs
         before any weights are read.
         """
+        refuse_keywords("from_pretrained", unknown)
         given = {
             "text_encoder": text_encoder,
             "vae": vae,
@@ -1194,6 +1202,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         devices: Sequence[Any] | None = None,
         mesh: Any = None,
         use_pmap: bool = False,
+        **unknown: Any,
     ) -> UpscalePipelineOutput | tuple:
         """Upscale ``image`` 2x, guided by ``prompt``.
 
@@ -1219,14 +1228,14 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         several devices the callback's latents are gathered from them at the steps it runs.
         """
         # ---- checks, before anything compiles ----
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        refuse_keywords("__call__", unknown)
         if output_type == "pt":  # diffusers' torch output: this package does not use torch
             raise ValueError(
-                "output_type must be one of ('pil', 'np', 'latent'), got 'pt': for diffusers' "
-                "NCHW tensor, take output_type='np' and torch.from_numpy(images.transpose(0, 3, "
-                "1, 2))"
+                f"output_type must be one of {OUTPUT_TYPES}, got 'pt': for diffusers' NCHW "
+                "tensor, take output_type='np' and torch.from_numpy(images.transpose(0, 3, 1, 2))"
             )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if vae_sample_mode not in VAE_SAMPLE_MODES:
             raise ValueError(
                 f"vae_sample_mode must be one of {VAE_SAMPLE_MODES}, got {vae_sample_mode!r}"

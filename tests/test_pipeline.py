@@ -806,6 +806,49 @@ def test_bad_input_names_argument(flax_pipe, arg, kwargs):
     assert counter.count == 0, "the error came after a compilation"
 
 
+def test_float_pictures_a_little_out_of_range_are_taken_as_diffusers_takes_them(torch_pipe):
+    """An unclamped decode ([-1.1, 1.05]) or a [0, 1] picture overshooting to 1.05 goes to the
+    VAE as diffusers' image processor sends it; 0..255 held as floats is refused."""
+    from flax_latentup.pipeline import prepare_image
+
+    rng = np.random.default_rng(5)
+    for lo, hi in ((-1.1, 1.05), (0.0, 1.05), (-1.49, 1.49)):
+        x = rng.uniform(lo, hi, (2, 64, 96, 3)).astype(np.float32)
+        got, kind = prepare_image(torch.from_numpy(x).permute(0, 3, 1, 2), 4, 8)
+        want = torch_pipe.image_processor.preprocess(torch.from_numpy(x).permute(0, 3, 1, 2))
+        assert kind == "pixels"
+        np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-6)
+    for bad in (rng.uniform(0, 255, (1, 64, 64, 3)), np.full((1, 64, 64, 3), -1.6)):
+        with pytest.raises(ValueError, match=r"^image: float pictures must be in \[0, 1\]"):
+            prepare_image(bad.astype(np.float32), 4, 8)
+
+
+def test_diffusers_only_keywords_say_what_to_pass(flax_pipe, pipe_dir):
+    """diffusers' ``generator=`` and ``torch_dtype=`` (and other torch-side loading options)
+    are refused with what to pass here, before any work; so is diffusers' "pt" output, with
+    the numpy recipe for it."""
+    from flax_latentup import FlaxUNet2DConditionModel
+
+    counter = CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    with pytest.raises(TypeError, match=r"^__call__\(\) takes no generator= .*pass rng="):
+        flax_pipe(prompt="x", image=LOW, generator=object())
+    with pytest.raises(TypeError, match=r"^__call__\(\) got an unexpected keyword .*'steps'"):
+        flax_pipe(prompt="x", image=LOW, steps=2)
+    with pytest.raises(ValueError, match=r"got 'pt': .*torch\.from_numpy\(images\.transpose"):
+        flax_pipe(prompt="x", image=LOW, output_type="pt")
+    assert counter.count == 0
+    unet = os.path.join(pipe_dir, "unet")
+    for load, folder in (
+        (FlaxStableDiffusionLatentUpscalePipeline, pipe_dir),
+        (FlaxUNet2DConditionModel, unet),
+    ):
+        with pytest.raises(TypeError, match=r"takes no torch_dtype= .*pass dtype= \(jnp"):
+            load.from_pretrained(folder, torch_dtype="float16")
+        with pytest.raises(TypeError, match=r"takes no use_safetensors= .*always read from"):
+            load.from_pretrained(folder, use_safetensors=True)
+
+
 def test_missing_component_folder(pipe_dir, tmp_path):
     import shutil
 

@@ -11,6 +11,7 @@ import dataclasses
 import fnmatch
 import json
 import os
+from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
 import jax
@@ -160,6 +161,26 @@ def check_same_config(
         )
 
 
+# Keywords of diffusers' loading and calling that are said otherwise here: what to pass instead.
+DIFFUSERS_KEYWORDS = {
+    "generator": "rng= (an int seed or a jax.random key): the noise is drawn with JAX",
+    "torch_dtype": "dtype= (jnp.float32, jnp.bfloat16 or jnp.float16)",
+    "device_map": "nothing: models load onto JAX's default device; calls take devices= or mesh=",
+    "low_cpu_mem_usage": "nothing: models are built without weights and filled once",
+    "use_safetensors": "nothing: weights are always read from safetensors",
+}
+
+
+def refuse_keywords(where: str, kwargs: Mapping[str, Any]) -> None:
+    """The TypeError for the keyword arguments ``kwargs`` that ``where`` (e.g.
+    ``"from_pretrained"``) does not take, saying what to pass instead of diffusers' own."""
+    for name in kwargs:
+        instead = DIFFUSERS_KEYWORDS.get(name)
+        if instead is not None:
+            raise TypeError(f"{where}() takes no {name}= (a diffusers argument); pass {instead}")
+        raise TypeError(f"{where}() got an unexpected keyword argument {name!r}")
+
+
 def _check_dtype(name: str, dtype) -> jnp.dtype:
     try:
         dt = jnp.dtype(dtype)
@@ -215,6 +236,7 @@ class PretrainedModel(hub.PushToHubMixin):
         local_files_only: bool | None = None,
         token: str | bool | None = None,
         variant: str | None = None,
+        **unknown: Any,
     ) -> M:
         """Load from a local folder or a hub repo id (``config.json`` + safetensors weights).
 
@@ -224,6 +246,7 @@ class PretrainedModel(hub.PushToHubMixin):
         ``variant`` (e.g. ``"fp16"``) loads ``NAME.fp16.safetensors`` (and fetches only it)
         instead of the plain weights, as in diffusers.
         """
+        refuse_keywords("from_pretrained", unknown)
         dtype = _check_dtype("dtype", dtype)
         param_dtype = _check_dtype("param_dtype", param_dtype)
         allow, ignore = hub.with_variant(hub.MODEL_PATTERNS, hub.check_variant(variant))
