@@ -569,9 +569,12 @@ def prepare_image(
     PIL images and uint8 arrays are mapped to [-1, 1]. Float pictures (numpy, JAX or torch) follow
     diffusers: values in [0, 1] are mapped to [-1, 1]; pictures holding negative values are taken
     as already in [-1, 1]. Values a little outside (an unclamped decode) are kept as they are
-    (within :data:`FLOAT_PICTURE_LIMIT`; beyond, a ValueError). Torch tensors are NCHW. Picture sides are brought down to multiples of
-    ``downsample_factor`` as diffusers' image processor does (:func:`fitted_picture_size`): PIL
-    pictures resized bicubic, arrays and tensors by nearest rows and columns.
+    (within :data:`FLOAT_PICTURE_LIMIT`; beyond, a ValueError). Torch tensors are NCHW.
+
+    Picture sides are brought down to multiples of ``downsample_factor`` as diffusers' image
+    processor does (:func:`fitted_picture_size`): PIL pictures resized bicubic, arrays and
+    tensors by nearest rows and columns; a list of PIL pictures of several sizes is resized
+    (bicubic) to the size its first one is brought to.
     """
     import PIL.Image
 
@@ -585,14 +588,10 @@ def prepare_image(
         and image
         and all(isinstance(i, PIL.Image.Image) for i in image)
     ):
-        sizes = {i.size for i in image}
-        if len(sizes) > 1:
-            raise ValueError(
-                f"image: all pictures in a list must have one size, got {sorted(sizes)}"
-            )
-        ((w, h),) = sizes
+        # as diffusers: every picture resized (bicubic) to the size the first is brought to
+        w, h = image[0].size
         fitted = fitted_picture_size(h, w, downsample_factor)
-        size = None if fitted is None else fitted[::-1]
+        size = (w, h) if fitted is None else fitted[::-1]  # None: refused below, by its size
         arr = np.stack([_pil_to_array(i, size) for i in image])
     elif isinstance(image, list | tuple):
         if not image:

@@ -214,7 +214,8 @@ def test_picture_sides_are_cut_back_as_diffusers_does(torch_pipe, flax_pipe):
     pil = [PIL.Image.fromarray(x) for x in u8]
     floats = rng.uniform(0, 1, (2, 70, 103, 3)).astype(np.float32)
     tensor = torch.from_numpy(floats).permute(0, 3, 1, 2)
-    for given in (pil, pil[0], floats, floats[0], tensor, u8):
+    mixed = [pil[0], PIL.Image.fromarray(rng.integers(0, 256, (130, 90, 3), dtype=np.uint8))]
+    for given in (pil, pil[0], floats, floats[0], tensor, u8, mixed):
         got, kind = prepare_image(given, 4, 8)
         # diffusers' image processor takes floats in [0, 1] (uint8 arrays: as 0..1 floats)
         theirs = u8.astype(np.float32) / 255 if given is u8 else given
