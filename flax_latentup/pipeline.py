@@ -1073,7 +1073,9 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
 
     def encode_prompt(self, prompt: str | Sequence[str]) -> tuple[Array, Array]:
         """``(prompt_embeds [B, 77, D], pooled_prompt_embeds [B, D])`` as the pipeline uses them:
-        the last layer's output before the final LayerNorm, and the pooled output."""
+        the last layer's output before the final LayerNorm, and the pooled output. (diffusers'
+        ``encode_prompt(prompt, device, do_cfg, negative_prompt)`` returns the negative
+        prompt's too: here, encode it in a second call.)"""
         if not isinstance(prompt, str | list | tuple):
             raise ValueError(
                 f"prompt must be a string or a list of strings, got {type(prompt).__name__}"
