@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -341,12 +342,34 @@ _ORIENT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRAN
 _ORIENT.update({6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"})
 
 
+@functools.cache
+def _pillow_turns_tiffs() -> bool:
+    """Whether this Pillow turns a TIFF upright by its orientation tag itself (its size is
+    then the upright one and its pixels come upright from decoding; newer Pillows do): told
+    from a 2x1 picture stored upside down."""
+    import io
+
+    import PIL.Image
+
+    buf = io.BytesIO()
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 3  # upside down
+    picture = PIL.Image.new("L", (2, 1))
+    picture.putpixel((0, 0), 255)
+    picture.save(buf, "TIFF", exif=exif)
+    with PIL.Image.open(buf) as im:
+        return im.convert("L").getpixel((0, 0)) == 0
+
+
 def _orientation(im) -> int:
-    """The EXIF orientation (1-8) an opened picture declares before its pixels, 1 if none.
+    """The EXIF orientation (1-8) an opened picture declares before its pixels, 1 if none
+    (also for a TIFF this Pillow turns upright itself).
 
     A PNG's eXIf chunk counts only when it comes before the pixel data (PIL would decode the
     picture to look further), so that the size known from the header is the size read."""
     if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    if im.format == "TIFF" and _pillow_turns_tiffs():
         return 1
     try:
         value = int(im.getexif().get(0x0112, 1))
