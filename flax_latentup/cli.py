@@ -204,44 +204,43 @@ def plan_outputs(
     An input found where another input's output goes (the output of an earlier run into the
     same folder, or of the same names) is left out, so that outputs are never read back as
     inputs; with ``overwrite`` that would replace an input, so it is a UsageError, as is an
-    output that would be its own input or two inputs with one output name."""
+    output that would be its own input or two inputs with one output name. A name is told
+    by its folder, as that folder is (:func:`_file_key`), and the name in it: one folder
+    reached by two paths (a bind mount, a folder mounted twice in a container) is one folder
+    here, while two hard links to one file are two names (writing one leaves the other)."""
     # on a file system that ignores case, names that differ only in case are one file
     fold_case = files.ignores_case(outdir)
 
-    def fold(real_path: str) -> str:
-        return real_path.lower() if fold_case else real_path
+    def key(path: str) -> Any:
+        real = os.path.realpath(path)
+        folder, name = os.path.split(real)
+        return _file_key(folder), name.lower() if fold_case else name
 
     for item in items:
         item.out = os.path.join(outdir, item.rel + suffix + "." + ext)
-    by_source = {os.path.realpath(item.src): item for item in items}
-    folded_sources = {fold(path): item for path, item in by_source.items()}
-    makers: dict[str, Item] = {}  # an output's real path (folded) -> the item that writes it
+    writers: dict[Any, list[Item]] = collections.defaultdict(list)  # output -> who writes it
     for item in items:
-        real_out = fold(os.path.realpath(item.out))
-        if real_out == fold(os.path.realpath(item.src)):
+        writers[key(item.out)].append(item)
+    kept, skipped = [], []
+    for item in items:
+        found = writers.get(key(item.src), [])
+        others = [w for w in found if w is not item]
+        if others and overwrite:
+            raise UsageError(
+                f"--overwrite would replace input {item.src!r} by the output for "
+                f"{others[0].src!r}: choose an output folder apart from the inputs (or another "
+                "--suffix)"
+            )
+        if others:  # an earlier run's output: left out, whether or not it would write itself
+            why = f"it is where the output of {others[0].src} goes (an earlier run's?)"
+            skipped.append({"input": item.src, "reason": why})
+        elif found:
             raise UsageError(
                 f"the output for {item.src!r} would be the input itself: choose another "
                 "output folder (or a --suffix / --ext that differs)"
             )
-        other = folded_sources.get(real_out)
-        if other is not None and overwrite:
-            raise UsageError(
-                f"--overwrite would replace input {other.src!r} by the output for {item.src!r}: "
-                "choose an output folder apart from the inputs (or another --suffix)"
-            )
-        makers[real_out] = item
-    kept, skipped = [], []
-    for real_src, item in by_source.items():
-        maker = makers.get(fold(real_src))
-        if maker is None:
-            kept.append(item)
         else:
-            skipped.append(
-                {
-                    "input": item.src,
-                    "reason": f"it is where the output of {maker.src} goes (an earlier run's?)",
-                }
-            )
+            kept.append(item)
     check_output_names(kept, fold_case)
     return kept, skipped
 
@@ -253,18 +252,29 @@ def item_seed(seed: int, rel: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def _folder_and_parents(path: str) -> list[Any]:
+    """What (:func:`_file_key`) the folder ``path`` (or, not made yet, its nearest existing
+    parent) and each of its parents up to the root are."""
+    keys, at = [], os.path.realpath(files.nearest_existing(path))
+    while True:
+        keys.append(_file_key(at))
+        parent = os.path.dirname(at)
+        if parent == at:
+            return keys
+        at = parent
+
+
 def check_output_dir(outdir: str, inputs: Sequence[str], recursive: bool) -> None:
-    """Refuse an output folder inside a recursed input folder; make sure it is writable."""
-    out = os.path.realpath(outdir)
+    """Refuse an output folder inside a recursed input folder (also where one of them is
+    reached by another path, a bind mount); make sure it is writable."""
     if recursive:
+        out = _folder_and_parents(outdir)
         for spec in inputs:
-            if os.path.isdir(spec):
-                src = os.path.realpath(spec)
-                if out == src or out.startswith(src + os.sep):
-                    raise UsageError(
-                        f"output folder {outdir!r} is inside input folder {spec!r}: with -r its "
-                        "outputs would be read back as inputs; choose another output folder"
-                    )
+            if os.path.isdir(spec) and _file_key(spec) in out:
+                raise UsageError(
+                    f"output folder {outdir!r} is inside input folder {spec!r}: with -r its "
+                    "outputs would be read back as inputs; choose another output folder"
+                )
     try:
         files.probe_writable(outdir, create=False)  # made once every check has passed
     except OSError as e:

@@ -131,7 +131,7 @@ def probe_writable(folder: str, *, create: bool = True) -> None:
     if create:
         os.makedirs(target, exist_ok=True)
     else:
-        target = _nearest_existing(target)
+        target = nearest_existing(target)
         if not os.path.isdir(target):
             raise NotADirectoryError(f"{target!r} is a file, not a folder")
     with _probe_file(target):
@@ -151,7 +151,7 @@ def _probe_file(folder: str):
             os.remove(probe)
 
 
-def _nearest_existing(path: str) -> str:
+def nearest_existing(path: str) -> str:
     """``path``, or its nearest parent that exists."""
     while not os.path.exists(path):
         parent = os.path.dirname(os.path.abspath(path))
@@ -190,7 +190,7 @@ def ignores_case(folder: str) -> bool:
     is on takes names that differ only in case for one file (macOS's and Windows' by default).
     Told by writing a probe file and looking for its name in the other case; False where no
     probe can be written."""
-    target = _nearest_existing(folder or ".")
+    target = nearest_existing(folder or ".")
     try:
         with _probe_file(target) as probe:
             name = os.path.basename(probe)  # the prefix holds ASCII letters: only those swap

@@ -984,6 +984,61 @@ def test_outputs_beside_their_inputs_are_not_read_back(flax_pipe_dir, tmp_path, 
     assert (other / "x_x2.png").read_bytes() == kept
 
 
+def test_rerun_into_the_input_folder_goes_on(flax_pipe_dir, tmp_path, capsys):
+    """A JPEG upscaled into its own folder writes NAME.png beside it; the same command again
+    leaves that output out as an input (it is the JPEG's output) rather than refusing it as
+    its own output."""
+    src = tmp_path / "in"
+    src.mkdir()
+    PIL.Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(src / "a.jpg")
+    base = ("-i", src, "-o", src, "-n", flax_pipe_dir, *COMMON)
+    assert run_cli(*base) == 0
+    written = (src / "a.png").read_bytes()
+    capsys.readouterr()
+    assert run_cli(*base) == 0, capsys.readouterr().err
+    report = read_report(src)
+    assert [e["input"] for e in report["skipped"]] == [str(src / "a.png"), str(src / "a.jpg")]
+    assert "where the output of" in report["skipped"][0]["reason"]
+    assert (src / "a.png").read_bytes() == written
+    assert run_cli(*base, "--overwrite") == 2
+    assert "--overwrite would replace input" in capsys.readouterr().err
+
+
+def test_one_folder_by_two_paths_is_one_folder(flax_pipe_dir, tmp_path, monkeypatch, capsys):
+    """Where the file system says two folder paths are one folder (a bind mount, a folder
+    mounted twice in a container: same device and inode), outputs are never written over the
+    inputs there, and -r refuses an output folder inside the input folder; two hard links to
+    one file stay two names."""
+    import flax_latentup.cli as cli
+
+    src, mnt = tmp_path / "pictures", tmp_path / "mounted"
+    write_png(str(src / "a.png"), seed=1)
+    mnt.mkdir()
+    real_key = cli._file_key
+
+    def file_key(path):  # mounted/ is pictures/ by another path
+        path = os.path.realpath(path)
+        if path == str(mnt) or path.startswith(str(mnt) + os.sep):
+            path = str(src) + path[len(str(mnt)) :]
+        return real_key(path)
+
+    monkeypatch.setattr(cli, "_file_key", file_key)
+    base = ("-n", flax_pipe_dir, *COMMON)
+    before = (src / "a.png").read_bytes()
+    for extra in ((), ("--overwrite",)):
+        assert run_cli("-i", src, "-o", mnt, *base, *extra) == 2
+        assert "would be the input itself" in capsys.readouterr().err
+    assert run_cli("-r", "-i", src, "-o", mnt / "up", *base) == 2
+    assert "is inside input folder" in capsys.readouterr().err
+    assert (src / "a.png").read_bytes() == before and not (mnt / "up").exists()
+    monkeypatch.setattr(cli, "_file_key", real_key)
+    other = tmp_path / "other"
+    other.mkdir()
+    os.link(src / "a.png", other / "a.png")  # a hard link: writing other/a.png leaves src's
+    assert run_cli("-i", src, "-o", other, *base, "--overwrite") == 0
+    assert (src / "a.png").read_bytes() == before != (other / "a.png").read_bytes()
+
+
 def test_outputs_that_cannot_be_are_found_before_upscaling(flax_pipe_dir, tmp_path, capsys):
     """An output too large for its format fails from the header scan, and a folder where an
     output goes fails that input; neither is computed. A folder where the report goes, a bad
