@@ -80,6 +80,19 @@ def shown(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def say(text: str) -> None:
+    """Print ``text`` to standard output, characters its encoding cannot hold (a console
+    that is not UTF-8) written as escapes rather than failing the print."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        text = text.encode(encoding, "backslashreplace").decode(encoding, "replace")
+    except LookupError:  # an encoding Python does not know: print as it is
+        pass
+    print(text)
+
+
 def _folder_files(folder: str, recursive: bool, failed: list[dict] | None = None) -> Iterable[str]:
     """The files in ``folder`` (and, recursively, its sub-folders), hidden ones left out as
     ``glob`` leaves them out, broken links kept (so that reading them fails by name). Links to
@@ -196,6 +209,14 @@ def check_output_names(items: Sequence[Item], fold_case: bool = False) -> None:
         names[key] = item
 
 
+def _entry_key(path: str, fold_case: bool = False) -> Any:
+    """What tells one name in a folder from another: its folder as that folder is
+    (:func:`_file_key`; one folder reached by two paths is one) and the name in it (with
+    ``fold_case``, in lower case), both after links are followed."""
+    folder, name = os.path.split(os.path.realpath(path))
+    return _file_key(folder), name.lower() if fold_case else name
+
+
 def plan_outputs(
     items: list[Item], outdir: str, suffix: str, ext: str, overwrite: bool
 ) -> tuple[list[Item], list[dict]]:
@@ -212,9 +233,7 @@ def plan_outputs(
     fold_case = files.ignores_case(outdir)
 
     def key(path: str) -> Any:
-        real = os.path.realpath(path)
-        folder, name = os.path.split(real)
-        return _file_key(folder), name.lower() if fold_case else name
+        return _entry_key(path, fold_case)
 
     for item in items:
         item.out = os.path.join(outdir, item.rel + suffix + "." + ext)
@@ -721,15 +740,35 @@ def read_upscale_files(args: argparse.Namespace) -> None:
             ) from None
 
 
-def check_report_path(path: str, flag: str = "--report") -> None:
+def check_report_path(
+    path: str,
+    flag: str = "--report",
+    inputs: Sequence[Item] = (),
+    outputs: Sequence[Item] = (),
+    prompt_file: str | None = None,
+) -> None:
     """Refuse a report path (``--report``, or the default one in the output folder) that
-    could not be written, before any work is done."""
+    could not be written, or that is an input, an input's sidecar prompt, the prompt file or
+    where an output goes (``outputs``' ``out``), before any work is done."""
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path!r} is a folder; give a file path")
     try:
         files.probe_writable(os.path.dirname(path) or ".", create=False)
     except OSError as e:
         raise UsageError(f"{flag} {path!r} cannot be written: {e}") from None
+    fold_case = files.ignores_case(os.path.dirname(path) or ".")
+    taken: dict[Any, str] = {}
+    for item in inputs:
+        taken[_entry_key(item.src, fold_case)] = f"the input {item.src!r}"
+        sidecar = os.path.splitext(item.src)[0] + ".txt"
+        taken.setdefault(_entry_key(sidecar, fold_case), f"the prompt file of {item.src!r}")
+    for item in outputs:
+        taken.setdefault(_entry_key(item.out, fold_case), f"where the output of {item.src!r} goes")
+    if prompt_file is not None:
+        taken.setdefault(_entry_key(prompt_file, fold_case), "the --prompt-file")
+    what = taken.get(_entry_key(path, fold_case))
+    if what is not None:
+        raise UsageError(f"{flag} {path!r} is {what}; give another path")
 
 
 def resolve_model(model: str, variant: str | None = None, skip: Sequence[str] = ()) -> str:
@@ -1018,22 +1057,25 @@ def upscale_failure(error: Exception, batch: int, n_devices: int, tiled: bool) -
     return reason
 
 
-def prepare_upscale(args: argparse.Namespace) -> tuple[list[Item], dict[str, list], str, dict]:
+def prepare_upscale(
+    args: argparse.Namespace, process: tuple[int, int] = (0, 1)
+) -> tuple[list[Item], dict[str, list], str, dict]:
     """Everything the ``upscale`` command checks before it loads a model: ``(items, listed,
     model_dir, components)``, the work list (every process's), what listing the inputs left
-    out, the model folder and the ``--unet``/``--vae`` folders. Writes nothing (the output
+    out, the model folder and the ``--unet``/``--vae`` folders; ``process`` is this one's
+    ``(index, count)``. Writes nothing (the output
     folder is made by :func:`make_upscale_folders`)."""
     read_upscale_files(args)
     listed: dict[str, list] = {"skipped": [], "failed": []}
     items = collect_inputs(args.input, args.recursive, listed)
     check_output_dir(args.output, args.input, args.recursive)
-    if args.report:
-        check_report_path(args.report)
-    else:
-        check_report_path(os.path.join(args.output, REPORT_NAME), "the report")
     # never write over an input, nor read an output back as one
-    items, left_out = plan_outputs(items, args.output, args.suffix, args.ext, args.overwrite)
+    found = items
+    items, left_out = plan_outputs(found, args.output, args.suffix, args.ext, args.overwrite)
     listed["skipped"] += left_out
+    report = report_path_for(args.report or os.path.join(args.output, REPORT_NAME), process)
+    flag = "--report" if args.report else "the report"
+    check_report_path(report, flag, found, items, args.prompt_file)
     components = {part: getattr(args, part) for part in ("unet", "vae")}
     components = {part: name for part, name in components.items() if name is not None}
     model_dir = resolve_model(args.model, args.variant, skip=tuple(components))
@@ -1204,7 +1246,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     if process[1] > 1:
         made: list[str] = []
         try:
-            items, listed, model_dir, components = prepare_upscale(args)
+            items, listed, model_dir, components = prepare_upscale(args, process)
             fingerprints = model_fingerprints(model_dir, components, args.variant)
             made = make_upscale_folders(args)
             failure = None
@@ -1426,19 +1468,26 @@ def run_upscale(args: argparse.Namespace) -> int:
         "compile_cache": cache,
     }
     report_path = report_path_for(args.report or os.path.join(args.output, REPORT_NAME), process)
-    files.atomic_write(report_path, lambda f: json.dump(report, f, indent=2), text=True)
+    try:  # a full disk: what was done is still said below
+        files.atomic_write(report_path, lambda f: json.dump(report, f, indent=2), text=True)
+        unwritten = None
+    except OSError as e:
+        unwritten = e
 
-    print(
+    say(
         f"{'interrupted: ' if interrupted else ''}done {done}, skipped "
         f"{len(report['skipped'])}, failed {len(report['failed'])} (compile "
-        f"{compile_seconds[0]:.1f}s, run {run_seconds:.1f}s); report: {shown(report_path)}"
+        f"{compile_seconds[0]:.1f}s, run {run_seconds:.1f}s); report: "
+        f"{'not written' if unwritten else shown(report_path)}"
     )
     for f in report["failed"]:
-        print(f"  failed: {shown(f['input'])}: {shown(f['reason'])}")
+        say(f"  failed: {shown(f['input'])}: {shown(f['reason'])}")
+    if unwritten is not None:
+        print(f"error: cannot write the report {shown(report_path)}: {unwritten}", file=sys.stderr)
     if interrupted:
         print("interrupted: run the same command again to do the rest", file=sys.stderr)
         return 130
-    return 1 if report["failed"] else 0
+    return 1 if report["failed"] or unwritten is not None else 0
 
 
 def run_selftest(outdir: str) -> int:
@@ -1480,7 +1529,7 @@ def run_selftest(outdir: str) -> int:
     with PIL.Image.open(out) as im:
         size = im.size
     ok = size == (128, 128)
-    print(f"selftest {'passed' if ok else 'FAILED'}: {out} ({size[0]}x{size[1]})")
+    say(f"selftest {'passed' if ok else 'FAILED'}: {shown(out)} ({size[0]}x{size[1]})")
     return 0 if ok else 1
 
 

@@ -1068,10 +1068,21 @@ def test_outputs_that_cannot_be_are_found_before_upscaling(flax_pipe_dir, tmp_pa
     assert "a folder is in its place" in reasons["a.png"]
     (tmp_path / "out2" / "flax-latentup-report.json").mkdir(parents=True)
     (tmp_path / "cache-file").write_text("")
+    (tmp_path / "prompt.txt").write_text("a photo")
+    before = {p: p.read_bytes() for p in (tmp_path / "in").iterdir()}
     capsys.readouterr()
     base = ("-i", tmp_path / "in", "-o", tmp_path / "o")
+    inputs = tmp_path / "in"
     cases = [
         (("-o", tmp_path / "out2", "-n", flax_pipe_dir), "the report"),
+        (("-n", flax_pipe_dir, "--report", inputs / "a.png"), "a.png' is the input"),
+        (("-n", flax_pipe_dir, "--report", inputs / "a.txt"), "is the prompt file of"),
+        (("-n", flax_pipe_dir, "--report", tmp_path / "o" / "a.png"), "is where the output of"),
+        (
+            ("-n", flax_pipe_dir, "--prompt-file", tmp_path / "prompt.txt", "--report")
+            + (tmp_path / "prompt.txt",),
+            "is the --prompt-file",
+        ),
         (("-n", tmp_path / "in"), "is not a pipeline folder (it has no model_index.json)"),
         (("-n", flax_pipe_dir, "--variant", "fp16"), "--variant: "),
         (("-n", flax_pipe_dir, "--compile-cache", tmp_path / "cache-file"), "--compile-cache"),
@@ -1084,6 +1095,8 @@ def test_outputs_that_cannot_be_are_found_before_upscaling(flax_pipe_dir, tmp_pa
         assert main(["upscale", *map(str, base), *map(str, extra), "--quiet"]) == 2, extra
         assert message in capsys.readouterr().err, extra
     assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+    assert {p: p.read_bytes() for p in (tmp_path / "in").iterdir()} == before
+    assert (tmp_path / "prompt.txt").read_text() == "a photo"
     assert main(["selftest", "-o", str(tmp_path / "cache-file")]) == 2
     assert "not writable" in capsys.readouterr().err
     assert main([]) == 2
@@ -1118,6 +1131,40 @@ def test_interrupted_run_reports_what_it_wrote(flax_pipe_dir, tmp_path, monkeypa
     assert run_cli("-i", src, "-o", out, "-r", "-n", flax_pipe_dir, *COMMON) == 0
     assert outputs(out) == ["img0.png", "img1.png", "sub/img2.png"]
     assert "interrupted" not in read_report(out)
+
+
+def test_a_report_that_cannot_be_written_is_said(flax_pipe_dir, tmp_path, monkeypatch, capsys):
+    """A full disk when the report is written: the summary and the failures are still printed,
+    the error names the report, and the exit code is 1; the pictures written stay."""
+    from flax_latentup import files
+
+    write_png(str(tmp_path / "in" / "a.png"))
+    atomic_write = files.atomic_write
+
+    def full_disk(path, *a, **kw):
+        if path.endswith(".json"):
+            raise OSError(28, "No space left on device")
+        return atomic_write(path, *a, **kw)
+
+    monkeypatch.setattr(files, "atomic_write", full_disk)
+    assert run_cli("-i", tmp_path / "in", "-o", tmp_path / "o", "-n", flax_pipe_dir, *COMMON) == 1
+    out, err = capsys.readouterr()
+    assert "done 1, skipped 0, failed 0" in out and "report: not written" in out, out
+    assert "error: cannot write the report " in err and "No space left on device" in err, err
+    assert outputs(tmp_path / "o") == ["a.png"]
+
+
+def test_summary_lines_print_on_a_console_that_is_not_utf8(monkeypatch):
+    """A name the console's encoding cannot hold is printed with escapes, not a traceback."""
+    import io
+
+    from flax_latentup.cli import say
+
+    raw = io.BytesIO()
+    stdout = io.TextIOWrapper(raw, encoding="latin-1", write_through=True)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    say("failed: 写真.png: café")
+    assert raw.getvalue().decode("latin-1") == "failed: \\u5199\\u771f.png: café\n"
 
 
 def test_distributed_settings_from_the_environment_are_checked(monkeypatch):
