@@ -14,12 +14,14 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import fnmatch
 import functools
 import glob
 import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -115,6 +117,60 @@ def _folder_files(folder: str, recursive: bool, failed: list[dict] | None = None
             return
 
 
+def glob_inputs(pattern: str, recursive: bool) -> list[str]:
+    """``glob.glob(pattern, recursive=recursive)``, except that ``**`` does not go into links
+    to folders (as an input folder's walk does not): a link back up the tree would repeat it
+    without end. Sorted."""
+    if not recursive or "**" not in pattern:
+        return sorted(glob.glob(pattern, recursive=recursive))
+    seps = os.sep + (os.altsep or "")
+    drive, rest = os.path.splitdrive(pattern)
+    anchor = drive + rest[: len(rest) - len(rest.lstrip(seps))]  # "/", "C:\\" or ""
+    parts = [p for p in re.split(f"[{re.escape(seps)}]+", rest) if p]
+    found: set[str] = set()
+
+    def entries(folder: str) -> list[os.DirEntry]:
+        try:
+            with os.scandir(folder or os.curdir) as it:
+                return list(it)
+        except OSError:  # glob too passes over what it cannot list
+            return []
+
+    def match(folder: str, i: int) -> None:
+        if i == len(parts):
+            if folder and os.path.lexists(folder):
+                found.add(folder)
+            return
+        part, last = parts[i], i == len(parts) - 1
+        if part == "**":
+            match(folder, i + 1)  # no folders at all
+            for e in entries(folder):
+                if e.name.startswith("."):
+                    continue
+                path = os.path.join(folder, e.name) if folder else e.name
+                if last:
+                    found.add(path)
+                if e.is_dir(follow_symlinks=False):
+                    match(path, i)
+        elif glob.has_magic(part):
+            for e in entries(folder):
+                if e.name.startswith(".") and not part.startswith("."):
+                    continue
+                if fnmatch.fnmatch(e.name, part):
+                    path = os.path.join(folder, e.name) if folder else e.name
+                    if last:
+                        found.add(path)
+                    elif e.is_dir():
+                        match(path, i + 1)
+        else:
+            path = os.path.join(folder, part) if folder else part
+            if last or os.path.isdir(path):
+                match(path, i + 1)
+
+    match(anchor, 0)
+    return sorted(found)
+
+
 def _is_broken_link(path: str) -> bool:
     return os.path.islink(path) and not os.path.exists(path)
 
@@ -170,11 +226,11 @@ def collect_inputs(
                 )
             add(spec, os.path.splitext(os.path.basename(spec))[0])
         elif glob.has_magic(spec):
-            found = sorted(
+            found = [
                 p
-                for p in glob.glob(spec, recursive=recursive)
+                for p in glob_inputs(spec, recursive)
                 if (os.path.isfile(p) or _is_broken_link(p)) and _is_input(p)
-            )
+            ]
             if not found:
                 raise UsageError(f"pattern {spec!r} matches no {IMAGE_KINDS}/.npy files")
             for p in found:

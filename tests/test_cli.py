@@ -1133,6 +1133,38 @@ def test_interrupted_run_reports_what_it_wrote(flax_pipe_dir, tmp_path, monkeypa
     assert "interrupted" not in read_report(out)
 
 
+def test_recursive_globs_do_not_go_into_folder_links(tmp_path, monkeypatch):
+    """``-r`` with a ``**`` pattern lists what ``glob.glob(recursive=True)`` lists where there
+    are no links (hidden names left out alike), but does not go into links to folders: links
+    back up the tree end the listing (glob would take 2**40 paths) and add nothing."""
+    import glob
+
+    from flax_latentup.cli import collect_inputs, glob_inputs
+
+    monkeypatch.chdir(tmp_path)
+    names = ["a.png", ".h.png", "d1/x.png", "d1/.hid/y.png", "d1/d2/z.png", "d1/d2/.z.png"]
+    names += ["d3/w.npy", "d1/d2/d4/q.png", "x/y/z/k.png"]
+    for name in names:
+        os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
+        open(name, "w").close()
+    patterns = ["**/*.png", "**", "d1/**/*.png", "**/d2/*", "*/**/*.png", "d1/**", "**/.*"]
+    patterns += ["./**/*.png", str(tmp_path / "**" / "*.png"), "d?/**/[a-z].png", "d1//**//*"]
+    for pattern in patterns:
+        want = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        assert [p for p in glob_inputs(pattern, True) if os.path.isfile(p)] == want, pattern
+    os.symlink("..", "d1/loop")
+    os.symlink("..", "d1/d2/loop")
+    started = time.monotonic()
+    items = collect_inputs(["**/*.png"], recursive=True)
+    assert time.monotonic() - started < 5
+    assert sorted(i.src for i in items) == [
+        "a.png",
+        "d1/d2/d4/q.png",
+        "d1/d2/z.png",
+        "d1/x.png",
+    ] + ["x/y/z/k.png"]
+
+
 def test_a_report_that_cannot_be_written_is_said(flax_pipe_dir, tmp_path, monkeypatch, capsys):
     """A full disk when the report is written: the summary and the failures are still printed,
     the error names the report, and the exit code is 1; the pictures written stay."""
