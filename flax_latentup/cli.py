@@ -548,9 +548,11 @@ def read_input(
     with PIL.Image.open(path) as im:
         transpose = upright_transpose(im)
         icc = im.info.get("icc_profile")
+        # a 16-bit colour PNG: Pillow keeps the high bytes of its colours, the tRNS key whole
+        wide = im.mode == "RGB" and any("16" in str(t.args) for t in im.tile)
         im.load()
         rgb = pil_to_rgb(im)  # 16-bit grey scaled, not clipped
-        alpha = _alpha_channel(im) if alpha_size is not None else None
+        alpha = _alpha_channel(im, wide) if alpha_size is not None else None
     # an ICC header names its colour space in bytes 16-19
     icc = icc if isinstance(icc, bytes) and icc[16:20] == b"RGB " else None
     if transpose is not None:  # upright, as the EXIF orientation says it is shown
@@ -564,8 +566,9 @@ def read_input(
     return Input(np.asarray(rgb, dtype=np.uint8), "pixels", alpha, icc)
 
 
-def _alpha_channel(im):
-    """An opened picture's transparency as an 8-bit PIL image, ``None`` if it has none."""
+def _alpha_channel(im, wide: bool = False):
+    """An opened picture's transparency as an 8-bit PIL image, ``None`` if it has none.
+    ``wide``: ``im`` holds the high bytes of a 16-bit colour picture (a 48-bit PNG)."""
     import numpy as np
     import PIL.Image
 
@@ -574,6 +577,12 @@ def _alpha_channel(im):
     if im.mode.startswith("I"):  # 16-bit grey with one value marked transparent:
         # Pillow's RGBA conversion clips to 8 bits first and loses the value
         opaque = np.asarray(im) != im.info["transparency"]
+        return PIL.Image.fromarray(np.where(opaque, 255, 0).astype(np.uint8))
+    if wide and isinstance(im.info["transparency"], tuple):
+        # the colour marked transparent is 16-bit and Pillow compares it with 8-bit colours
+        # (so nothing would be): compared here by high bytes, as far as the colours are kept
+        key = np.array([v >> 8 for v in im.info["transparency"]], np.uint8)
+        opaque = (np.asarray(im.convert("RGB")) != key).any(axis=-1)
         return PIL.Image.fromarray(np.where(opaque, 255, 0).astype(np.uint8))
     return im.convert("RGBA").getchannel("A")
 

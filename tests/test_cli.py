@@ -883,6 +883,38 @@ def test_alpha_of_16_bit_grey_with_a_transparent_value(tmp_path, value):
     assert (double[:, 36:] == 255).all()
 
 
+def write_png16_rgb(path, pixels: np.ndarray, transparent: tuple[int, int, int]) -> None:
+    """A 48-bit colour PNG (Pillow writes none) with one colour marked transparent (tRNS)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    h, w, _ = pixels.shape
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+    with open(path, "wb") as f:
+        f.write(
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        )
+        f.write(chunk(b"tRNS", struct.pack(">HHH", *transparent)))
+        f.write(chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_alpha_of_16_bit_colour_with_a_transparent_colour(tmp_path):
+    """A 48-bit colour PNG marks a 16-bit colour transparent (tRNS): the pixels of that colour
+    are transparent (Pillow would compare it with its 8-bit colours and find none), the
+    others, of other colours, opaque."""
+    key = (1000, 2000, 3000)
+    pixels = np.random.default_rng(3).integers(4096, 65536, (32, 48, 3)).astype(np.uint16)
+    pixels[:16, :16] = key
+    write_png16_rgb(tmp_path / "c.png", pixels, key)
+    got = read_input(str(tmp_path / "c.png"), False, alpha_size=(32, 48))
+    np.testing.assert_array_equal(got.alpha, np.where((pixels == key).all(-1), 0, 255))
+    np.testing.assert_array_equal(got.array, pixels >> 8)  # Pillow's 8 bits: the high bytes
+
+
 def test_transparency_is_kept_beside_the_upscale(flax_pipe_dir, tmp_path):
     """A picture's alpha channel (or its palette's transparent colour) is resized to the
     output beside the upscaled colours, which stay those of a run that drops it; JPEG
