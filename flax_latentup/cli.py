@@ -768,6 +768,15 @@ def validate_upscale_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.prompt_file is not None and args.prompt:
         raise UsageError("give either --prompt or --prompt-file, not both")
+    for flag in ("--prompt", "--negative-prompt"):
+        text = getattr(args, flag[2:].replace("-", "_"))
+        try:
+            if text is not None:
+                text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes of another encoding, kept by Python as escapes
+            raise UsageError(
+                f'{flag} is not UTF-8 text ("{shown(text)}"): give it in UTF-8'
+            ) from None
     if os.sep in args.suffix or (os.altsep and os.altsep in args.suffix):
         raise UsageError(f"--suffix must not contain a path separator, got {args.suffix!r}")
     if args.compile_cache is not None and args.no_compile_cache:

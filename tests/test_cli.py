@@ -227,6 +227,14 @@ def test_killed_run_resumes_byte_identical(flax_pipe_dir, tmp_path):
             "not both",
         ),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--prompt-file", "{tmp}/latin1.txt"], "utf-8"),
+        (
+            ["-i", "{tmp}/in", "-o", "{tmp}/o", "--prompt", os.fsdecode(b"caf\xe9")],
+            '--prompt is not UTF-8 text ("caf\\xe9")',
+        ),
+        (
+            ["-i", "{tmp}/in", "-o", "{tmp}/o", "--negative-prompt", os.fsdecode(b"\xff")],
+            "--negative-prompt is not UTF-8 text",
+        ),
         (["-i", "{tmp}/in", "-o", "{tmp}/in"], "would be the input itself"),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--report", "{tmp}/in"], "is a folder"),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--report", "{tmp}/in/a.png/r.json"], "--report"),
