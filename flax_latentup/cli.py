@@ -249,7 +249,8 @@ def collect_inputs(
 
 def check_output_names(items: Sequence[Item], fold_case: bool = False) -> None:
     """A UsageError if two items would write the same output name (with ``fold_case``, for an
-    output folder whose file system ignores case: the same but for case)."""
+    output folder whose file system ignores case: the same but for case), or one would write
+    a file where another's output needs a folder."""
     names: dict[str, Item] = {}
     for item in items:
         key = item.rel.lower() if fold_case else item.rel
@@ -263,6 +264,19 @@ def check_output_names(items: Sequence[Item], fold_case: bool = False) -> None:
                 f"{why}; rename one of them"
             )
         names[key] = item
+    # one output's name as the folder of another's (x.jpg -> x.png, x.png/y.png -> x.png/y.png)
+    outs = {(item.out.lower() if fold_case else item.out): item for item in items if item.out}
+    for item in items:
+        folder = item.out
+        for _ in range(item.rel.count(os.sep) if item.out else 0):
+            folder = os.path.dirname(folder)
+            other = outs.get(folder.lower() if fold_case else folder)
+            if other is not None:
+                raise UsageError(
+                    f"the output for {other.src!r} would be a file where the output for "
+                    f"{item.src!r} needs a folder ({shown(folder)}); rename one of them (or "
+                    "give another --suffix)"
+                )
 
 
 def _entry_key(path: str, fold_case: bool = False) -> Any:

@@ -1024,6 +1024,20 @@ def test_outputs_beside_their_inputs_are_not_read_back(flax_pipe_dir, tmp_path, 
     assert (other / "x_x2.png").read_bytes() == kept
 
 
+def test_an_output_where_another_needs_a_folder_is_refused(flax_pipe_dir, tmp_path, capsys):
+    """x.jpg writes x.png and x.png/y.png writes x.png/y.png: refused before anything runs
+    (exit 2, both named), not failed after the upscale on every run."""
+    src = tmp_path / "in"
+    src.mkdir()
+    PIL.Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(src / "x.jpg")
+    write_png(str(src / "x.png" / "y.png"))
+    assert run_cli("-r", "-i", src, "-o", tmp_path / "o", "-n", flax_pipe_dir, *COMMON) == 2
+    err = capsys.readouterr().err
+    assert "the output for " + repr(str(src / "x.jpg")) + " would be a file where" in err, err
+    assert repr(str(src / "x.png" / "y.png")) + " needs a folder" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_rerun_into_the_input_folder_goes_on(flax_pipe_dir, tmp_path, capsys):
     """A JPEG upscaled into its own folder writes NAME.png beside it; the same command again
     leaves that output out as an input (it is the JPEG's output) rather than refusing it as
