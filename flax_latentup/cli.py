@@ -1471,16 +1471,20 @@ def run_upscale(args: argparse.Namespace) -> int:
     pending: collections.deque = collections.deque()  # (item, future of its save), in order
 
     def finish(keep: int) -> None:
+        # a write leaves the queue once reported: Ctrl-C while waiting for one leaves it there
+        # for the interrupted run's report (the write itself finishes)
         while len(pending) > keep:
-            item, future = pending.popleft()
+            item, future = pending[0]
             if future.cancelled():  # dropped by an interrupt, never written
+                pending.popleft()
                 continue
             try:
-                report["done"].append(future.result())
+                entry, outcome = future.result(), "done"
             except Exception as e:  # a full disk, a vanished folder: report and go on
-                report["failed"].append(
-                    {"input": item.src, "reason": f"cannot write {item.out}: {e}"}
-                )
+                entry = {"input": item.src, "reason": f"cannot write {item.out}: {e}"}
+                outcome = "failed"
+            report[outcome].append(entry)
+            pending.popleft()
             bar.update(1)
 
     reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flax-latentup-read")

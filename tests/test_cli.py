@@ -1253,6 +1253,44 @@ def test_summary_lines_print_on_a_console_that_is_not_utf8(monkeypatch):
     assert raw.getvalue().decode("latin-1") == "failed: \\u5199\\u771f.png: café\n"
 
 
+def test_ctrl_c_while_waiting_for_a_write_reports_it(flax_pipe_dir, tmp_path, monkeypatch):
+    """Ctrl-C while the run waits for a picture's write: that write finishes, and the report
+    of the interrupted run names it with the others written."""
+    import concurrent.futures
+
+    import flax_latentup.cli as cli
+
+    cut = []
+
+    class Waited:  # a write's future: the run's first wait for one is cut by Ctrl-C
+        def __init__(self, future):
+            self.future = future
+
+        def cancelled(self):
+            return self.future.cancelled()
+
+        def result(self):
+            if not cut:
+                cut.append(self)
+                concurrent.futures.wait([self.future])  # the write goes on to its end
+                raise KeyboardInterrupt
+            return self.future.result()
+
+    class Pool(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, *a, **kw):
+            future = super().submit(*a, **kw)
+            return Waited(future) if self._thread_name_prefix.endswith("write") else future
+
+    monkeypatch.setattr(cli.concurrent.futures, "ThreadPoolExecutor", Pool)
+    src = make_folder(str(tmp_path / "in"), n=3, corrupt=False, odd=False)
+    out = tmp_path / "out"
+    assert run_cli("-i", src, "-o", out, "-r", "-n", flax_pipe_dir, *COMMON) == 130
+    report = read_report(out)
+    assert report["interrupted"] is True
+    assert len(cut) == 1
+    assert [os.path.relpath(e["output"], out) for e in report["done"]] == outputs(out) != []
+
+
 def test_distributed_settings_from_the_environment_are_checked(monkeypatch):
     from flax_latentup import parallel
 
