@@ -1151,8 +1151,7 @@ def prepare_upscale(
     """Everything the ``upscale`` command checks before it loads a model: ``(items, listed,
     model_dir, components)``, the work list (every process's), what listing the inputs left
     out, the model folder and the ``--unet``/``--vae`` folders; ``process`` is this one's
-    ``(index, count)``. Writes nothing (the output
-    folder is made by :func:`make_upscale_folders`)."""
+    ``(index, count)``. Writes nothing (:func:`make_upscale_folders` makes the output folder)."""
     read_upscale_files(args)
     listed: dict[str, list] = {"skipped": [], "failed": []}
     items = collect_inputs(args.input, args.recursive, listed)
