@@ -442,39 +442,45 @@ _ORIENT.update({6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"})
 
 
 @functools.cache
-def _pillow_turns_tiffs() -> bool:
-    """Whether this Pillow turns a TIFF upright by its orientation tag itself (its size is
-    then the upright one and its pixels come upright from decoding; newer Pillows do): told
-    from a 2x1 picture stored upside down."""
+def _pillow_tiff_orientation() -> tuple[bool, bool]:
+    """``(turns, sized)``: whether this Pillow turns a TIFF upright by its orientation tag
+    itself as it decodes it (newer ones do), and whether the size it gives before decoding is
+    then the upright one already (newer still). Told from a 2x1 picture stored on its side."""
     import io
 
     import PIL.Image
 
     buf = io.BytesIO()
     exif = PIL.Image.Exif()
-    exif[0x0112] = 3  # upside down
-    picture = PIL.Image.new("L", (2, 1))
-    picture.putpixel((0, 0), 255)
-    picture.save(buf, "TIFF", exif=exif)
+    exif[0x0112] = 6  # on its side
+    PIL.Image.new("L", (2, 1)).save(buf, "TIFF", exif=exif)
     with PIL.Image.open(buf) as im:
-        return im.convert("L").getpixel((0, 0)) == 0
+        sized = im.size == (1, 2)
+        im.load()
+        turns = im.size == (1, 2)
+    return turns, turns and sized
 
 
-def _orientation(im) -> int:
-    """The EXIF orientation (1-8) an opened picture declares before its pixels, 1 if none
-    (also for a TIFF this Pillow turns upright itself).
+def _declared_orientation(im) -> int:
+    """The EXIF orientation (1-8) an opened picture declares before its pixels, 1 if none.
 
     A PNG's eXIf chunk counts only when it comes before the pixel data (PIL would decode the
     picture to look further), so that the size known from the header is the size read."""
     if im.format == "PNG" and "exif" not in im.info:
-        return 1
-    if im.format == "TIFF" and _pillow_turns_tiffs():
         return 1
     try:
         value = int(im.getexif().get(0x0112, 1))
     except Exception:  # a malformed EXIF block: show the picture as stored
         return 1
     return value if value in _ORIENT else 1
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation still to apply to an opened picture's decoded pixels: the one it
+    declares (:func:`_declared_orientation`), 1 for a TIFF this Pillow turns itself."""
+    if im.format == "TIFF" and _pillow_tiff_orientation()[0]:
+        return 1
+    return _declared_orientation(im)
 
 
 def upright_transpose(im):
@@ -511,7 +517,8 @@ def probe_input(
     with PIL.Image.open(path) as im:
         check_picture_mode(im)
         w, h = im.size
-        if _orientation(im) >= 5:  # stored on its side
+        sized = im.format == "TIFF" and _pillow_tiff_orientation()[1]  # upright already
+        if not sized and _declared_orientation(im) >= 5:  # stored on its side
             w, h = h, w
         frames = getattr(im, "n_frames", 1)
     return "pixels", (h, w, 3), frames
@@ -563,7 +570,7 @@ def read_input(
         transpose = upright_transpose(im)
         icc = im.info.get("icc_profile")
         # a 16-bit colour PNG: Pillow keeps the high bytes of its colours, the tRNS key whole
-        wide = im.mode == "RGB" and any("16" in str(t.args) for t in im.tile)
+        wide = im.mode == "RGB" and any("16" in str(t[3]) for t in im.tile)  # (.., args)
         im.load()
         rgb = pil_to_rgb(im)  # 16-bit grey scaled, not clipped
         alpha = _alpha_channel(im, wide) if alpha_size is not None else None
