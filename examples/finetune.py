@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
-from flax_latentup.cli import IMAGE_EXTS, upright_transpose
+from flax_latentup.cli import IMAGE_EXTS, open_picture, upright_transpose
 from flax_latentup.files import check_save_folder
 from flax_latentup.parallel import all_processes
 from flax_latentup.pipeline import check_picture_mode, pil_to_rgb
@@ -183,7 +183,7 @@ def load_crop(path: str, size: int, rng: np.random.Generator) -> np.ndarray:
     orientation. A picture that cannot be decoded (a truncated
     file) raises a ValueError naming it."""
     try:
-        with Image.open(path) as opened:
+        with open_picture(path) as opened:
             im = pil_to_rgb(opened)  # decodes it; 16-bit grey is scaled to 8 bits, not clipped
             orientation = upright_transpose(opened)  # after decoding: a PNG's may come last
     except Exception as e:

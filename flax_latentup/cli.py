@@ -483,6 +483,22 @@ def _orientation(im) -> int:
     return _declared_orientation(im)
 
 
+def open_picture(path: str):
+    """``PIL.Image.open(path)``, a TIFF from its bytes in memory: Pillow 13 decodes an
+    uncompressed grey or RGBA TIFF stored on its side wrongly when it reads it from a file
+    (the stored size with the upright one's rows)."""
+    import io
+
+    import PIL.Image
+
+    im = PIL.Image.open(path)
+    if im.format != "TIFF":
+        return im
+    im.close()
+    with open(path, "rb") as f:
+        return PIL.Image.open(io.BytesIO(f.read()))
+
+
 def upright_transpose(im):
     """The ``PIL.Image.Transpose`` that shows the opened picture ``im`` upright by its EXIF
     orientation (see :func:`_orientation`), ``None`` for one stored upright."""
@@ -566,7 +582,7 @@ def read_input(
 
     from flax_latentup.pipeline import pil_to_rgb
 
-    with PIL.Image.open(path) as im:
+    with open_picture(path) as im:
         transpose = upright_transpose(im)
         icc = im.info.get("icc_profile")
         # a 16-bit colour PNG: Pillow keeps the high bytes of its colours, the tRNS key whole

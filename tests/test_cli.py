@@ -663,23 +663,27 @@ def test_exif_orientation_is_applied(flax_pipe_dir, tmp_path):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("ext", ["png", "tif", "webp", "jpg"])
-def test_every_exif_orientation_reads_as_diffusers_load_image(tmp_path, ext):
-    """For each EXIF orientation and format (TIFF: one that Pillow itself may turn upright),
-    the header's size and the pixels read are those of diffusers' load_image
-    (PIL.ImageOps.exif_transpose)."""
+@pytest.mark.parametrize(
+    "ext,mode", [("png", "RGB"), ("tif", "RGB"), ("tif", "L"), ("tif", "RGBA"), ("webp", "RGB")]
+)
+def test_every_exif_orientation_reads_as_diffusers_load_image(tmp_path, ext, mode):
+    """For each EXIF orientation and format (TIFF: one that Pillow itself may turn upright,
+    and from a file decode wrongly), the header's size and the pixels read are those of
+    diffusers' load_image (PIL.ImageOps.exif_transpose) of the same picture as a PNG."""
     import PIL.ImageOps
 
     from flax_latentup.cli import probe_input
 
     rng = np.random.default_rng(8)
     stored = PIL.Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    stored = stored.convert(mode)
     for orientation in range(1, 9):
         exif = PIL.Image.Exif()
         exif[0x0112] = orientation
         path = str(tmp_path / f"o{orientation}.{ext}")
         stored.save(path, exif=exif, **({"lossless": True} if ext == "webp" else {}))
-        with PIL.Image.open(path) as im:
+        stored.save(tmp_path / "reference.png", exif=exif)
+        with PIL.Image.open(tmp_path / "reference.png") as im:
             want = np.asarray(PIL.ImageOps.exif_transpose(im).convert("RGB"))
         got = read_input(path, nchw=False).array
         np.testing.assert_array_equal(got, want, err_msg=f"orientation {orientation}")
