@@ -65,6 +65,7 @@ class Item:
     shape: tuple[int, ...] = ()  # the array's shape once fitted
     alpha: Any = None  # a picture's transparency at the output size (uint8), until written
     icc: bytes | None = None  # a picture's RGB colour profile, until written
+    key: Any = None  # what the input file is (:func:`_file_key`), as listed
 
 
 def default_cache_dir() -> str:
@@ -118,9 +119,9 @@ def _folder_files(folder: str, recursive: bool, failed: list[dict] | None = None
 
 
 def glob_inputs(pattern: str, recursive: bool) -> list[str]:
-    """``glob.glob(pattern, recursive=recursive)``, except that ``**`` does not go into links
-    to folders (as an input folder's walk does not): a link back up the tree would repeat it
-    without end. Sorted."""
+    """``glob.glob(pattern, recursive=recursive)``, except that below a ``**`` nothing goes
+    into links to folders (as an input folder's walk does not): a link back up the tree would
+    repeat it without end. Sorted, each path once."""
     if not recursive or "**" not in pattern:
         return sorted(glob.glob(pattern, recursive=recursive))
     seps = os.sep + (os.altsep or "")
@@ -136,14 +137,15 @@ def glob_inputs(pattern: str, recursive: bool) -> list[str]:
         except OSError:  # glob too passes over what it cannot list
             return []
 
-    def match(folder: str, i: int) -> None:
+    def match(folder: str, i: int, below: bool) -> None:
+        # below: under a "**", where no link to a folder is gone into
         if i == len(parts):
             if folder and os.path.lexists(folder):
                 found.add(folder)
             return
         part, last = parts[i], i == len(parts) - 1
         if part == "**":
-            match(folder, i + 1)  # no folders at all
+            match(folder, i + 1, True)  # no folders at all
             for e in entries(folder):
                 if e.name.startswith("."):
                     continue
@@ -151,7 +153,7 @@ def glob_inputs(pattern: str, recursive: bool) -> list[str]:
                 if last:
                     found.add(path)
                 if e.is_dir(follow_symlinks=False):
-                    match(path, i)
+                    match(path, i, True)
         elif glob.has_magic(part):
             for e in entries(folder):
                 if e.name.startswith(".") and not part.startswith("."):
@@ -160,14 +162,16 @@ def glob_inputs(pattern: str, recursive: bool) -> list[str]:
                     path = os.path.join(folder, e.name) if folder else e.name
                     if last:
                         found.add(path)
-                    elif e.is_dir():
-                        match(path, i + 1)
+                    elif e.is_dir(follow_symlinks=not below):
+                        match(path, i + 1, below)
         else:
             path = os.path.join(folder, part) if folder else part
-            if last or os.path.isdir(path):
-                match(path, i + 1)
+            if last or (os.path.isdir(path) and not (below and os.path.islink(path))):
+                match(path, i + 1, below)
 
-    match(anchor, 0)
+    match(anchor, 0, False)
+    if rest.endswith(tuple(seps)):  # "in/**/": folders only, as glob gives them
+        return sorted(p + os.sep for p in found if os.path.isdir(p))
     return sorted(found)
 
 
@@ -203,9 +207,9 @@ def collect_inputs(
         key = _file_key(path)
         there = items.get(key)
         if there is None:
-            items[key] = Item(src=path, rel=rel)
+            items[key] = Item(src=path, rel=rel, key=key)
         elif os.path.islink(there.src) and not os.path.islink(path):
-            items[key] = Item(src=path, rel=rel)  # the file's own name before a link's
+            items[key] = Item(src=path, rel=rel, key=key)  # the file's own name before a link's
             aliases.append((there.src, path))
         elif there.src != path:
             aliases.append((path, there.src))
@@ -279,12 +283,22 @@ def check_output_names(items: Sequence[Item], fold_case: bool = False) -> None:
                 )
 
 
-def _entry_key(path: str, fold_case: bool = False) -> Any:
+def _entry_key(path: str, fold_case: bool = False, folders: dict | None = None) -> Any:
     """What tells one name in a folder from another: its folder as that folder is
     (:func:`_file_key`; one folder reached by two paths is one) and the name in it (with
-    ``fold_case``, in lower case), both after links are followed."""
-    folder, name = os.path.split(os.path.realpath(path))
-    return _file_key(folder), name.lower() if fold_case else name
+    ``fold_case``, in lower case), a link to a file followed. ``folders`` caches the folders'
+    keys (one look at each folder, not one at each of its files)."""
+    if os.path.islink(path):
+        path = os.path.realpath(path)
+    folder, name = os.path.split(path)
+    folder = folder or os.curdir
+    if folders is None:
+        key = _file_key(folder)
+    else:
+        key = folders.get(folder)
+        if key is None:
+            key = folders[folder] = _file_key(folder)
+    return key, name.lower() if fold_case else name
 
 
 def plan_outputs(
@@ -302,8 +316,10 @@ def plan_outputs(
     # on a file system that ignores case, names that differ only in case are one file
     fold_case = files.ignores_case(outdir)
 
+    folders: dict[str, Any] = {}
+
     def key(path: str) -> Any:
-        return _entry_key(path, fold_case)
+        return _entry_key(path, fold_case, folders)
 
     for item in items:
         item.out = os.path.join(outdir, item.rel + suffix + "." + ext)
@@ -824,7 +840,9 @@ def validate_upscale_args(args: argparse.Namespace) -> None:
             continue
         if getattr(args, part) is None:
             raise UsageError(f"--{part}-subfolder needs --{part} (the folder or repo it is in)")
-        parts = sub.replace("\\", "/").split("/")
+        sub = sub.replace("\\", "/").rstrip("/") if sub.strip("/\\") else sub
+        setattr(args, f"{part}_subfolder", sub)
+        parts = sub.split("/")
         if not sub or os.path.isabs(sub) or any(q in ("", ".", "..") for q in parts):
             raise UsageError(
                 f"--{part}-subfolder must be a relative path inside --{part}, such as "
@@ -868,18 +886,42 @@ def check_report_path(
     except OSError as e:
         raise UsageError(f"{flag} {path!r} cannot be written: {e}") from None
     fold_case = files.ignores_case(os.path.dirname(path) or ".")
-    taken: dict[Any, str] = {}
-    for item in inputs:
-        taken[_entry_key(item.src, fold_case)] = f"the input {item.src!r}"
-        sidecar = os.path.splitext(item.src)[0] + ".txt"
-        taken.setdefault(_entry_key(sidecar, fold_case), f"the prompt file of {item.src!r}")
-    for item in outputs:
-        taken.setdefault(_entry_key(item.out, fold_case), f"where the output of {item.src!r} goes")
-    if prompt_file is not None:
-        taken.setdefault(_entry_key(prompt_file, fold_case), "the --prompt-file")
-    what = taken.get(_entry_key(path, fold_case))
-    if what is not None:
+
+    def fold(name: str) -> str:
+        return name.lower() if fold_case else name
+
+    def refuse(what: str) -> None:
         raise UsageError(f"{flag} {path!r} is {what}; give another path")
+
+    folders: dict[str, Any] = {}
+    mine = _entry_key(path, fold_case, folders)
+    # an input is found by what it is; the names a report could take by name first, so
+    # that a million inputs cost no more than a look at their names
+    if os.path.exists(path):
+        key = _file_key(path)
+        for item in inputs:
+            if item.key == key:
+                refuse(f"the input {item.src!r}")
+    for item in inputs:
+        sidecar = os.path.splitext(item.src)[0] + ".txt"
+        if fold(os.path.basename(sidecar)) == mine[1] and _entry_key(sidecar, fold_case) == mine:
+            refuse(f"the prompt file of {item.src!r}")
+    if prompt_file is not None and _entry_key(prompt_file, fold_case) == mine:
+        refuse("the --prompt-file")
+    # outputs: one of them, or a folder outputs go in, or one below an output's name
+    real = os.path.abspath(path)
+    parents, parent = set(), os.path.dirname(real)
+    while parent != os.path.dirname(parent):
+        parents.add(fold(parent))
+        parent = os.path.dirname(parent)
+    for item in outputs:
+        out = os.path.abspath(item.out)
+        if fold(os.path.basename(out)) == mine[1] and _entry_key(out, fold_case, folders) == mine:
+            refuse(f"where the output of {item.src!r} goes")
+        if fold(out) in parents:
+            refuse(f"below where the output of {item.src!r} goes, a file")
+        if fold(out).startswith(fold(real) + os.sep):
+            refuse(f"a folder the output of {item.src!r} goes in")
 
 
 def resolve_model(model: str, variant: str | None = None, skip: Sequence[str] = ()) -> str:
@@ -1492,6 +1534,8 @@ def run_upscale(args: argparse.Namespace) -> int:
     # the previous ones; at most a few batches are held in memory at any time.
     pending: collections.deque = collections.deque()  # (item, future of its save), in order
 
+    failures: dict[Any, dict] = {}  # a failed write's report entry, by its future
+
     def finish(keep: int) -> None:
         # a write leaves the queue once reported: Ctrl-C while waiting for one leaves it there
         # for the interrupted run's report (the write itself finishes)
@@ -1503,9 +1547,11 @@ def run_upscale(args: argparse.Namespace) -> int:
             try:
                 entry, outcome = future.result(), "done"
             except Exception as e:  # a full disk, a vanished folder: report and go on
-                entry = {"input": item.src, "reason": f"cannot write {item.out}: {e}"}
+                reason = f"cannot write {item.out}: {e}"
+                entry = failures.setdefault(future, {"input": item.src, "reason": reason})
                 outcome = "failed"
-            report[outcome].append(entry)
+            if not (report[outcome] and report[outcome][-1] is entry):  # once, if cut here
+                report[outcome].append(entry)
             pending.popleft()
             bar.update(1)
 

@@ -164,7 +164,8 @@ def nearest_existing(path: str) -> str:
 def make_folders(path: str) -> list[str]:
     """``os.makedirs(path, exist_ok=True)``; returns the folders it made, deepest first (none if
     ``path`` was there), for :func:`remove_made_folders`."""
-    missing, at = [], os.path.abspath(path)
+    path = os.path.realpath(path)  # where makedirs makes it (a link's ".." goes from its target)
+    missing, at = [], path
     while not os.path.lexists(at):
         missing.append(at)
         parent = os.path.dirname(at)
@@ -176,13 +177,14 @@ def make_folders(path: str) -> list[str]:
 
 
 def remove_made_folders(made: Sequence[str]) -> None:
-    """Remove the folders :func:`make_folders` made (deepest first), as long as they are
-    empty: whatever was written in them since is kept, and so are their parents."""
-    for folder in made:
+    """Remove the folders :func:`make_folders` made (one call's or several), deepest first, as
+    long as they are empty: whatever was written in them since is kept, and so are their
+    parents."""
+    for folder in sorted(made, key=lambda f: f.count(os.sep), reverse=True):
         try:
             os.rmdir(folder)
-        except OSError:
-            return
+        except OSError:  # not empty (or gone): its parents are not empty either
+            continue
 
 
 def ignores_case(folder: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from flax_latentup.cli import main, read_input
+from flax_latentup.cli import main, make_upscale_folders, read_input
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,6 +275,7 @@ def test_component_flags_are_checked_before_loading(flax_pipe_dir, tmp_path, cap
         (("--unet", checkpoint / "unet_ema", "--vae", vae), "--unet and --vae do not fit"),
         (("--unet", checkpoint), "pass one of them (or its name to --unet-subfolder)"),
         (("--vae", tmp_path, "--vae-subfolder", "vae8"), "--vae does not fit --model"),
+        (("--vae", tmp_path, "--vae-subfolder", "vae8/"), "--vae does not fit --model"),
         (("--unet", checkpoint, "--unet-subfolder", "nope"), "subfolder 'nope' not found in"),
         (("--unet-subfolder", "unet_ema"), "--unet-subfolder needs --unet"),
         (("--unet", checkpoint, "--unet-subfolder", "../x"), "must be a relative path inside"),
@@ -916,14 +918,19 @@ def write_png16_rgb(path, pixels: np.ndarray, transparent: tuple[int, int, int])
 
 def test_alpha_of_16_bit_colour_with_a_transparent_colour(tmp_path):
     """A 48-bit colour PNG marks a 16-bit colour transparent (tRNS): the pixels of that colour
-    are transparent (Pillow would compare it with its 8-bit colours and find none), the
-    others, of other colours, opaque."""
+    are transparent (Pillow would compare it with its 8-bit colours and find none), and so,
+    as the README says, are those within 1/256 of it (Pillow keeps the high bytes only);
+    others are opaque."""
     key = (1000, 2000, 3000)
     pixels = np.random.default_rng(3).integers(4096, 65536, (32, 48, 3)).astype(np.uint16)
     pixels[:16, :16] = key
+    pixels[20, 20] = (1000 | 255, 2000, 3000)  # the key's high bytes: transparent too, as said
+    pixels[21, 21] = (1000 + 256, 2000, 3000)  # another high byte: opaque
     write_png16_rgb(tmp_path / "c.png", pixels, key)
     got = read_input(str(tmp_path / "c.png"), False, alpha_size=(32, 48))
-    np.testing.assert_array_equal(got.alpha, np.where((pixels == key).all(-1), 0, 255))
+    want = np.where((pixels >> 8 == np.array(key) >> 8).all(-1), 0, 255)
+    assert want[20, 20] == 0 and want[21, 21] == 255 and (want[:16, :16] == 0).all()
+    np.testing.assert_array_equal(got.alpha, want)
     np.testing.assert_array_equal(got.array, pixels >> 8)  # Pillow's 8 bits: the high bytes
 
 
@@ -1137,6 +1144,11 @@ def test_outputs_that_cannot_be_are_found_before_upscaling(flax_pipe_dir, tmp_pa
         (("-n", flax_pipe_dir, "--report", inputs / "a.txt"), "is the prompt file of"),
         (("-n", flax_pipe_dir, "--report", tmp_path / "o" / "a.png"), "is where the output of"),
         (
+            ("-n", flax_pipe_dir, "--report", tmp_path / "o" / "a.png" / "r.json"),
+            "is below where the output of",
+        ),
+        (("-n", flax_pipe_dir, "--report", tmp_path / "o"), "is a folder the output of"),
+        (
             ("-n", flax_pipe_dir, "--prompt-file", tmp_path / "prompt.txt", "--report")
             + (tmp_path / "prompt.txt",),
             "is the --prompt-file",
@@ -1210,8 +1222,11 @@ def test_recursive_globs_do_not_go_into_folder_links(tmp_path, monkeypatch):
     for pattern in patterns:
         want = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         assert [p for p in glob_inputs(pattern, True) if os.path.isfile(p)] == want, pattern
+    for pattern in ("d1/**/", "**/"):  # folders only
+        assert glob_inputs(pattern, True) == sorted(glob.glob(pattern, recursive=True))
     os.symlink("..", "d1/loop")
     os.symlink("..", "d1/d2/loop")
+    assert not [p for p in glob_inputs("**/*/*.png", True) if "loop" in p]
     started = time.monotonic()
     items = collect_inputs(["**/*.png"], recursive=True)
     assert time.monotonic() - started < 5
@@ -1384,3 +1399,15 @@ def test_folders_made_for_a_run_are_removed_if_it_does_not_start(tmp_path):
     (tmp_path / "was" / "a" / "kept.txt").write_text("x")
     files.remove_made_folders(made)
     assert os.listdir(tmp_path / "was" / "a") == ["kept.txt"]
+    # the output and report folders of a run, made together, go together
+    args = argparse.Namespace(output=str(tmp_path / "new" / "out"))
+    args.report = str(tmp_path / "new" / "rep" / "r.json")
+    files.remove_made_folders(make_upscale_folders(args))
+    assert not (tmp_path / "new").exists()
+    # a path through a link's "..": made (and removed) where the link's target leads
+    (tmp_path / "elsewhere" / "dir").mkdir(parents=True)
+    os.symlink(tmp_path / "elsewhere" / "dir", tmp_path / "link")
+    made = files.make_folders(str(tmp_path / "link" / ".." / "out"))
+    assert (tmp_path / "elsewhere" / "out").is_dir()
+    files.remove_made_folders(made)
+    assert os.listdir(tmp_path / "elsewhere") == ["dir"]
