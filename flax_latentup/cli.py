@@ -500,15 +500,20 @@ def _orientation(im) -> int:
 
 
 def open_picture(path: str):
-    """``PIL.Image.open(path)``, a TIFF from its bytes in memory: Pillow 13 decodes an
-    uncompressed grey or RGBA TIFF stored on its side wrongly when it reads it from a file
-    (the stored size with the upright one's rows)."""
+    """``PIL.Image.open(path)``; a TIFF stored on its side from its bytes in memory where
+    this Pillow gives its upright size before decoding: Pillow 13 decodes an uncompressed
+    grey or RGBA one wrongly when it reads it from a file (the stored size with the upright
+    one's rows)."""
     import io
 
     import PIL.Image
 
     im = PIL.Image.open(path)
-    if im.format != "TIFF":
+    if not (
+        im.format == "TIFF"
+        and _pillow_tiff_orientation() == (True, True)
+        and _declared_orientation(im) >= 5
+    ):
         return im
     im.close()
     with open(path, "rb") as f:
@@ -840,7 +845,8 @@ def validate_upscale_args(args: argparse.Namespace) -> None:
             continue
         if getattr(args, part) is None:
             raise UsageError(f"--{part}-subfolder needs --{part} (the folder or repo it is in)")
-        sub = sub.replace("\\", "/").rstrip("/") if sub.strip("/\\") else sub
+        sub = sub.replace("\\", "/")
+        sub = sub.rstrip("/") or sub
         setattr(args, f"{part}_subfolder", sub)
         parts = sub.split("/")
         if not sub or os.path.isabs(sub) or any(q in ("", ".", "..") for q in parts):
@@ -875,10 +881,13 @@ def check_report_path(
     inputs: Sequence[Item] = (),
     outputs: Sequence[Item] = (),
     prompt_file: str | None = None,
+    outdir: str | None = None,
 ) -> None:
     """Refuse a report path (``--report``, or the default one in the output folder) that
-    could not be written, or that is an input, an input's sidecar prompt, the prompt file or
-    where an output goes (``outputs``' ``out``), before any work is done."""
+    could not be written, or that is an input (also by another name: a link, a hard link),
+    an input's sidecar prompt, the prompt file, where an output goes (``outputs``' ``out``,
+    in ``outdir``), below an output's name or a folder outputs go in, before any work is
+    done."""
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path!r} is a folder; give a file path")
     try:
@@ -902,25 +911,35 @@ def check_report_path(
         for item in inputs:
             if item.key == key:
                 refuse(f"the input {item.src!r}")
+
+    def may_be(name_path: str) -> bool:  # the report's name, or a link that may lead to it
+        return fold(os.path.basename(name_path)) == mine[1] or os.path.islink(name_path)
+
     for item in inputs:
         sidecar = os.path.splitext(item.src)[0] + ".txt"
-        if fold(os.path.basename(sidecar)) == mine[1] and _entry_key(sidecar, fold_case) == mine:
+        if may_be(sidecar) and _entry_key(sidecar, fold_case, folders) == mine:
             refuse(f"the prompt file of {item.src!r}")
     if prompt_file is not None and _entry_key(prompt_file, fold_case) == mine:
         refuse("the --prompt-file")
-    # outputs: one of them, or a folder outputs go in, or one below an output's name
-    real = os.path.abspath(path)
+    # outputs: one of them, or a folder outputs go in, or one below an output's name; paths
+    # compared as the folders really are (the output folder looked up once)
+    real = os.path.realpath(path)
     parents, parent = set(), os.path.dirname(real)
     while parent != os.path.dirname(parent):
         parents.add(fold(parent))
         parent = os.path.dirname(parent)
+    real_outdir = os.path.realpath(outdir) if outdir else None
     for item in outputs:
-        out = os.path.abspath(item.out)
-        if fold(os.path.basename(out)) == mine[1] and _entry_key(out, fold_case, folders) == mine:
+        if may_be(item.out) and _entry_key(item.out, fold_case, folders) == mine:
             refuse(f"where the output of {item.src!r} goes")
-        if fold(out) in parents:
+        out = fold(
+            os.path.join(real_outdir, os.path.relpath(item.out, outdir))
+            if real_outdir
+            else os.path.realpath(item.out)
+        )
+        if out in parents:
             refuse(f"below where the output of {item.src!r} goes, a file")
-        if fold(out).startswith(fold(real) + os.sep):
+        if out.startswith(fold(real) + os.sep):
             refuse(f"a folder the output of {item.src!r} goes in")
 
 
@@ -1227,7 +1246,7 @@ def prepare_upscale(
     listed["skipped"] += left_out
     report = report_path_for(args.report or os.path.join(args.output, REPORT_NAME), process)
     flag = "--report" if args.report else "the report"
-    check_report_path(report, flag, found, items, args.prompt_file)
+    check_report_path(report, flag, found, items, args.prompt_file, args.output)
     components = {part: getattr(args, part) for part in ("unet", "vae")}
     components = {part: name for part, name in components.items() if name is not None}
     model_dir = resolve_model(args.model, args.variant, skip=tuple(components))
@@ -1553,6 +1572,7 @@ def run_upscale(args: argparse.Namespace) -> int:
             if not (report[outcome] and report[outcome][-1] is entry):  # once, if cut here
                 report[outcome].append(entry)
             pending.popleft()
+            failures.pop(future, None)  # (its traceback holds the picture)
             bar.update(1)
 
     reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flax-latentup-read")

@@ -280,6 +280,7 @@ def test_component_flags_are_checked_before_loading(flax_pipe_dir, tmp_path, cap
         (("--unet-subfolder", "unet_ema"), "--unet-subfolder needs --unet"),
         (("--unet", checkpoint, "--unet-subfolder", "../x"), "must be a relative path inside"),
         (("--vae", vae, "--vae-subfolder", ""), "--vae-subfolder must be a relative path"),
+        (("--vae", vae, "--vae-subfolder", "\\"), "--vae-subfolder must be a relative path"),
     ]
     for extra, message in cases:
         assert run_cli(*base, *extra) == 2, extra
@@ -1134,6 +1135,10 @@ def test_outputs_that_cannot_be_are_found_before_upscaling(flax_pipe_dir, tmp_pa
     (tmp_path / "out2" / "flax-latentup-report.json").mkdir(parents=True)
     (tmp_path / "cache-file").write_text("")
     (tmp_path / "prompt.txt").write_text("a photo")
+    (tmp_path / "common.txt").write_text("a photo")  # a.png's sidecar prompt, through a link
+    os.symlink(tmp_path / "common.txt", tmp_path / "in" / "a.txt")
+    (tmp_path / "o_real").mkdir()
+    os.symlink(tmp_path / "o_real", tmp_path / "olink")
     before = {p: p.read_bytes() for p in (tmp_path / "in").iterdir()}
     capsys.readouterr()
     base = ("-i", tmp_path / "in", "-o", tmp_path / "o")
@@ -1148,6 +1153,12 @@ def test_outputs_that_cannot_be_are_found_before_upscaling(flax_pipe_dir, tmp_pa
             "is below where the output of",
         ),
         (("-n", flax_pipe_dir, "--report", tmp_path / "o"), "is a folder the output of"),
+        (("-n", flax_pipe_dir, "--report", tmp_path / "common.txt"), "is the prompt file of"),
+        (
+            ("-n", flax_pipe_dir, "-o", tmp_path / "olink", "--report")
+            + (tmp_path / "o_real" / "a.png" / "r.json",),
+            "is below where the output of",
+        ),
         (
             ("-n", flax_pipe_dir, "--prompt-file", tmp_path / "prompt.txt", "--report")
             + (tmp_path / "prompt.txt",),
@@ -1166,7 +1177,7 @@ def test_outputs_that_cannot_be_are_found_before_upscaling(flax_pipe_dir, tmp_pa
         assert message in capsys.readouterr().err, extra
     assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
     assert {p: p.read_bytes() for p in (tmp_path / "in").iterdir()} == before
-    assert (tmp_path / "prompt.txt").read_text() == "a photo"
+    assert (tmp_path / "prompt.txt").read_text() == (tmp_path / "common.txt").read_text()
     assert main(["selftest", "-o", str(tmp_path / "cache-file")]) == 2
     assert "not writable" in capsys.readouterr().err
     assert main([]) == 2
