@@ -1291,14 +1291,12 @@ def model_fingerprints(
     import hashlib
     import json
 
+    from flax_latentup.models.base import read_json
     from flax_latentup.pipeline import MODEL_CLASSES
     from flax_latentup.weights import open_weights
 
     def config(h: Any, path: str) -> None:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if isinstance(data, dict):
-            data = {k: v for k, v in data.items() if not k.startswith("_")}
+        data = {k: v for k, v in read_json(path).items() if not k.startswith("_")}
         h.update(json.dumps(data, sort_keys=True).encode())
 
     def sample(h: Any, path: str, whole: bool = False) -> None:
