@@ -353,6 +353,29 @@ def test_direct_construction_checks_its_arguments():
     assert model.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_abstract_models_are_the_models_built_with_rngs(dtype):
+    """``abstract`` (what loading fills) has the graph (modules and variable types), shapes and
+    dtypes of the model built with a real ``nnx.Rngs``, for each of the three models."""
+    from flax_latentup import FlaxAutoencoderKL, FlaxCLIPTextModel
+
+    def shapes(state):
+        return [(v.shape, v.dtype) for v in jax.tree.leaves(state)]
+
+    for cls, config in [
+        (FlaxUNet2DConditionModel, UNet2DConditionConfig.from_dict(helpers.SMALL_UNET)),
+        (FlaxAutoencoderKL, AutoencoderKLConfig.tiny()),
+        (FlaxCLIPTextModel, CLIPTextConfig.tiny()),
+    ]:
+        kw = dict(dtype=dtype, param_dtype=dtype)
+        graph, state = nnx.split(cls.abstract(config, **kw))
+        want_graph, want_state = nnx.split(cls(config, rngs=nnx.Rngs(0), **kw))
+        assert graph == want_graph, cls.__name__
+        assert jax.tree.structure(state) == jax.tree.structure(want_state), cls.__name__
+        assert all(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(state))
+        assert shapes(state) == shapes(want_state), cls.__name__
+
+
 def test_timestep_cond_without_projection(small_unet):
     model = FlaxUNet2DConditionModel.abstract(
         UNet2DConditionConfig.from_dict(dict(small_unet[0].config, time_cond_proj_dim=None))

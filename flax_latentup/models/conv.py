@@ -281,7 +281,7 @@ def conv_general_dilated(
     if pointwise and _rewrite_chosen(lhs.dtype):
         # A 1x1 convolution is a matrix product over the channels; XLA:CPU runs the product
         # ~1.2-2x faster than the same work as a convolution (benchmarks/bench_conv.py).
-        return jnp.einsum("nhwi,io->nhwo", lhs, rhs[0, 0], precision=precision)
+        return channel_product(lhs, rhs[0, 0], precision)
     return jax.lax.conv_general_dilated(
         lhs,
         rhs,
@@ -311,18 +311,31 @@ def conv_general_dilated(
 # which XLA fuses into elementwise loops; only the 16 matrix products touch the channels.
 
 
+def channel_product(x: Array, w: Array, precision=None) -> Array:
+    """``x [..., I] @ w [I, O]`` over the last axis, as one ``dot_general`` of the operands'
+    dtype. (``jnp.einsum`` gives the same operation but costs ~20x more Python per call to
+    trace, and the models trace well over a thousand of these.)"""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+# The transforms' sums are written with ``lax.add``/``lax.sub`` (their operands share one
+# dtype): the same operations as ``+`` and ``-``, at a fraction of the tracing cost, which adds
+# up over the ~80 convolutions of a model.
+_add, _sub = jax.lax.add, jax.lax.sub
+
+
 def _input_transform(d: list[Array]) -> list[Array]:  # B^T d, 4 -> 4
-    return [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
+    return [_sub(d[0], d[2]), _add(d[1], d[2]), _sub(d[2], d[1]), _sub(d[1], d[3])]
 
 
 def _kernel_transform(g: list[Array]) -> list[Array]:  # G g, 3 -> 4
     half = jnp.asarray(0.5, g[0].dtype)
-    even = g[0] + g[2]
-    return [g[0], (even + g[1]) * half, (even - g[1]) * half, g[2]]
+    even = _add(g[0], g[2])
+    return [g[0], jax.lax.mul(_add(even, g[1]), half), jax.lax.mul(_sub(even, g[1]), half), g[2]]
 
 
 def _output_transform(m: list[Array]) -> list[Array]:  # A^T m, 4 -> 2
-    return [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
+    return [_add(_add(m[0], m[1]), m[2]), _sub(_sub(m[1], m[2]), m[3])]
 
 
 def _interleave(parts: list[Array], axis: int) -> Array:
@@ -369,7 +382,7 @@ def winograd_conv3x3_transformed(x: Array, u: list[Array], *, precision=None) ->
     v = [q for r in rows for q in _input_transform(taps(r, 2, tw))]  # 16 x [N, th, tw, I]
     # 16 separate products: measured faster on XLA:CPU than one batched product over the
     # stacked positions at every map size the models use (8x8 to 128x128).
-    m = [jnp.einsum("nhwi,io->nhwo", v[k], u[k], precision=precision) for k in range(16)]
+    m = [channel_product(v[k], u[k], precision) for k in range(16)]
     # A^T m A: along the width within each of the 4 rows, then along the height.
     cols = [_interleave(_output_transform(m[4 * r : 4 * r + 4]), 2) for r in range(4)]
     y = _interleave(_output_transform(cols), 1)  # [N, 2 th, 2 tw, O]
@@ -414,7 +427,7 @@ def upsample2x_conv3x3(x: Array, kernel: Array, *, precision=None) -> Array:
             for i, kr in enumerate(row_taps):
                 for j, kij in enumerate(_phase_taps(kr, b)):
                     window = xp[:, a + i : a + i + h, b + j : b + j + w]
-                    term = jnp.einsum("nhwi,io->nhwo", window, kij, precision=precision)
+                    term = channel_product(window, kij, precision)
                     y = term if y is None else y + term
             cols.append(y)
         rows.append(_interleave(cols, 2))  # [N, H, 2W, O]
