@@ -40,6 +40,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "default", "high", "highest")
 DEFAULT_MODEL = "stabilityai/sd-x2-latent-upscaler"
 REPORT_NAME = "flax-latentup-report.json"
+# What --unet-subfolder / --vae-subfolder typically name
+SUBFOLDER_EXAMPLES = {
+    "unet": "unet_ema of a fine-tuning checkpoint pushed to the hub whole",
+    "vae": "vae of a whole pipeline's repo",
+}
 
 
 class UsageError(Exception):
@@ -722,8 +727,7 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
             f"--{part}-subfolder",
             default=None,
             metavar="DIR",
-            help=f"the subfolder of --{part} that holds the model (e.g. unet_ema of a "
-            "fine-tuning checkpoint pushed to the hub whole)",
+            help=f"the subfolder of --{part} that holds the model (e.g. {SUBFOLDER_EXAMPLES[part]})",
         )
     p.add_argument(
         "--prompt", default="", help="text prompt for every image (a sidecar NAME.txt overrides it)"
@@ -852,7 +856,7 @@ def validate_upscale_args(args: argparse.Namespace) -> None:
         if not sub or os.path.isabs(sub) or any(q in ("", ".", "..") for q in parts):
             raise UsageError(
                 f"--{part}-subfolder must be a relative path inside --{part}, such as "
-                f"unet_ema, got {sub!r}"
+                f"{SUBFOLDER_EXAMPLES[part].split()[0]}, got {sub!r}"
             )
 
 

@@ -768,6 +768,34 @@ def image_keys(rng: Any, batch: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+_OFFLOAD = (
+    "the whole program runs on the accelerator; for less memory, upscale fewer pictures per "
+    "call or call enable_vae_tiling()"
+)
+# What stands here for the diffusers pipeline methods this one lacks
+DIFFUSERS_METHODS = {
+    "to": (
+        "JAX places the work itself. The models load onto the default device "
+        "(jax.default_backend(): TPU, GPU or CPU, chosen by the jax install or JAX_PLATFORMS), "
+        "and a call runs on devices=[...] or mesh= when given; the compute dtype is chosen "
+        "when loading: from_pretrained(..., dtype=jnp.bfloat16)"
+    ),
+    "enable_model_cpu_offload": _OFFLOAD,
+    "enable_sequential_cpu_offload": _OFFLOAD,
+    "enable_attention_slicing": (
+        "attention already runs over query chunks wherever its score matrix would be large; "
+        "flax_latentup.attention_config(query_chunk_size=...) sets the chunks"
+    ),
+    "enable_xformers_memory_efficient_attention": (
+        "memory-efficient attention is chosen by itself: cuDNN's fused kernel on GPUs where it "
+        "applies, query chunks elsewhere; flax_latentup.attention_config(...) overrides it"
+    ),
+    "enable_vae_slicing": (
+        "a batch decodes as one program; enable_vae_tiling() bounds the VAE's memory"
+    ),
+}
+
+
 class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
     """The x2 latent upscaler: text encoder, VAE, K-UNet, CLIP tokenizer and Euler schedule.
 
@@ -805,6 +833,16 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         self._vae_tiling: dict[str, Any] | None = None
         self._vae_fp32: FlaxAutoencoderKL | None = None
         self._refresh_params()
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only for names the pipeline lacks: diffusers' placement and memory methods
+        # get an AttributeError that says what stands for them here.
+        instead = DIFFUSERS_METHODS.get(name)
+        if instead is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise AttributeError(
+            f"{type(self).__name__} has no {name}() (a diffusers pipeline method): {instead}"
+        )
 
     # ---- state -----------------------------------------------------------------------------
 

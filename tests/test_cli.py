@@ -279,7 +279,10 @@ def test_component_flags_are_checked_before_loading(flax_pipe_dir, tmp_path, cap
         (("--unet", checkpoint, "--unet-subfolder", "nope"), "subfolder 'nope' not found in"),
         (("--unet-subfolder", "unet_ema"), "--unet-subfolder needs --unet"),
         (("--unet", checkpoint, "--unet-subfolder", "../x"), "must be a relative path inside"),
-        (("--vae", vae, "--vae-subfolder", ""), "--vae-subfolder must be a relative path"),
+        (
+            ("--vae", vae, "--vae-subfolder", ""),
+            "--vae-subfolder must be a relative path inside --vae, such as vae,",
+        ),
         (("--vae", vae, "--vae-subfolder", "\\"), "--vae-subfolder must be a relative path"),
     ]
     for extra, message in cases:

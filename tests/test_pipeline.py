@@ -850,6 +850,22 @@ def test_diffusers_only_keywords_say_what_to_pass(flax_pipe, pipe_dir):
             load.from_pretrained(folder, use_safetensors=True)
 
 
+def test_diffusers_only_methods_say_what_stands_for_them(flax_pipe):
+    """``pipe.to("cuda")``, the offload and attention-slicing switches: an AttributeError
+    (``hasattr`` stays False) that names the method and says what to do here instead; other
+    missing names get Python's usual message."""
+    with pytest.raises(AttributeError, match=r"has no to\(\) .*default device.*dtype=jnp\.bf"):
+        flax_pipe.to("cuda")
+    with pytest.raises(AttributeError, match=r"no enable_model_cpu_offload\(\) .*vae_tiling"):
+        flax_pipe.enable_model_cpu_offload()
+    with pytest.raises(AttributeError, match=r"attention_config\(query_chunk_size="):
+        flax_pipe.enable_attention_slicing()
+    assert not hasattr(flax_pipe, "enable_xformers_memory_efficient_attention")
+    with pytest.raises(AttributeError, match=r"^'FlaxStableDiffusionLatentUpscalePipeline' obj"):
+        flax_pipe.no_such_method  # noqa: B018
+    assert flax_pipe.enable_vae_tiling and flax_pipe.dtype == jnp.float32
+
+
 def test_missing_component_folder(pipe_dir, tmp_path):
     import shutil
 
