@@ -102,10 +102,19 @@ def new_dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
-def atomic_write(path: str, write: Callable[[Any], None], *, text: bool = False) -> None:
+def atomic_write(
+    path: str,
+    write: Callable[[Any], None],
+    *,
+    text: bool = False,
+    before_rename: Callable[[], None] | None = None,
+) -> None:
     """``write(file)`` into a temporary file in ``path``'s folder, then rename it to ``path``
     (with the permissions a plain new file would get, not the temporary file's private ones).
-    Nothing is left behind if ``write`` fails or the run is interrupted."""
+    Nothing is left behind if ``write`` fails or the run is interrupted. ``before_rename``
+    runs once the file is written and synced, just before the rename: a file that must change
+    together with this one (a model's weights and its ``config.json``) is put in place there,
+    and if it fails, ``path`` is left as it was."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     suffix = os.path.splitext(path)[1]
@@ -116,6 +125,8 @@ def atomic_write(path: str, write: Callable[[Any], None], *, text: bool = False)
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -966,15 +966,15 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         if tokenizer is None:
             tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
         _check_tokenizer_vocab(tokenizer, configs["text_encoder"])
+        if scheduler is None:  # read and checked before any weights
+            scheduler_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+            scheduler = read_json(scheduler_path)
+            read_config(EulerSchedulerConfig, scheduler_path)  # a bad value: named with its file
         kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
         models = {
             part: given[part] if part in given else model.from_pretrained(folder, part, **kw)
             for part, model in MODEL_CLASSES.items()
         }
-        if scheduler is None:
-            scheduler_path = os.path.join(folder, "scheduler", "scheduler_config.json")
-            scheduler = read_json(scheduler_path)
-            read_config(EulerSchedulerConfig, scheduler_path)  # a bad value: named with its file
         return cls(models["text_encoder"], models["vae"], models["unet"], tokenizer, scheduler)
 
     @property

@@ -415,6 +415,8 @@ def save_flax_weights(
     try:
         save_file(arrays, tmp, metadata=meta)
         os.chmod(tmp, new_file_mode())
+        with open(tmp, "rb") as f:  # on disk before it takes the name
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

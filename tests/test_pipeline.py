@@ -951,6 +951,11 @@ def test_given_components_checked_before_any_weights_are_read(pipe_dir, flax_pip
     # a scheduler option the port does not implement, before the folder is even looked up
     with pytest.raises(ConfigError, match="prediction_type"):
         load(str(tmp_path / "nowhere"), scheduler={"prediction_type": "epsilon"})
+    # the folder's own scheduler config, read before the text encoder's (absent) weights
+    sched = tmp_path / "p" / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": "epsilon"}))
+    with pytest.raises(ConfigError, match=r"scheduler_config\.json.*prediction_type"):
+        load(folder, vae=flax_pipe.vae, unet=flax_pipe.unet)
 
     class BigTokenizer:
         model_max_length = 77

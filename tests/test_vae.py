@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -307,6 +308,56 @@ def test_round_trip_bitwise(tmp_path, vae):
     np.testing.assert_array_equal(
         np.asarray(again.encode(x).logvar), np.asarray(vae.encode(x).logvar)
     )
+
+
+def test_save_replaces_weights_and_config_together(tmp_path, vae, monkeypatch):
+    """Saving over a saved model: when the config cannot be written, the old weights stay
+    too, and when the weights cannot, the old config; no temporary file is left either way."""
+    import safetensors.numpy
+
+    import flax_latentup.models.base as base
+
+    folder = tmp_path / "m"
+    vae.save_pretrained(folder)
+    before = {n: (folder / n).read_bytes() for n in os.listdir(folder)}
+    other = FlaxAutoencoderKL(dataclasses.replace(vae.config, scaling_factor=0.5), rngs=nnx.Rngs(1))
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    for module, name in ((base.json, "dump"), (safetensors.numpy, "save_file")):
+        with monkeypatch.context() as m:
+            m.setattr(module, name, fail)
+            with pytest.raises(OSError, match="No space left"):
+                other.save_pretrained(folder)
+        assert {n: (folder / n).read_bytes() for n in os.listdir(folder)} == before, name
+    other.save_pretrained(folder)
+    assert FlaxAutoencoderKL.from_pretrained(folder).config.scaling_factor == 0.5
+
+
+def test_flax_save_refuses_a_folder_of_torch_weights(tmp_path, tiny_vae, vae):
+    """diffusers would go on loading the torch weights of a folder that the Flax layout is
+    saved into: refused before anything is written; the torch layout replaces them, and a
+    variant goes beside them."""
+    from diffusers import AutoencoderKL
+
+    folder = shutil.copytree(tiny_vae[1], tmp_path / "torch")
+    before = sorted(os.listdir(folder))
+    with pytest.raises(FileExistsError, match=r"holds diffusion_pytorch_model\.safetensors, "):
+        vae.save_pretrained(folder)
+    assert sorted(os.listdir(folder)) == before
+    vae.save_pretrained(folder, variant="bf16")
+    assert "flax_model.bf16.safetensors" in os.listdir(folder)
+    changed = FlaxAutoencoderKL(vae.config, rngs=nnx.Rngs(7))
+    changed.save_pretrained(folder, torch_layout=True)
+    theirs = AutoencoderKL.from_pretrained(folder).decoder.conv_out.bias.detach().numpy()
+    np.testing.assert_array_equal(theirs, np.asarray(changed.decoder.conv_out.bias[...]))
+    sharded = tmp_path / "sharded"
+    tiny_vae[0].save_pretrained(sharded, max_shard_size="100KB")
+    with pytest.raises(
+        FileExistsError, match=r"holds diffusion_pytorch_model-00001-of-\d+\.safetensors, "
+    ):
+        vae.save_pretrained(sharded)
 
 
 def test_config_json_reads_back_in_diffusers(tmp_path, tiny_vae, vae):

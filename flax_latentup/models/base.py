@@ -11,7 +11,7 @@ import dataclasses
 import fnmatch
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import jax
@@ -101,14 +101,17 @@ def read_config(config_class: Any, path: str) -> Any:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def write_json_atomic(data: dict[str, Any], path: str) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+def write_json_atomic(
+    data: dict[str, Any], path: str, *, before_rename: Callable[[], None] | None = None
+) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (``before_rename``: see
+    :func:`~flax_latentup.files.atomic_write`)."""
 
     def write(f) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
 
-    atomic_write(path, write, text=True)
+    atomic_write(path, write, text=True, before_rename=before_rename)
 
 
 def missing_config_message(folder: str, how: str = "") -> str:
@@ -133,6 +136,28 @@ def check_no_flax_weights(folder: str, variant: str | None) -> None:
             f"{folder} holds {flax_name}, which from_pretrained loads before the torch "
             f"weights: remove it, or save the torch layout into another folder"
         )
+
+
+def check_no_torch_weights(folder: str, names: tuple[str, ...], variant: str | None) -> None:
+    """FileExistsError if ``folder`` holds torch weights of ``variant`` under one of the
+    model's torch file ``names`` (whole, sharded, or ``.bin``): diffusers and transformers
+    would go on loading those, not this package's weights saved beside them."""
+    v = f".{variant}" if variant else ""
+    for base in names:
+        stem = base[: -len(".safetensors")]
+        patterns = [f"{stem}{v}{ext}" for ext in (".safetensors", ".bin")]
+        patterns += [f"{stem}{ext}.index{v}.json" for ext in (".safetensors", ".bin")]
+        patterns += [f"{stem}{v}-*-of-*{ext}" for ext in (".safetensors", ".bin")]
+        found = sorted(
+            e for e in os.listdir(folder) if any(fnmatch.fnmatchcase(e, p) for p in patterns)
+        )
+        if found:
+            raise FileExistsError(
+                f"{folder} holds {found[0]}, torch weights that diffusers and transformers "
+                f"would go on loading in place of the {variant_name(FLAX_WEIGHTS_NAME, variant)} "
+                "saved beside it: save with torch_layout=True to replace them (both libraries "
+                "and this package load that), or into another folder"
+            )
 
 
 def check_same_config(
@@ -350,8 +375,13 @@ class PretrainedModel(hub.PushToHubMixin):
         already in ``path`` is kept, and must describe this model (else ValueError, nothing
         written); the folder's other weights files stay.
 
-        Each file is written to a temporary name and renamed, so an interrupted save never
-        leaves a half-written file under the final name. A sharded checkpoint of the same
+        A folder holding this model's torch weights of the same variant is refused for the
+        Flax layout (FileExistsError, nothing written): diffusers and transformers would go on
+        loading those. ``torch_layout=True`` replaces them.
+
+        Each file is written to a temporary name and renamed, the config right after the
+        weights, so an interrupted or failed save never leaves a half-written file under the
+        final name nor new weights under the old config. A sharded checkpoint of the same
         name in ``path`` (shards and index, which loaders read before a single file) is
         removed once the new file is in place.
         """
@@ -361,20 +391,27 @@ class PretrainedModel(hub.PushToHubMixin):
         name = variant_name(base, variant)
         if torch_layout:
             check_no_flax_weights(path, variant)
+        elif os.path.isdir(path):
+            check_no_torch_weights(path, self.torch_weights_names, variant)
         config_path = os.path.join(path, CONFIG_NAME)
         keep_config = variant is not None and os.path.isfile(config_path)
         if keep_config:
             check_same_config(path, self.config)
         os.makedirs(path, exist_ok=True)
         remove_stale_temporaries(path, recursive=False, own=False)  # of a killed save
-        save_flax_weights(
-            self,  # type: ignore[arg-type]
-            os.path.join(path, name),
-            torch_layout=torch_layout,
-            key_map=self.key_map,
-        )
-        if not keep_config:
-            write_json_atomic(self._config_to_save(), config_path)
+
+        def save_weights() -> None:
+            save_flax_weights(
+                self,  # type: ignore[arg-type]
+                os.path.join(path, name),
+                torch_layout=torch_layout,
+                key_map=self.key_map,
+            )
+
+        if keep_config:
+            save_weights()
+        else:  # the config is written first and renamed right after the weights
+            write_json_atomic(self._config_to_save(), config_path, before_rename=save_weights)
         stem = name[: -len(".safetensors")]
         index = variant_name(base + ".index.json", variant)
         for entry in sorted(os.listdir(path)):  # the index first: it names the shards
