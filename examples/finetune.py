@@ -292,7 +292,13 @@ def resume_point(args, config: TrainConfig, run: dict) -> str | None:
             "written by this script, or damaged), so this run can neither resume from it nor "
             "keep its own checkpoints next to it. Remove it, or choose another --output."
         )
-    info = checkpoint_info(last)
+    try:
+        info = checkpoint_info(last)
+    except ValueError as e:  # another trainer's trainer_state.json, or damaged
+        raise SystemExit(
+            f"--output {args.output}: {e}. Remove {os.path.basename(last)}, or choose another "
+            "--output."
+        ) from None
     changes = config.changes_from(info.get("config", {}))
     recorded = info.get("run", {})  # none in checkpoints of earlier builds
     moved = [(k, recorded[k], v) for k, v in run.items() if k in recorded and recorded[k] != v]
@@ -400,10 +406,13 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:  # not found, not fetchable, not this pipeline
         raise SystemExit(f"--model {args.model!r}: {e}") from None
     f = pipe.vae.config.downsample_factor
-    if args.resolution % (2 * f) or args.resolution // f < 16:
+    step = 2**pipe.unet.config.num_resamplers  # the UNet's latent sides: multiples of step
+    unit, least = f * max(step, 2), f * max(2 * step, 2)  # low-res latents: half the sides
+    if args.resolution % unit or args.resolution < least:
         raise SystemExit(
-            f"--resolution must be a multiple of {2 * f} and at least {16 * f} "
-            "(the UNet needs upscaled latents of at least 16x16)"
+            f"--resolution must be a multiple of {unit} and at least {least}, got "
+            f"{args.resolution} (the UNet takes latents whose sides are multiples of {step}, "
+            f"at least {2 * step}; one latent is {f} pixels)"
         )
 
     # frozen text encoder: every caption is tokenized once (77 ids each) and a step's captions

@@ -131,7 +131,9 @@ class TrainConfig:
     early on and averages over more steps as training goes.
     ``lr_schedule``: ``"constant"``, ``"linear"`` (down to 0 at ``total_steps``) or
     ``"cosine"`` (half a cosine down to 0 at ``total_steps``), after ``lr_warmup_steps`` of
-    linear warm-up from 0 (diffusers' ``get_scheduler`` schedules of those names).
+    linear warm-up from 0: diffusers' ``get_scheduler`` schedules of those names, where
+    ``"constant"`` with warm-up steps is diffusers' ``"constant_with_warmup"`` (diffusers'
+    ``"constant"`` ignores ``num_warmup_steps``).
     ``seed``: with the step number it determines every random draw of a step, so a resumed
     run draws what an uninterrupted one would.
 
@@ -404,7 +406,8 @@ def make_latents(vae: FlaxAutoencoderKL, images: Array, key: Array) -> dict[str,
     ``[B, H/f, W/f, C]``. ``low_res``: the latents of the picture downsampled 2x
     (:func:`downsample_2x`), ``[B, H/2f, W/2f, C]``: what the pipeline feeds the model at
     inference (the latents of a picture at half the resolution). H and W must be multiples
-    of ``2 f``.
+    of ``2 f``; for the UNet to take the latents, of ``f * 2**num_resamplers`` too (64 for the
+    published model).
     """
     f = vae.config.downsample_factor
     if images.shape[1] % (2 * f) or images.shape[2] % (2 * f):
@@ -444,6 +447,26 @@ class TrainState:
 _STATE_FILE = "trainer_state.json"
 _OPT_FILE = "optimizer.safetensors"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _replace_folder(new: str, final: str) -> None:
+    """Rename the folder ``new`` to ``final``; a ``final`` already there (a checkpoint of the
+    same step saved again) is set aside first and deleted only once ``new`` has its name, and
+    put back if the rename fails: ``final`` is at every moment the old checkpoint, the new
+    one, or absent (the older checkpoints then serve), never a partly deleted one."""
+    old = None
+    if os.path.lexists(final):
+        old = final + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class Trainer:
@@ -724,9 +747,7 @@ class Trainer:
                 self.unet(state, ema=True).save_pretrained(os.path.join(tmp, "unet_ema"))
                 _save_leaves(_host(state.opt_state), os.path.join(tmp, _OPT_FILE))
                 atomic_write(os.path.join(tmp, _STATE_FILE), lambda f: f.write(text), text=True)
-                if os.path.exists(final):
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
+                _replace_folder(tmp, final)
             except Exception as e:  # a full disk, a folder gone: no half checkpoint is left
                 shutil.rmtree(tmp, ignore_errors=True)
                 failure = e
@@ -749,7 +770,7 @@ class Trainer:
     def load_checkpoint(self, path: str | os.PathLike) -> TrainState:
         """The :class:`TrainState` saved in the checkpoint folder ``path``."""
         path = os.fspath(path)
-        step = int(read_json(os.path.join(path, _STATE_FILE))["step"])
+        step = checkpoint_info(path)["step"]
 
         def params_of(sub: str) -> nnx.State:
             model = FlaxUNet2DConditionModel.from_pretrained(os.path.join(path, sub))
@@ -826,8 +847,23 @@ def latest_checkpoint(folder: str | os.PathLike) -> str | None:
 
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint's ``trainer_state.json``: ``step``, ``config`` (:meth:`TrainConfig.to_dict`)
-    and, if it was saved with one, ``run`` (see :meth:`Trainer.save_checkpoint`)."""
-    return read_json(os.path.join(os.fspath(path), _STATE_FILE))
+    and, if it was saved with one, ``run`` (see :meth:`Trainer.save_checkpoint`). A file of
+    another shape (another trainer's ``trainer_state.json``) raises a ValueError."""
+    file = os.path.join(os.fspath(path), _STATE_FILE)
+    info = read_json(file)
+    step = info.get("step")
+    if (
+        isinstance(step, bool)
+        or not isinstance(step, int)
+        or step < 0
+        or not isinstance(info.get("config"), dict)
+        or not isinstance(info.get("run", {}), dict)
+    ):
+        raise ValueError(
+            f"{file} is not a checkpoint of this trainer: expected a step (an int >= 0), a "
+            f"config and optionally run settings (objects), got the keys {sorted(info)}"
+        )
+    return info
 
 
 def _save_leaves(tree: Any, path: str) -> None:

@@ -839,6 +839,23 @@ def test_checkpoint_that_cannot_be_written(setup, tmp_path, monkeypatch):
         with pytest.raises(OSError, match=message):
             trainer.save_checkpoint(run, state)
         assert os.listdir(run) == [os.path.basename(before)]
+    monkeypatch.undo()
+    # the same step saved again, and the last rename fails: the earlier save of it stays whole
+    saved = {n: open(os.path.join(before, n, "config.json")).read() for n in ("unet", "unet_ema")}
+    replace = os.replace
+
+    def no_final_rename(src, dst):
+        if src.endswith(".tmp") and os.path.basename(dst).startswith("checkpoint-"):
+            raise OSError(5, "Input/output error")
+        replace(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", no_final_rename)
+    with pytest.raises(OSError, match="Input/output error"):
+        trainer.save_checkpoint(run, state.replace(step=np.asarray(0, np.int32)))
+    assert os.listdir(run) == [os.path.basename(before)]
+    assert checkpoint_info(before)["step"] == 0
+    for n, text in saved.items():
+        assert open(os.path.join(before, n, "config.json")).read() == text
 
 
 def test_checkpoint_records_run_settings_as_strict_json(setup, tmp_path):
@@ -903,6 +920,31 @@ def test_example_checks_arguments_first(finetune, tmp_path, more, message):
     argv = _argv(tmp_path / "no-model", tmp_path / "no-data", tmp_path / "run", *more)
     with pytest.raises(SystemExit, match=message):
         finetune.main(argv)
+    assert not (tmp_path / "run").exists()
+
+
+def test_example_checks_resolution_against_the_model(finetune, flax_pipe_dir, tmp_path):
+    """A --resolution whose latents the UNet cannot take (a multiple of twice the VAE's factor,
+    but not of the UNet's unit) stops with the rule once the model has loaded, before any step
+    and with nothing written."""
+    from flax_latentup import AutoencoderKLConfig, UNet2DConditionConfig
+    from flax_latentup.models.base import read_json
+
+    vae = AutoencoderKLConfig.from_dict(read_json(os.path.join(flax_pipe_dir, "vae/config.json")))
+    unet = UNet2DConditionConfig.from_dict(
+        read_json(os.path.join(flax_pipe_dir, "unet/config.json"))
+    )
+    f, step = vae.downsample_factor, 2**unet.num_resamplers
+    unit = f * step
+    assert unit > 2 * f
+    data = tmp_path / "data"
+    data.mkdir()
+    _save_picture(data / "a.png", 200)
+    for resolution in (3 * unit + 2 * f, unit):
+        argv = _argv(flax_pipe_dir, data, tmp_path / "run", "--resolution", str(resolution))
+        rule = f"--resolution must be a multiple of {unit} and at least {2 * unit}, got"
+        with pytest.raises(SystemExit, match=rule):
+            finetune.main(argv)
     assert not (tmp_path / "run").exists()
 
 
@@ -1184,3 +1226,8 @@ def test_example_resume_checks_of_schedules_and_older_checkpoints(
     with pytest.raises(SystemExit, match="checkpoint-00000009 has no trainer_state.json"):
         finetune.main(argv)
     shutil.rmtree(older / "checkpoint-00000009")
+    # another trainer's checkpoint (the transformers Trainer's trainer_state.json): named
+    (hf := tmp_path / "hf" / "checkpoint-500").mkdir(parents=True)
+    (hf / "trainer_state.json").write_text(json.dumps({"global_step": 500, "epoch": 1.0}))
+    with pytest.raises(SystemExit, match=r"checkpoint-500/trainer_state.json is not a checkp"):
+        finetune.main(_argv(tmp_path / "model", data, tmp_path / "hf", *base, "--steps", "10"))
