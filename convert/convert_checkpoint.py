@@ -141,12 +141,15 @@ def source_layout(folder: str, part: str, variant: str | None = None) -> str:
     raise WeightsError(f"no weights in {folder}: expected one of {wanted}")
 
 
-def resolve_source(src: str, variant: str | None = None) -> str:
+def resolve_source(src: str, variant: str | None = None, *, weights: bool = True) -> str:
     """A local folder for ``src``: a folder, or a hub id fetched with its safetensors weights
-    of ``variant`` (and, for a component that has none, its ``.bin`` torch pickles)."""
+    of ``variant`` (and, for a component that has none, its ``.bin`` torch pickles); without
+    ``weights``, its configs, tokenizer and scheduler only (what the checks read)."""
     from flax_latentup import hub
     from flax_latentup.weights import FLAX_WEIGHTS_NAME
 
+    if not weights:
+        return hub.resolve(src, allow_patterns=list(hub.PIPELINE_CONFIG_PATTERNS))
     allow, ignore = hub.with_variant(hub.PIPELINE_PATTERNS, variant)
     folder = hub.resolve(src, allow_patterns=allow, ignore_patterns=ignore)
     if not os.path.isdir(os.path.expanduser(os.fspath(src))):
@@ -287,7 +290,9 @@ def convert(
     variant = _check_variant_name("--variant", variant)
     source_variant = _check_variant_name("--source-variant", source_variant)
     check_destination(src, dst, overwrite, variant, source_variant)
-    folder = resolve_source(src, source_variant)
+    # a hub source: its configs, tokenizer and scheduler first, so that every check below is
+    # made before its weights are fetched
+    folder = resolve_source(src, source_variant, weights=False)
     try:
         read_pipeline_index(folder)
     except ValueError as e:
@@ -297,20 +302,6 @@ def convert(
         part: read_config(cls.config_class, os.path.join(folder, part, "config.json"))
         for part, cls in MODEL_CLASSES.items()
     }
-    layouts = {
-        part: source_layout(os.path.join(folder, part), part, source_variant) for part in configs
-    }
-    torch_side = None
-    if verify:
-        if layout == "torch":
-            torch_side = (dst, variant)
-        elif all(v == "torch" for v in layouts.values()):
-            torch_side = (folder, source_variant)
-        else:
-            raise ConversionError(
-                "--verify compares with torch: SRC holds Flax weights, so write DST in the "
-                "torch layout (--layout torch) to verify"
-            )
     tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
     scheduler_path = os.path.join(folder, "scheduler", "scheduler_config.json")
     scheduler = read_json(scheduler_path)
@@ -332,6 +323,21 @@ def convert(
                     "convert without --variant (and with --overwrite) to replace that pipeline",
                 )
             ) from None
+    folder = resolve_source(src, source_variant)  # now with the weights
+    layouts = {
+        part: source_layout(os.path.join(folder, part), part, source_variant) for part in configs
+    }
+    torch_side = None
+    if verify:
+        if layout == "torch":
+            torch_side = (dst, variant)
+        elif all(v == "torch" for v in layouts.values()):
+            torch_side = (folder, source_variant)
+        else:
+            raise ConversionError(
+                "--verify compares with torch: SRC holds Flax weights, so write DST in the "
+                "torch layout (--layout torch) to verify"
+            )
     param_dtype = jnp.dtype(dtype)
     models = {}
     for part, cls in MODEL_CLASSES.items():

@@ -246,6 +246,7 @@ def staged_entries(path: str, names: Iterable[str]):
     os.makedirs(real, mode=new_dir_mode(), exist_ok=True)
     remove_stale_temporaries(real, recursive=False, own=False)
     staging = tempfile.mkdtemp(prefix=temporary_prefix(), dir=real)
+    keep = False  # the staging folder holds old entries that could not be put back
     try:
         yield staging
         names = list(names)
@@ -265,15 +266,28 @@ def staged_entries(path: str, names: Iterable[str]):
                 swapped.append((name, had))
                 os.replace(os.path.join(staging, name), final)
         except BaseException:  # put back what was there, newest swap first
-            for name, had in reversed(swapped):
-                final, new = os.path.join(real, name), os.path.join(staging, name)
-                if not os.path.lexists(new) and os.path.lexists(final):
-                    os.replace(final, new)
-                if had:
-                    os.replace(os.path.join(old, name), final)
+            try:
+                for name, had in reversed(swapped):
+                    final, new = os.path.join(real, name), os.path.join(staging, name)
+                    if not os.path.lexists(new) and os.path.lexists(final):
+                        os.replace(final, new)
+                    if had:
+                        os.replace(os.path.join(old, name), final)
+            except BaseException as undo:
+                # the old entries not yet back stay on disk, under a name no later save removes
+                keep = True
+                kept = os.path.join(real, f"flax-latentup-old-entries-{os.getpid()}")
+                with contextlib.suppress(OSError):
+                    os.replace(old, kept)
+                    old = kept
+                raise OSError(
+                    f"the save into {real} failed, and putting back its old entries failed too "
+                    f"({undo}): those not back in place are kept in {old}"
+                ) from undo
             raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _set_modes(folder: str) -> None:

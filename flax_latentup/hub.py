@@ -14,14 +14,14 @@ from collections.abc import Sequence
 from typing import Any
 
 # What the Flax pipeline needs from a diffusers-layout repo.
-PIPELINE_PATTERNS = (
+# A pipeline repo's files that describe it (what is checked before any weights are fetched)
+PIPELINE_CONFIG_PATTERNS = (
     "model_index.json",
     "*/config.json",
     "*/scheduler_config.json",
-    "*/*.safetensors",
-    "*/*.safetensors.index.json",
     "tokenizer/*",
 )
+PIPELINE_PATTERNS = (*PIPELINE_CONFIG_PATTERNS, "*/*.safetensors", "*/*.safetensors.index.json")
 # Weight variants ("NAME.fp16.safetensors", "NAME.fp16-00001-of-00002.safetensors", ...): the
 # plain files are the ones loaded, so variants are never fetched.
 VARIANT_PATTERNS = ("*.*.safetensors", "*.*.bin", "*.index.*.json")
@@ -119,6 +119,8 @@ def resolve(
     name = os.fspath(path_or_repo_id)
     if not name:
         raise HubError("path_or_repo_id is empty: give a local folder or a hub repo id")
+    if subfolder:  # "unet/" names the same folder as "unet", on the hub too
+        subfolder = subfolder.rstrip("/") or subfolder
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
         folder = os.path.join(expanded, subfolder) if subfolder else expanded
@@ -252,15 +254,26 @@ class PushToHubMixin:
             raise HubError(f"cannot create hub repo {repo_id!r}: {e}") from None
         with tempfile.TemporaryDirectory(prefix="flax-latentup-push-") as folder:
             if variant is not None:
+                kept = self._hub_kept_patterns()
                 try:
                     there = api.snapshot_download(
-                        repo_id=repo.repo_id,
-                        revision=revision,
-                        allow_patterns=self._hub_kept_patterns(),
+                        repo_id=repo.repo_id, revision=revision, allow_patterns=kept
                     )
                 except (hf_errors.HfHubHTTPError, OSError) as e:
                     raise HubError(f"cannot read hub repo {repo.repo_id!r}: {e}") from None
-                shutil.copytree(there, folder, dirs_exist_ok=True)
+                # the cached snapshot may hold more of the repo (its weights, fetched before):
+                # only the kept files are copied
+                from huggingface_hub.utils import filter_repo_objects
+
+                names = [
+                    os.path.relpath(os.path.join(d, f), there)
+                    for d, _, files in os.walk(there)
+                    for f in files
+                ]
+                for name in filter_repo_objects(names, allow_patterns=kept):
+                    target = os.path.join(folder, name)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.copyfile(os.path.join(there, name), target)
             try:
                 self.save_pretrained(folder, torch_layout=torch_layout, variant=variant)  # type: ignore[attr-defined]
             except (ValueError, FileExistsError) as e:  # the repo's files refuse the variant

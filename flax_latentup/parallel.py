@@ -42,9 +42,10 @@ SHARED_KEYS = frozenset(
 )
 
 
-def check_devices(devices: Any, name: str = "devices") -> list[jax.Device]:
+def check_devices(devices: Any, name: str = "devices", *, local: bool = False) -> list[jax.Device]:
     """``devices`` as a list, or a ValueError naming ``name``: it must be a non-empty sequence
-    (any iterable, read once) of distinct JAX devices of one platform."""
+    (any iterable, read once) of distinct JAX devices of one platform; with ``local``, of this
+    process (a call whose results come back to this host runs on its own devices only)."""
     if isinstance(devices, jax.Device):
         raise ValueError(f"{name} must be a sequence of JAX devices; got one device: pass [it]")
     if isinstance(devices, str | bytes) or not hasattr(devices, "__iter__"):
@@ -65,12 +66,22 @@ def check_devices(devices: Any, name: str = "devices") -> list[jax.Device]:
     platforms = sorted({d.platform for d in devices})
     if len(platforms) > 1:
         raise ValueError(f"{name} mixes platforms {platforms}: give devices of one")
+    if local:
+        me = jax.process_index()
+        for i, d in enumerate(devices):
+            if d.process_index != me:
+                raise ValueError(
+                    f"{name}[{i}] ({d}) belongs to process {d.process_index}, not to this one "
+                    f"({me}): a call runs on this process's devices (jax.local_devices()); "
+                    "with several hosts, each calls on its own share of the work"
+                )
     return devices
 
 
-def check_mesh(mesh: Any, name: str = "mesh") -> Mesh:
+def check_mesh(mesh: Any, name: str = "mesh", *, local: bool = False) -> Mesh:
     """``mesh``, or a ValueError naming ``name`` unless it is a ``jax.sharding.Mesh`` with a
-    ``"data"`` axis (the batch is split along it; other axes hold copies)."""
+    ``"data"`` axis (the batch is split along it; other axes hold copies) over distinct
+    devices (with ``local``, of this process: see :func:`check_devices`)."""
     if not isinstance(mesh, Mesh):
         raise ValueError(
             f"{name} must be a jax.sharding.Mesh with a 'data' axis (make_mesh(devices) makes "
@@ -81,6 +92,7 @@ def check_mesh(mesh: Any, name: str = "mesh") -> Mesh:
             f"{name} must have a 'data' axis (the batch is split along it), got axes "
             f"{tuple(mesh.axis_names)}"
         )
+    check_devices(list(mesh.devices.flat), f"{name}.devices", local=local)
     return mesh
 
 
@@ -151,7 +163,7 @@ def sharded_upscale(
     ``hooks``: ``(on_progress, on_callback)`` host functions for ``options.progress`` /
     ``options.callback`` (see :func:`~flax_latentup.pipeline.upscale_core`); the callback's
     latents are the whole padded batch, gathered at the steps it runs."""
-    mesh = check_mesh(mesh) if mesh is not None else make_mesh()
+    mesh = check_mesh(mesh, local=True) if mesh is not None else make_mesh()
     batch, n = _pad_batch(batch, mesh.shape["data"])  # other axes hold copies
     params = replicate_on_mesh(params, mesh)
     options, hooks = _with_hooks(options, hooks)
@@ -226,35 +238,45 @@ def _pmap_program(
 
 
 def _replicated_axis(params: Any, devices: Sequence[jax.Device]) -> int | None:
-    """How ``params`` are copied to ``devices``: ``None`` when every leaf is replicated over
-    them (:func:`replicate_on_mesh` over ``make_mesh(devices)``), ``0`` when every leaf is in
-    :func:`replicate`'s layout over exactly them; a ValueError naming a leaf otherwise."""
+    """How ``params`` are copied to ``devices``: ``0`` when every leaf is in
+    :func:`replicate`'s layout over exactly them, in their order (copy ``i`` on
+    ``devices[i]``), ``None`` when every leaf is replicated over them
+    (:func:`replicate_on_mesh` over ``make_mesh(devices)``); a ValueError naming a leaf
+    otherwise. (On one device a tree of ``replicate``'s layout is replicated as well; it is
+    taken as what it is, since its leaves carry the extra leading axis.)"""
     leaves = jax.tree_util.tree_leaves_with_path(params)
+    want = set(devices)
+
+    def split_in_order(x: Any) -> bool:
+        if not isinstance(x, jax.Array) or x.ndim == 0 or x.shape[0] != len(devices):
+            return False
+        if set(x.sharding.device_set) != want:
+            return False
+        index = x.sharding.devices_indices_map(x.shape)
+        return all(index[d][0].indices(x.shape[0])[:2] == (i, i + 1) for i, d in enumerate(devices))
+
+    if leaves and all(split_in_order(x) for _, x in leaves):
+        return 0
     on_mesh = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P())
     if leaves and all(
         isinstance(x, jax.Array) and x.sharding.is_equivalent_to(on_mesh, x.ndim) for _, x in leaves
     ):
         return None
-    want = set(devices)
-    for path, x in leaves:
-        if (
-            not isinstance(x, jax.Array)
-            or x.ndim == 0
-            or x.shape[0] != len(devices)
-            or set(x.sharding.device_set) != want
-        ):
-            where = (
-                f"on {len(x.sharding.device_set)} device(s), leading axis {x.shape[:1]}"
-                if isinstance(x, jax.Array)
-                else f"a {type(x).__name__}"
-            )
-            raise ValueError(
-                "replicated=True: params must be replicate(params, devices) or "
-                "replicate_on_mesh(params, make_mesh(devices)) over the "
-                f"{len(devices)} devices this call runs on, in their order; "
-                f"params{jax.tree_util.keystr(path)} is {where}"
-            )
-    return 0
+    bad = next(((path, x) for path, x in leaves if not split_in_order(x)), None)
+    if bad is None:
+        raise ValueError("replicated=True: params holds no arrays")
+    path, x = bad
+    where = (
+        f"on {len(x.sharding.device_set)} device(s), leading axis {x.shape[:1]}"
+        if isinstance(x, jax.Array)
+        else f"a {type(x).__name__}"
+    )
+    raise ValueError(
+        "replicated=True: params must be replicate(params, devices) or "
+        "replicate_on_mesh(params, make_mesh(devices)) over the "
+        f"{len(devices)} devices this call runs on, in their order; "
+        f"params{jax.tree_util.keystr(path)} is {where}"
+    )
 
 
 def pmap_upscale(
@@ -277,7 +299,9 @@ def pmap_upscale(
     ``make_mesh(devices)`` (no device axis: the copy that :func:`sharded_upscale` and the
     VAE take as they are, so one copy serves every path). Otherwise each call copies the
     weights to every device."""
-    devices = tuple(check_devices(devices) if devices is not None else jax.local_devices())
+    devices = tuple(
+        check_devices(devices, local=True) if devices is not None else jax.local_devices()
+    )
     if replicated:
         params_axis = _replicated_axis(params, devices)
     else:

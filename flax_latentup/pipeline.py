@@ -307,6 +307,20 @@ def check_variant_folder(
     return kept
 
 
+@functools.lru_cache(maxsize=8)
+def _winograd_program(graphdef: Any) -> Callable:
+    """The jitted transform of a UNet's kernels (:func:`winograd_kernels`), one per graph:
+    new weights of the same UNet reuse its compiled program. ``settings`` (static) keys it by
+    the convolution settings it is traced under."""
+
+    @functools.partial(jax.jit, static_argnames="settings")
+    def fn(state, settings):
+        del settings
+        return winograd_kernels(nnx.merge(graphdef, state))
+
+    return fn
+
+
 def _weak_hooks(pipe: Any) -> tuple[Callable[..., None], Callable[..., None]]:
     """``(on_progress, on_callback)`` that reach ``pipe``'s hooks without keeping it alive
     (the programs that call them may be cached by the module, past the pipeline's lifetime)."""
@@ -820,9 +834,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         scheduler_config, self._scheduler_dict = _scheduler_config(scheduler_config)
         check_components(text_encoder.config, vae.config, unet.config)
         _check_tokenizer_vocab(tokenizer, text_encoder.config)
-        self.text_encoder = text_encoder
-        self.vae = vae
-        self.unet = unet
+        self._models = {"text_encoder": text_encoder, "vae": vae, "unet": unet}
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self._progress_bar_config: dict[str, Any] = {}
@@ -845,15 +857,68 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         )
 
     # ---- state -----------------------------------------------------------------------------
+    #
+    # The compiled programs take the models' weights as arrays (``params``, split off the
+    # models) and keep copies of them on devices. A model replaced (``pipe.vae = other``) is
+    # checked against the others and split anew; weights changed in place (``nnx.update(
+    # pipe.unet, trained)``, an optimizer step on the pipeline's own UNet) are noticed at the
+    # next call (each variable's array is compared by identity, ~1 ms) and split anew too.
+
+    @property
+    def text_encoder(self) -> FlaxCLIPTextModel:
+        return self._models["text_encoder"]
+
+    @text_encoder.setter
+    def text_encoder(self, model: FlaxCLIPTextModel) -> None:
+        self._set_model("text_encoder", model)
+
+    @property
+    def vae(self) -> FlaxAutoencoderKL:
+        return self._models["vae"]
+
+    @vae.setter
+    def vae(self, model: FlaxAutoencoderKL) -> None:
+        self._set_model("vae", model)
+
+    @property
+    def unet(self) -> FlaxUNet2DConditionModel:
+        return self._models["unet"]
+
+    @unet.setter
+    def unet(self, model: FlaxUNet2DConditionModel) -> None:
+        self._set_model("unet", model)
+
+    def _set_model(self, part: str, model: Any) -> None:
+        """Replace one model (TypeError/ValueError, nothing changed, unless it is the kind of
+        model that part runs and fits the others)."""
+        _check_component_types(**{part: model})
+        configs = {p: m.config for p, m in self._models.items()}
+        configs[part] = model.config
+        check_components(configs["text_encoder"], configs["vae"], configs["unet"])
+        if part == "text_encoder":
+            _check_tokenizer_vocab(self.tokenizer, model.config)
+        self._models[part] = model
+        self._refresh_params()
+
+    def _sync_weights(self) -> None:
+        """Split the models anew if any of their weights changed since the last split."""
+        if any(var.get_raw_value() is not value for var, value in self._weights_seen):
+            self._refresh_params()
 
     def _refresh_params(self) -> None:
-        g_text, p_text = nnx.split(self.text_encoder)
-        g_vae, p_vae = nnx.split(self.vae)
-        g_unet, p_unet = nnx.split(self.unet)
-        self.graphdefs = GraphDefs(g_text, g_vae, g_unet)
-        self.params = {"text_encoder": p_text, "vae": p_vae, "unet": p_unet}
-        self._programs.clear()
-        self._encode_prompt_fn = None
+        split = {part: nnx.split(model) for part, model in self._models.items()}
+        graphdefs = GraphDefs(**{part: g for part, (g, _) in split.items()})
+        if graphdefs != getattr(self, "graphdefs", None):  # new programs; else the same serve
+            self._programs.clear()
+            self._encode_prompt_fn = None
+        self.graphdefs = graphdefs
+        self.params = {part: state for part, (_, state) in split.items()}
+        self._weights_seen = [
+            (node, node.get_raw_value())
+            for model in self._models.values()
+            for _, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.Variable)
+        ]
         self._vae_fp32 = None
         self._replicated: dict[Any, Any] = {}
         self._winograd: dict[Any, Any] = {}
@@ -868,9 +933,8 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         key = trace_settings()[1:]  # the convolution setting and the device compiled for
         kernels = self._winograd.get(key)
         if kernels is None:
-            graphdef = self.graphdefs.unet
-            fn = jax.jit(lambda state: winograd_kernels(nnx.merge(graphdef, state)))
-            kernels = self._winograd[key] = fn(self.params["unet"])
+            fn = _winograd_program(self.graphdefs.unet)
+            kernels = self._winograd[key] = fn(self.params["unet"], settings=key)
         return kernels
 
     @property
@@ -945,14 +1009,16 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         if scheduler is not None:
             _scheduler_config(scheduler)  # unsupported options raise here, before any loading
         allow, ignore = hub.pipeline_patterns(hub.check_variant(variant), skip=tuple(given))
+        fetch = dict(
+            revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+        )
+        # from a hub repo, what describes the pipeline first: every check below is made before
+        # any weights are fetched
         folder = hub.resolve(
             path_or_repo_id,
-            allow_patterns=allow,
-            ignore_patterns=ignore,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
+            allow_patterns=list(hub.PIPELINE_CONFIG_PATTERNS),
+            ignore_patterns=[f"{part}/*" for part in given] or None,
+            **fetch,
         )
         read_pipeline_index(folder)
         check_pipeline_folder(folder, skip=tuple(given))
@@ -970,6 +1036,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             scheduler_path = os.path.join(folder, "scheduler", "scheduler_config.json")
             scheduler = read_json(scheduler_path)
             read_config(EulerSchedulerConfig, scheduler_path)  # a bad value: named with its file
+        folder = hub.resolve(path_or_repo_id, allow_patterns=allow, ignore_patterns=ignore, **fetch)
         kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
         models = {
             part: given[part] if part in given else model.from_pretrained(folder, part, **kw)
@@ -1130,6 +1197,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         are checked (rank, dtype, length, the vocabulary's range) before anything runs; one
         program is compiled per shape."""
         self.text_encoder.check_input_ids(input_ids)
+        self._sync_weights()
         if self._encode_prompt_fn is None:
             graphdef = self.graphdefs.text_encoder
 
@@ -1147,10 +1215,20 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
 
     # ---- compiled programs -------------------------------------------------------------------
 
+    # An exception in the step bar or in ``callback`` must not escape into the running program:
+    # on one device JAX would replace it with an opaque runtime error, and on several the
+    # device whose host call failed would stop while the others wait for it at the next step.
+    # The first one is kept, nothing more is delivered, and _host_calls raises it once the
+    # program has finished.
+
     def _on_progress(self, i) -> None:
-        bar = self._hooks.get("bar")
-        if bar is not None:
-            bar.update(1)
+        hooks = self._hooks
+        bar = hooks.get("bar")
+        if bar is not None and "error" not in hooks:
+            try:
+                bar.update(1)
+            except BaseException as e:
+                hooks.setdefault("error", e)
 
     def _on_callback(self, i, t, x) -> None:
         hooks = self._hooks
@@ -1160,8 +1238,13 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         # step order or from several threads. They are held until their turn, so ``callback``
         # sees the steps in order and one at a time. The rows of padding are cut.
         with hooks["lock"]:
+            if "error" in hooks:
+                return
             hooks["pending"][int(i)] = (float(t), np.asarray(x)[: hooks["rows"]])
-            self._deliver(hooks, every=False)
+            try:
+                self._deliver(hooks, every=False)
+            except BaseException as e:
+                hooks["error"] = e
 
     @staticmethod
     def _deliver(hooks: dict[str, Any], every: bool) -> None:
@@ -1196,6 +1279,9 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         try:
             yield
             jax.effects_barrier()  # every host call of the program has returned
+            error = self._hooks.get("error")
+            if error is not None:
+                raise error
             if callback is not None:
                 with self._hooks["lock"]:
                     self._deliver(self._hooks, every=True)
@@ -1312,9 +1398,9 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             from flax_latentup import parallel
 
             if devices is not None:
-                devices = parallel.check_devices(devices)
+                devices = parallel.check_devices(devices, local=True)
             else:
-                parallel.check_mesh(mesh)
+                parallel.check_mesh(mesh, local=True)
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable, got {type(callback).__name__}")
         if prompt is not None and prompt_embeds is not None:
@@ -1420,6 +1506,8 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         keys = image_keys(rng, batch_size)
         if noise_mode == "keys" or (kind == "pixels" and vae_sample_mode == "sample"):
             batch["keys"] = keys
+
+        self._sync_weights()  # the models' weights as they are now
 
         # ---- text: mixed cases are resolved on the host ----
         if text_mode == "ids":

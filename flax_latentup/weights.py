@@ -348,15 +348,28 @@ def load_state(
         raise WeightsError("\n".join(lines))
 
     new_flat = []
+    beyond_float16 = []  # weights that a cast to float16 would turn into inf
+    half = np.finfo(np.float16).max
     for canon, (path, var, rule) in expected.items():
         arr = np.asarray(tensors[found[canon]])
         if torch_layout:
             arr = arr.reshape(key_map.reshape(canon, arr.shape))
         if rule is not None:
             arr = rule.to_flax(arr)
+        if var.dtype == jnp.float16 and arr.dtype != np.float16:
+            wide = np.abs(arr.astype(np.float32))
+            if (np.isfinite(wide) & (wide > half)).any():
+                beyond_float16.append(found[canon])
+            del wide
         value = jnp.asarray(arr, dtype=var.dtype)
         del arr
         new_flat.append((path, var.replace(value)))
+    if beyond_float16:
+        raise WeightsError(
+            f"{source}: {len(beyond_float16)} weight(s) hold values beyond float16's range "
+            f"(65504), which would load as inf: {', '.join(beyond_float16[:10])}; load with "
+            "param_dtype=jnp.bfloat16 or jnp.float32"
+        )
     return nnx.from_flat_state(new_flat)
 
 

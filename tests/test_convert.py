@@ -657,6 +657,53 @@ def fake_hub(monkeypatch, tmp_path, repo):
     return fetched
 
 
+def test_hub_pipeline_is_checked_before_its_weights_are_fetched(
+    torch_pipe_dir, tmp_path, monkeypatch
+):
+    """Loading a pipeline from a hub repo, and converting one, fetch its configs, tokenizer
+    and scheduler first: a problem they show (an unsupported scheduler option; a torch
+    pipeline where a Flax variant is to go beside) is reported with no weights fetched; a
+    good repo then loads whole."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from flax_latentup import ConfigError
+
+    remote = shutil.copytree(torch_pipe_dir, tmp_path / "remote")
+    names = [str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file()]
+    fetched = []
+
+    def snapshot_download(repo_id, *, allow_patterns, ignore_patterns, **kwargs):
+        root = tmp_path / "snapshot"
+        for name in filter_repo_objects(
+            names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+        ):
+            fetched.append(name)
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(remote / name, root / name)
+        return str(root)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    scheduler = remote / "scheduler" / "scheduler_config.json"
+    good = scheduler.read_text()
+    scheduler.write_text(json.dumps({**json.loads(good), "prediction_type": "epsilon"}))
+    with pytest.raises(ConfigError, match="prediction_type"):
+        FlaxStableDiffusionLatentUpscalePipeline.from_pretrained("me/upscaler")
+    assert fetched and not [n for n in fetched if n.endswith(".safetensors")], fetched
+    scheduler.write_text(good)
+    shutil.rmtree(tmp_path / "snapshot")
+    fetched.clear()
+    with pytest.raises(ValueError, match=r"holds a pipeline 'StableDiffusionLatentUpscalePip"):
+        convert_checkpoint.convert("me/upscaler", torch_pipe_dir, variant="fp16")
+    assert fetched and not [n for n in fetched if n.endswith(".safetensors")], fetched
+    pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained("me/upscaler")
+    assert sorted(set(fetched)) == sorted(names)
+    assert (
+        pipe.unet.config
+        == FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(torch_pipe_dir).unet.config
+    )
+
+
 def test_hub_subfolder_with_a_dot_fetches_its_weights(tmp_path, monkeypatch):
     """A model in a hub repo's subfolder whose name holds a dot ("v1.0/unet") is fetched with
     its plain weights and without their variants (a variant pattern's "*" matches "/" too)."""
@@ -669,12 +716,14 @@ def test_hub_subfolder_with_a_dot_fetches_its_weights(tmp_path, monkeypatch):
         "v1.0/vae/diffusion_pytorch_model.safetensors",
     ]
     fetched = fake_hub(monkeypatch, tmp_path, repo)
-    folder = hub.resolve("me/models", subfolder="v1.0/unet")
-    assert folder == str(tmp_path / "snapshot" / "v1.0" / "unet")
-    assert sorted(fetched) == [
-        "v1.0/unet/config.json",
-        "v1.0/unet/diffusion_pytorch_model.safetensors",
-    ]
+    for subfolder in ("v1.0/unet", "v1.0/unet/"):  # a trailing slash names the same folder
+        fetched.clear()
+        folder = hub.resolve("me/models", subfolder=subfolder)
+        assert folder == str(tmp_path / "snapshot" / "v1.0" / "unet")
+        assert sorted(fetched) == [
+            "v1.0/unet/config.json",
+            "v1.0/unet/diffusion_pytorch_model.safetensors",
+        ]
     fetched.clear()
     allow, ignore = hub.with_variant(hub.MODEL_PATTERNS, "fp16")
     hub.resolve("me/models", subfolder="v1.0/unet", allow_patterns=allow, ignore_patterns=ignore)

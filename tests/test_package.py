@@ -60,3 +60,39 @@ def test_cli_version():
     )
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"flax-latentup {flax_latentup.__version__}"
+
+
+def test_staged_entries_keep_old_entries_when_putting_them_back_fails(tmp_path, monkeypatch):
+    """A save whose swap fails and whose undo fails too: the old entries not yet back in place
+    are kept on disk, under a name no later save removes, and the error says where."""
+    import os
+
+    import pytest
+
+    from flax_latentup import files
+
+    root = tmp_path / "pipe"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        (root / name / "f").write_text(f"old {name}")
+    replace, calls = os.replace, []
+
+    def flaky(src, dst):  # the 4th rename (b into place) and the 5th (old b back) fail
+        calls.append((src, dst))
+        if len(calls) in (4, 5):
+            raise OSError(5, "Input/output error")
+        replace(src, dst)
+
+    with pytest.raises(OSError, match=r"putting back its old entries failed too .* kept in "):
+        with files.staged_entries(str(root), ["a", "b"]) as staging:
+            for name in ("a", "b"):
+                os.mkdir(os.path.join(staging, name))
+                with open(os.path.join(staging, name, "f"), "w") as f:
+                    f.write(f"new {name}")
+            monkeypatch.setattr(os, "replace", flaky)
+    monkeypatch.undo()
+    (kept,) = [p for p in root.iterdir() if p.name.startswith("flax-latentup-old-entries-")]
+    assert (kept / "a" / "f").read_text() == "old a"
+    assert (kept / "b" / "f").read_text() == "old b"
+    files.remove_stale_temporaries(str(root), own=True)  # what the next save does first
+    assert kept.exists() and (kept / "b" / "f").read_text() == "old b"

@@ -241,6 +241,28 @@ def test_callback_and_step_bar_on_several_devices(flax_pipe_dir, tmp_path):
     assert len(kernels[0]) >= 16 and all(len(k.sharding.device_set) == 2 for k in kernels[0])
     for later in kernels[1:]:
         assert all(a is b for a, b in zip(kernels[0], later, strict=True))
+
+    # a callback that raises (to stop, or by mistake): the call raises it, on every path, and
+    # the pipeline goes on working (before, two devices waited for each other until XLA
+    # aborted the process, and one device raised an opaque runtime error)
+    class Stop(Exception):
+        pass
+
+    def stop(i, t, x):
+        if i == 1:
+            raise Stop("enough")
+
+    for extra in (dict(devices=jax.devices()[:1]), {{}}, dict(use_pmap=True)):
+        try:
+            pipe(prompt="a cat", image=low, num_inference_steps=3, guidance_scale=6.0, rng=7,
+                 output_type="latent", callback=stop, **extra)
+            raise AssertionError("no error")
+        except Stop as e:
+            assert str(e) == "enough", e
+    with conv_config("fast"):
+        again = pipe(prompt="a cat", image=low, num_inference_steps=3, guidance_scale=6.0,
+                     rng=7, output_type="latent").images
+    np.testing.assert_array_equal(again, res["sharded_out"])
     """
     res = results_on_devices(code, 2, out_file)
     steps = res["single_steps"]
@@ -288,18 +310,36 @@ def test_pmap_upscale_takes_either_replicated_layout(flax_pipe_dir, tmp_path):
             with jax.transfer_guard_device_to_device("disallow"):
                 out = pmap_upscale(graphdefs, weights, batch, options, devices, replicated=True)
         res[name] = out["latents"]
-    reversed_ = parallel.replicate_on_mesh(host, parallel.make_mesh(devices[::-1]))
+    # one device: replicate()'s layout (a leading axis of 1) is not mistaken for a copy
+    one = parallel.replicate(host, devices[:1])
+    res["one_device"] = pmap_upscale(graphdefs, one, batch, options, devices[:1],
+                                     replicated=True)["latents"]
+    # either layout over the devices in another order (before, replicate()'s was taken, its
+    # weights copied again on every call, and the second call crashed the process)
+    for other in (parallel.replicate_on_mesh(host, parallel.make_mesh(devices[::-1])),
+                  parallel.replicate(host, devices[::-1])):
+        try:
+            pmap_upscale(graphdefs, other, batch, options, devices, replicated=True)
+            raise AssertionError("no error")
+        except ValueError as e:
+            assert "over the 2 devices this call runs on, in their order" in str(e), e
+    # a mesh that lists a device twice
+    from jax.sharding import Mesh
+    twice = Mesh(np.asarray([devices[0], devices[0]]), ("data",))
     try:
-        pmap_upscale(graphdefs, reversed_, batch, options, devices, replicated=True)
+        pipe(prompt="a cat", image=low, num_inference_steps=2, mesh=twice)
         raise AssertionError("no error")
     except ValueError as e:
-        assert "over the 2 devices this call runs on, in their order" in str(e), e
+        assert str(e).startswith("mesh.devices lists a device more than once"), e
     """
     res = results_on_devices(code, 2, out_file)
     assert res["pipe"].shape == (3, 16, 16, 4)
     for name in ("pmap_layout", "mesh_layout", "host"):
         err = np.max(np.abs(res[name] - res["pipe"]))
         assert err <= 1e-6, f"{name}: max abs difference {err:.3g} from the pipeline's call"
+    # the whole batch on one device: float32 rounding of another split (as test_eight_devices)
+    err = np.max(np.abs(res["one_device"] - res["pipe"]))
+    assert err <= 1e-5, f"one device: max abs difference {err:.3g} from two devices'"
 
 
 def test_process_share_covers_the_list():
@@ -337,6 +377,14 @@ def test_two_processes_split_the_work(flax_pipe_dir, tmp_path):
     )
     share = textwrap.dedent(
         f"""
+        # the other process's devices are refused before anything runs (before, the call ran
+        # and failed fetching its result, or waited for the other process to join it)
+        for where in (dict(devices=jax.devices()), dict(mesh=parallel.make_mesh(jax.devices()))):
+            try:
+                pipe(prompt="a cat", image=low[:1], num_inference_steps=2, **where)
+                raise AssertionError("no error")
+            except ValueError as e:
+                assert f"belongs to process {{1 - jax.process_index()}}, not to this one" in str(e)
         mine = parallel.process_share(work)
         imgs = pipe(prompt="a cat", image=low[mine], rng=[seeds[i] for i in mine],
                     num_inference_steps=2, guidance_scale=0.0, output_type="np").images

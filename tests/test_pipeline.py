@@ -327,6 +327,51 @@ def test_no_recompile_for_guidance_prompt_seed(flax_pipe):
     assert counter.count == n  # ... and only once
 
 
+def test_changed_weights_and_replaced_models_are_used(pipe_dir):
+    """Weights updated in place (``nnx.update(pipe.unet, ...)``, as after training) and a model
+    replaced (``pipe.vae = other``) are what the next call runs, as a pipeline built anew from
+    them runs (before, the weights split off at construction went on running); an in-place
+    update compiles nothing new. A replacement of the wrong kind, or one that does not fit
+    the other models, is refused and changes nothing."""
+    from flax import nnx
+
+    from flax_latentup import FlaxAutoencoderKL
+
+    pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    low, _ = inputs(1, seed=21)
+    kw = dict(prompt="a cat", image=low, num_inference_steps=2, guidance_scale=6.0, rng=3)
+    before = pipe(output_type="np", **kw).images
+    state = nnx.state(pipe.unet, nnx.Param)
+    nnx.update(pipe.unet, jax.tree.map(lambda x: x * 1.1, state))
+    counter = CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    changed = pipe(output_type="np", **kw).images
+    assert counter.count == 0, f"{counter.count} new compilation(s) for new weights"
+    fresh = FlaxStableDiffusionLatentUpscalePipeline(**pipe.components)
+    fresh.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(changed, fresh(output_type="np", **kw).images)
+    assert np.max(np.abs(changed - before)) > 1e-3
+
+    other = FlaxAutoencoderKL.from_pretrained(os.path.join(pipe_dir, "vae"))
+    nnx.update(other, jax.tree.map(lambda x: x * 0.9, nnx.state(other, nnx.Param)))
+    pipe.vae = other
+    assert pipe.vae is other and pipe.components["vae"] is other
+    swapped = pipe(output_type="np", **kw).images
+    fresh = FlaxStableDiffusionLatentUpscalePipeline(**pipe.components)
+    fresh.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(swapped, fresh(output_type="np", **kw).images)
+    assert np.max(np.abs(swapped - changed)) > 1e-3
+
+    with pytest.raises(TypeError, match=r"^vae must be a FlaxAutoencoderKL"):
+        pipe.vae = torch.nn.Linear(2, 2)
+    wide = FlaxAutoencoderKL.abstract(dataclasses.replace(other.config, latent_channels=8))
+    with pytest.raises(ValueError, match=r"unet.config.in_channels \(8\) must be twice"):
+        pipe.vae = wide
+    assert pipe.vae is other
+    np.testing.assert_array_equal(pipe(output_type="np", **kw).images, swapped)
+
+
 def test_determinism_and_batch_independence(flax_pipe):
     low, _ = inputs(2, seed=30)
     kw = dict(num_inference_steps=2, guidance_scale=0.0, output_type="np", rng=1234)
@@ -622,6 +667,10 @@ class FakeHubApi:
 
     repo: str = ""
     calls: list = []
+    uploaded: list = []  # the files of the last upload
+    # a snapshot as the local cache gives it after earlier downloads: every file of the repo,
+    # whatever was asked for
+    snapshot_holds_all = False
 
     def __init__(self, token=None):
         self.token = token
@@ -643,6 +692,7 @@ class FakeHubApi:
             for root, _, files in os.walk(folder_path)
             for f in files
         }
+        FakeHubApi.uploaded = sorted(uploaded)
         present = [
             os.path.relpath(os.path.join(root, f), self.repo)
             for root, _, files in os.walk(self.repo)
@@ -666,7 +716,8 @@ class FakeHubApi:
             for root, _, files in os.walk(self.repo)
             for f in files
         ]
-        for f in filter_repo_objects(present, allow_patterns=allow_patterns):
+        wanted = None if FakeHubApi.snapshot_holds_all else allow_patterns
+        for f in filter_repo_objects(present, allow_patterns=wanted):
             os.makedirs(os.path.dirname(os.path.join(out, f)), exist_ok=True)
             shutil.copy(os.path.join(self.repo, f), os.path.join(out, f))
         return out
@@ -1482,8 +1533,13 @@ def test_push_to_hub_variant_goes_beside_the_repo(flax_pipe, pipe_dir, tmp_path,
         pipe_dir, param_dtype=jnp.float16
     )
     FakeHubApi.calls = []
+    monkeypatch.setattr(FakeHubApi, "snapshot_holds_all", True)
     fp16.push_to_hub("me/upscaler", torch_layout=True, variant="fp16")
     assert [c[0] for c in FakeHubApi.calls] == ["create_repo", "snapshot_download", "upload_folder"]
+    # only the variant's weights go up (not the plain ones the cached snapshot also holds)
+    weights = [f for f in FakeHubApi.uploaded if f.endswith(".safetensors")]
+    assert weights and all(".fp16." in f for f in weights), FakeHubApi.uploaded
+    assert "README.md" not in FakeHubApi.uploaded
     now = file_ids(repo)
     assert {k: (repo / k).read_bytes() for k in now if ".fp16" not in k} == before
     assert sorted(k for k in now if ".fp16" in k) == [

@@ -384,6 +384,24 @@ def _edited_copy(src: str, dst, edit) -> str:
     return str(dst)
 
 
+def test_float16_load_refuses_weights_beyond_its_range(tmp_path, tiny_vae):
+    """Weights beyond float16's range would load as inf under param_dtype=float16: refused,
+    naming them (a float32 load of the same folder is fine)."""
+    key = "decoder.conv_out.bias"
+
+    def edit(t):
+        t[key] = t[key].copy()
+        t[key][0] = 1e5
+
+    folder = _edited_copy(tiny_vae[1], tmp_path / "big", edit)
+    with pytest.raises(
+        WeightsError, match=r"1 weight\(s\) hold .*inf: decoder\.conv_out\.bias; load"
+    ):
+        FlaxAutoencoderKL.from_pretrained(folder, dtype=jnp.float16, param_dtype=jnp.float16)
+    vae = FlaxAutoencoderKL.from_pretrained(folder)
+    assert float(vae.decoder.conv_out.bias[...][0]) == 1e5
+
+
 def test_missing_key_named(tmp_path, tiny_vae):
     key = "decoder.up_blocks.1.resnets.0.conv_shortcut.bias"
     bad = _edited_copy(tiny_vae[1], tmp_path / "m", lambda t: t.pop(key))
