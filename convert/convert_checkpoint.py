@@ -280,7 +280,7 @@ def convert(
         read_pipeline_index,
     )
     from flax_latentup.sampling import EulerSchedulerConfig
-    from flax_latentup.weights import FLAX_WEIGHTS_NAME, open_weights
+    from flax_latentup.weights import FLAX_WEIGHTS_NAME, Float16RangeError, open_weights
 
     dst = os.path.expanduser(os.fspath(dst))
     if dtype not in DTYPES:
@@ -346,13 +346,17 @@ def convert(
             tensors = read_torch_weights(sub, TORCH_FILES[part], source_variant)
         else:
             tensors = open_weights(sub, [FLAX_WEIGHTS_NAME], source_variant)
-        models[part] = cls.from_tensors(
-            configs[part],
-            tensors,
-            torch_layout=layouts[part] == "torch",
-            param_dtype=param_dtype,
-            source=sub,
-        )
+        try:
+            models[part] = cls.from_tensors(
+                configs[part],
+                tensors,
+                torch_layout=layouts[part] == "torch",
+                param_dtype=param_dtype,
+                source=sub,
+            )
+        except Float16RangeError as e:  # said of the Python API there: of this command here
+            more = f" (and {len(e.keys) - 1} more)" if len(e.keys) > 1 else ""
+            raise ConversionError(_FLOAT16_RANGE.format(part=part, name=e.keys[0] + more)) from None
         if param_dtype == jnp.float16:
             _check_finite(part, models[part])
     pipe = FlaxStableDiffusionLatentUpscalePipeline(
@@ -371,10 +375,13 @@ def _check_finite(part: str, model) -> None:
     for path, value in jax.tree_util.tree_leaves_with_path(nnx.state(model)):
         if not np.isfinite(np.asarray(value, np.float32)).all():
             name = ".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-            raise ConversionError(
-                f"--dtype float16: {part} parameter {name} holds values beyond float16's range "
-                "(65504) or non-finite ones; store bfloat16 or float32 weights instead"
-            )
+            raise ConversionError(_FLOAT16_RANGE.format(part=part, name=name))
+
+
+_FLOAT16_RANGE = (
+    "--dtype float16: {part} parameter {name} holds values beyond float16's range (65504) or "
+    "non-finite ones; store bfloat16 or float32 weights instead"
+)
 
 
 def verify(folder: str, pipe, variant: str | None = None) -> dict[str, float]:

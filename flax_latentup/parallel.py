@@ -253,7 +253,12 @@ def _replicated_axis(params: Any, devices: Sequence[jax.Device]) -> int | None:
         if set(x.sharding.device_set) != want:
             return False
         index = x.sharding.devices_indices_map(x.shape)
-        return all(index[d][0].indices(x.shape[0])[:2] == (i, i + 1) for i, d in enumerate(devices))
+
+        def rows(d: jax.Device) -> tuple[int, int]:  # a PmapSharding may give an int
+            first = index[d][0]
+            return (first, first + 1) if isinstance(first, int) else first.indices(x.shape[0])[:2]
+
+        return all(rows(d) == (i, i + 1) for i, d in enumerate(devices))
 
     if leaves and all(split_in_order(x) for _, x in leaves):
         return 0

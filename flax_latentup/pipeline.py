@@ -782,6 +782,20 @@ def image_keys(rng: Any, batch: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+class _ModelPart:
+    """A pipeline attribute holding one of its models (``pipe.vae``): setting it replaces that
+    model, checked as the constructor checks it (see ``_set_model``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, pipe: Any, owner: type | None = None) -> Any:
+        return self if pipe is None else pipe._models[self.name]
+
+    def __set__(self, pipe: Any, model: Any) -> None:
+        pipe._set_model(self.name, model)
+
+
 _OFFLOAD = (
     "the whole program runs on the accelerator; for less memory, upscale fewer pictures per "
     "call or call enable_vae_tiling()"
@@ -864,29 +878,9 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
     # pipe.unet, trained)``, an optimizer step on the pipeline's own UNet) are noticed at the
     # next call (each variable's array is compared by identity, ~1 ms) and split anew too.
 
-    @property
-    def text_encoder(self) -> FlaxCLIPTextModel:
-        return self._models["text_encoder"]
-
-    @text_encoder.setter
-    def text_encoder(self, model: FlaxCLIPTextModel) -> None:
-        self._set_model("text_encoder", model)
-
-    @property
-    def vae(self) -> FlaxAutoencoderKL:
-        return self._models["vae"]
-
-    @vae.setter
-    def vae(self, model: FlaxAutoencoderKL) -> None:
-        self._set_model("vae", model)
-
-    @property
-    def unet(self) -> FlaxUNet2DConditionModel:
-        return self._models["unet"]
-
-    @unet.setter
-    def unet(self, model: FlaxUNet2DConditionModel) -> None:
-        self._set_model("unet", model)
+    text_encoder = _ModelPart()
+    vae = _ModelPart()
+    unet = _ModelPart()
 
     def _set_model(self, part: str, model: Any) -> None:
         """Replace one model (TypeError/ValueError, nothing changed, unless it is the kind of

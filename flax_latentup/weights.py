@@ -34,6 +34,15 @@ class WeightsError(ValueError):
     """A checkpoint that does not fit the model, or that cannot be read."""
 
 
+class Float16RangeError(WeightsError):
+    """Weights beyond float16's range (65504), which a float16 load would turn into inf;
+    ``keys``: their checkpoint keys."""
+
+    def __init__(self, message: str, keys: list[str]):
+        super().__init__(message)
+        self.keys = keys
+
+
 # --------------------------------------------------------------------------------------------
 # Reading safetensors
 # --------------------------------------------------------------------------------------------
@@ -365,10 +374,11 @@ def load_state(
         del arr
         new_flat.append((path, var.replace(value)))
     if beyond_float16:
-        raise WeightsError(
+        raise Float16RangeError(
             f"{source}: {len(beyond_float16)} weight(s) hold values beyond float16's range "
             f"(65504), which would load as inf: {', '.join(beyond_float16[:10])}; load with "
-            "param_dtype=jnp.bfloat16 or jnp.float32"
+            "param_dtype=jnp.bfloat16 or jnp.float32",
+            beyond_float16,
         )
     return nnx.from_flat_state(new_flat)
 

@@ -445,3 +445,33 @@ def torch_tiling(model, tile_sample_size: int):
     finally:
         model.disable_tiling()
         model.tile_sample_min_size, model.tile_latent_min_size = old
+
+
+def fake_hub(monkeypatch, snapshot, repo, source=None, repo_id=None) -> list[str]:
+    """``huggingface_hub.snapshot_download`` over a repo of the file names ``repo`` (named
+    ``repo_id`` if given: another id fails): each file fetched (by huggingface_hub's own
+    pattern matching) is copied from the folder ``source`` into the folder ``snapshot``, or
+    written empty without ``source``. Returns the list the fetched names are put in."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    fetched: list[str] = []
+
+    def snapshot_download(asked, *, allow_patterns, ignore_patterns, **kwargs):
+        assert repo_id is None or asked == repo_id, asked
+        for name in filter_repo_objects(
+            repo, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+        ):
+            fetched.append(name)
+            target = os.path.join(snapshot, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if source is None:
+                open(target, "w").close()
+            else:
+                shutil.copy(os.path.join(source, name), target)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return fetched

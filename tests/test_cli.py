@@ -295,27 +295,13 @@ def test_component_from_a_hub_repo_subfolder(flax_pipe_dir, tmp_path, monkeypatc
     """``--unet REPO --unet-subfolder unet_ema``: a fine-tuning checkpoint pushed to the hub
     whole gives its EMA UNet, fetched alone; without the subfolder, the message names the
     flag."""
-    import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
-
     remote = tmp_path / "remote"
     for sub in ("unet", "unet_ema"):
         shutil.copytree(os.path.join(flax_pipe_dir, "unet"), remote / sub)
     names = [str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file()]
-    fetched = []
-
-    def snapshot_download(repo_id, *, allow_patterns, ignore_patterns, **kwargs):
-        assert repo_id == "me/checkpoint"
-        root = tmp_path / "snapshot"
-        for name in filter_repo_objects(
-            names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
-        ):
-            fetched.append(name)
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(remote / name, root / name)
-        return str(root)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    fetched = helpers.fake_hub(
+        monkeypatch, tmp_path / "snapshot", names, source=remote, repo_id="me/checkpoint"
+    )
     write_png(str(tmp_path / "in" / "a.png"))
     argv = ("-i", tmp_path / "in", "-o", tmp_path / "o", "-n", flax_pipe_dir, *COMMON)
     assert run_cli(*argv, "--unet", "me/checkpoint") == 2

@@ -636,25 +636,9 @@ def test_another_pipeline_is_named(torch_pipe_dir, tmp_path, capsys, index, mess
 
 
 def fake_hub(monkeypatch, tmp_path, repo):
-    """``huggingface_hub.snapshot_download`` over a repo of the file names ``repo`` (written
-    empty under ``tmp_path/snapshot``); returns the list the fetched names are put in."""
-    import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
-
-    fetched = []
-
-    def snapshot_download(repo_id, *, allow_patterns, ignore_patterns, **kwargs):
-        root = tmp_path / "snapshot"
-        for f in filter_repo_objects(
-            repo, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
-        ):
-            fetched.append(f)
-            (root / f).parent.mkdir(parents=True, exist_ok=True)
-            (root / f).write_text("")
-        return str(root)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    return fetched
+    """A fake hub repo of the file names ``repo`` (written empty under ``tmp_path/snapshot``);
+    returns the list the fetched names are put in."""
+    return helpers.fake_hub(monkeypatch, tmp_path / "snapshot", repo)
 
 
 def test_hub_pipeline_is_checked_before_its_weights_are_fetched(
@@ -664,26 +648,11 @@ def test_hub_pipeline_is_checked_before_its_weights_are_fetched(
     and scheduler first: a problem they show (an unsupported scheduler option; a torch
     pipeline where a Flax variant is to go beside) is reported with no weights fetched; a
     good repo then loads whole."""
-    import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
-
     from flax_latentup import ConfigError
 
     remote = shutil.copytree(torch_pipe_dir, tmp_path / "remote")
     names = [str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file()]
-    fetched = []
-
-    def snapshot_download(repo_id, *, allow_patterns, ignore_patterns, **kwargs):
-        root = tmp_path / "snapshot"
-        for name in filter_repo_objects(
-            names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
-        ):
-            fetched.append(name)
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(remote / name, root / name)
-        return str(root)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    fetched = helpers.fake_hub(monkeypatch, tmp_path / "snapshot", names, source=remote)
     scheduler = remote / "scheduler" / "scheduler_config.json"
     good = scheduler.read_text()
     scheduler.write_text(json.dumps({**json.loads(good), "prediction_type": "epsilon"}))
