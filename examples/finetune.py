@@ -384,6 +384,14 @@ def main(argv=None) -> int:
     run = run_settings(args, count)
     last = resume_point(args, config, run)
     start = 0 if last is None else int(checkpoint_info(last)["step"])
+    if count > 1:  # every process must resume from the same checkpoint
+        starts = all_processes(np.int32(start)).tolist()
+        if len(set(starts)) > 1:
+            raise SystemExit(
+                f"--output {args.output}: the processes found their latest checkpoints at "
+                f"steps {starts} (in process order): --output must be one folder that every "
+                "process sees (a shared disk or a mounted bucket)"
+            )
     if start >= args.steps:
         if me == 0:
             print(f"{last} is at step {start} of --steps {args.steps}: nothing to do")
@@ -426,7 +434,10 @@ def main(argv=None) -> int:
 
     trainer = Trainer(pipe.unet, uncond, config, remat=args.remat)
     if last is not None:
-        state = trainer.load_checkpoint(last)
+        try:
+            state = trainer.load_checkpoint(last)
+        except ValueError as e:  # another model's UNet, another optimizer layout
+            raise SystemExit(f"--output {args.output}: cannot resume: {e}") from None
         if me == 0:
             print(f"resuming from {last}", file=sys.stderr)
     else:

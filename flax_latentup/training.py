@@ -776,7 +776,22 @@ class Trainer:
             model = FlaxUNet2DConditionModel.from_pretrained(os.path.join(path, sub))
             if model.config != self.unet_config:
                 raise ValueError(f"{path}/{sub} holds a UNet of another config")
-            return nnx.split(model, TRAINABLE, ...)[1]
+            _, params, frozen = nnx.split(model, TRAINABLE, ...)
+            # the weights that are not trained (the Fourier time projection) went into every
+            # step of that run: the UNet given now must hold the same ones
+            mine = _host(self.frozen)
+            for (key, theirs), (_, ours) in zip(
+                jax.tree_util.tree_leaves_with_path(_host(frozen)),
+                jax.tree_util.tree_leaves_with_path(mine),
+                strict=True,
+            ):
+                if not np.array_equal(theirs, ours):
+                    raise ValueError(
+                        f"{path}/{sub} was trained with other frozen weights "
+                        f"({jax.tree_util.keystr(key)}) than the UNet given to this Trainer: "
+                        "resume from the model the run started from"
+                    )
+            return params
 
         params = params_of("unet")
         template = self.optimizer.init(params)

@@ -293,6 +293,13 @@ def test_resume_is_bitwise_identical(setup, tmp_path):
     unet = FlaxUNet2DConditionModel.from_pretrained(os.path.join(path, "unet"))
     assert isinstance(unet, FlaxUNet2DConditionModel)
 
+    # a Trainer of a UNet with other frozen weights (another model's Fourier projection, which
+    # the checkpoint's steps were computed with) cannot resume it
+    other = random_model(FlaxUNet2DConditionModel, trainer.unet_config, 5)
+    uncond = (np.zeros((L, D), np.float32), np.zeros(D, np.float32))
+    with pytest.raises(ValueError, match=r"unet was trained with other frozen weights \("):
+        Trainer(other, uncond, trainer.config).load_checkpoint(path)
+
     # an optimizer state of another layout (as written when the learning rate was a constant,
     # which keeps no step count) is refused with what to do about it
     params = jax.device_get(resumed.params)
@@ -946,6 +953,21 @@ def test_example_checks_resolution_against_the_model(finetune, flax_pipe_dir, tm
         with pytest.raises(SystemExit, match=rule):
             finetune.main(argv)
     assert not (tmp_path / "run").exists()
+
+
+def test_example_refuses_processes_that_see_other_checkpoints(finetune, tmp_path, monkeypatch):
+    """With several processes, each reads --output itself: when they found their latest
+    checkpoints at other steps (each host its own folder), the run stops with why, before the
+    model loads (before, each failed in JAX placing the mismatched states)."""
+    monkeypatch.setattr(finetune, "FlaxStableDiffusionLatentUpscalePipeline", _NoModel)
+    monkeypatch.setattr(finetune.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(finetune, "all_processes", lambda v: np.array([int(v), 4]))
+    data = tmp_path / "data"
+    data.mkdir()
+    _save_picture(data / "a.png", 130)
+    argv = _argv(tmp_path / "model", data, tmp_path / "run", "--resolution", "128")
+    with pytest.raises(SystemExit, match=r"at steps \[0, 4\] \(in process order\): --output"):
+        finetune.main(argv + ["--batch-size", "2"])
 
 
 def test_example_checks_output_first(finetune, tmp_path):
