@@ -175,8 +175,9 @@ def resolve(
             if offline_env
             else "connect to the internet once to download it"
         )
+        at = f" at revision {revision!r}" if revision else ""
         raise HubError(
-            f"cannot load {name!r}: {why} and it is not in the Hugging Face cache"
+            f"cannot load {name!r}{at}: {why} and it is not in the Hugging Face cache"
             f"{' at ' + os.fspath(cache_dir) if cache_dir else ''}; {how}, or pass a local "
             f"folder (there is no folder {name!r} here)"
         ) from None

@@ -166,9 +166,14 @@ def open_weights(folder: str, candidates: Iterable[str], variant: str | None = N
         return found
     present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     hint = ""
-    if f"{os.sep}snapshots{os.sep}" in os.path.abspath(folder) and not any(
-        p.endswith((".safetensors", ".bin")) for p in present
-    ):
+    cached = f"{os.sep}snapshots{os.sep}" in os.path.abspath(folder)
+    if cached and variant is not None:
+        hint = (
+            f"; variant {variant!r} is not in this Hugging Face cache snapshot (the hub may "
+            "have it: connect to the internet to fetch it; without variant=, the plain files "
+            "load)"
+        )
+    elif cached and not any(p.endswith((".safetensors", ".bin")) for p in present):
         hint = (
             "; this Hugging Face cache snapshot is incomplete (a download cut short?): "
             "connect to the internet to complete it, or remove it from the cache"

@@ -1066,6 +1066,18 @@ def test_hub_cache_is_used(pipe_dir, tmp_path, monkeypatch):
         "someone/tiny-upscaler", cache_dir=str(cache)
     )
     assert pipe.unet.config.in_channels == 8
+    # offline, what the cache lacks is named as such: a variant (the hub may have it) and a
+    # revision
+    from flax_latentup import HubError, WeightsError
+
+    with pytest.raises(WeightsError, match=r"variant 'fp16' is not in this Hugging Face cache"):
+        FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+            "someone/tiny-upscaler", cache_dir=str(cache), variant="fp16"
+        )
+    with pytest.raises(HubError, match=r"'someone/tiny-upscaler' at revision 'v2': "):
+        FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+            "someone/tiny-upscaler", cache_dir=str(cache), revision="v2"
+        )
 
 
 def test_vae_tiling_in_pipeline(flax_pipe):
