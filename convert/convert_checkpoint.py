@@ -141,17 +141,20 @@ def source_layout(folder: str, part: str, variant: str | None = None) -> str:
     raise WeightsError(f"no weights in {folder}: expected one of {wanted}")
 
 
-def resolve_source(src: str, variant: str | None = None, *, weights: bool = True) -> str:
-    """A local folder for ``src``: a folder, or a hub id fetched with its safetensors weights
-    of ``variant`` (and, for a component that has none, its ``.bin`` torch pickles); without
-    ``weights``, its configs, tokenizer and scheduler only (what the checks read)."""
+def resolve_source(
+    src: str, variant: str | None = None, *, weights: bool = True, revision: str | None = None
+) -> str:
+    """A local folder for ``src``: a folder, or a hub id fetched (at ``revision``) with its
+    safetensors weights of ``variant`` (and, for a component that has none, its ``.bin`` torch
+    pickles); without ``weights``, its configs, tokenizer and scheduler only (what the checks
+    read)."""
     from flax_latentup import hub
     from flax_latentup.weights import FLAX_WEIGHTS_NAME
 
     if not weights:
         return hub.resolve(src, allow_patterns=list(hub.PIPELINE_CONFIG_PATTERNS))
     allow, ignore = hub.with_variant(hub.PIPELINE_PATTERNS, variant)
-    folder = hub.resolve(src, allow_patterns=allow, ignore_patterns=ignore)
+    folder = hub.resolve(src, allow_patterns=allow, ignore_patterns=ignore, revision=revision)
     if not os.path.isdir(os.path.expanduser(os.fspath(src))):
         # whole or sharded (NAME.bin.index[.VARIANT].json beside NAME[.VARIANT]-0000k-of-0000n.bin)
         pickles = (
@@ -163,7 +166,9 @@ def resolve_source(src: str, variant: str | None = None, *, weights: bool = True
             sub = os.path.join(folder, part)
             if not any(_present(sub, n, variant) for n in (FLAX_WEIGHTS_NAME, *names)):
                 allow = [*allow, *(f"{part}/{p}" for p in pickles)]
-                folder = hub.resolve(src, allow_patterns=allow, ignore_patterns=ignore)
+                folder = hub.resolve(
+                    src, allow_patterns=allow, ignore_patterns=ignore, revision=revision
+                )
     return folder
 
 
@@ -270,7 +275,7 @@ def convert(
     (else ``None``). Everything is checked before any weights are read."""
     import jax.numpy as jnp
 
-    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline, hub
     from flax_latentup.models.base import REPLACE_WITHOUT_VARIANT, read_config, read_json
     from flax_latentup.pipeline import (
         MODEL_CLASSES,
@@ -323,7 +328,8 @@ def convert(
                     "convert without --variant (and with --overwrite) to replace that pipeline",
                 )
             ) from None
-    folder = resolve_source(src, source_variant)  # now with the weights
+    # now with the weights, of the commit just checked
+    folder = resolve_source(src, source_variant, revision=hub.snapshot_commit(folder))
     layouts = {
         part: source_layout(os.path.join(folder, part), part, source_variant) for part in configs
     }

@@ -382,16 +382,18 @@ def main(argv=None) -> int:
             f"{jax.local_device_count()} local device(s)"
         )
     run = run_settings(args, count)
-    last = resume_point(args, config, run)
-    start = 0 if last is None else int(checkpoint_info(last)["step"])
-    if count > 1:  # every process must resume from the same checkpoint
-        starts = all_processes(np.int32(start)).tolist()
+    if count > 1:  # every process must resume from the same checkpoint; compared first (a
+        # collective), before any check that could stop some of the processes only
+        latest = max((step for step, _ in checkpoint_folders(args.output)), default=-1)
+        starts = all_processes(np.int32(latest)).tolist()
         if len(set(starts)) > 1:
             raise SystemExit(
                 f"--output {args.output}: the processes found their latest checkpoints at "
-                f"steps {starts} (in process order): --output must be one folder that every "
-                "process sees (a shared disk or a mounted bucket)"
+                f"steps {starts} (in process order; -1: none): --output must be one folder "
+                "that every process sees (a shared disk or a mounted bucket)"
             )
+    last = resume_point(args, config, run)
+    start = 0 if last is None else int(checkpoint_info(last)["step"])
     if start >= args.steps:
         if me == 0:
             print(f"{last} is at step {start} of --steps {args.steps}: nothing to do")

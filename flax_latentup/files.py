@@ -266,24 +266,28 @@ def staged_entries(path: str, names: Iterable[str]):
                 swapped.append((name, had))
                 os.replace(os.path.join(staging, name), final)
         except BaseException:  # put back what was there, newest swap first
-            try:
-                for name, had in reversed(swapped):
-                    final, new = os.path.join(real, name), os.path.join(staging, name)
+            undo_errors = []
+            for name, had in reversed(swapped):
+                final, new = os.path.join(real, name), os.path.join(staging, name)
+                try:
                     if not os.path.lexists(new) and os.path.lexists(final):
                         os.replace(final, new)
                     if had:
                         os.replace(os.path.join(old, name), final)
-            except BaseException as undo:
-                # the old entries not yet back stay on disk, under a name no later save removes
+                except OSError as e:  # the others are still put back
+                    undo_errors.append(e)
+            if undo_errors:
+                # the old entries not back in place stay on disk, under a name that no later
+                # save removes (the staging folder is a temporary)
                 keep = True
-                kept = os.path.join(real, f"flax-latentup-old-entries-{os.getpid()}")
                 with contextlib.suppress(OSError):
+                    kept = tempfile.mkdtemp(prefix="flax-latentup-old-entries-", dir=real)
                     os.replace(old, kept)
                     old = kept
                 raise OSError(
                     f"the save into {real} failed, and putting back its old entries failed too "
-                    f"({undo}): those not back in place are kept in {old}"
-                ) from undo
+                    f"({undo_errors[0]}): those not back in place are kept in {old}"
+                ) from undo_errors[0]
             raise
     finally:
         if not keep:

@@ -83,6 +83,15 @@ def below_patterns(patterns: Sequence[str]) -> str:
     return "/".join(["*"] * (depth + 2))
 
 
+def snapshot_commit(folder: str) -> str | None:
+    """The commit of a Hugging Face cache snapshot (``.../snapshots/<sha>``, as
+    :func:`resolve` gives a hub repo), else ``None``: a second fetch from the same repo pinned
+    to it sees the same files, whatever was pushed in between."""
+    name = os.path.basename(os.path.normpath(folder))
+    parent = os.path.basename(os.path.dirname(os.path.normpath(folder)))
+    return name if parent == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", name) else None
+
+
 # How the Python API names a model's subfolder, in messages (the batch command names its flag)
 SUBFOLDER_HINT = "subfolder=..."
 
@@ -162,6 +171,11 @@ def resolve(
         ) from None
     except hf_errors.RevisionNotFoundError:
         raise HubError(f"revision {revision!r} not found in hub repo {name!r}") from None
+    except getattr(hf_errors, "IncompleteSnapshotError", ()) as e:  # huggingface_hub >= 1.0
+        raise HubError(
+            f"cannot load {name!r}: the Hugging Face cache holds only part of what is needed "
+            f"(a download cut short?) and the hub cannot be reached to complete it: {e}"
+        ) from None
     except hf_errors.LocalEntryNotFoundError:
         why = (
             "HF_HUB_OFFLINE is set"

@@ -876,7 +876,8 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
     # models) and keep copies of them on devices. A model replaced (``pipe.vae = other``) is
     # checked against the others and split anew; weights changed in place (``nnx.update(
     # pipe.unet, trained)``, an optimizer step on the pipeline's own UNet) are noticed at the
-    # next call (each variable's array is compared by identity, ~1 ms) and split anew too.
+    # next call (each variable's array is compared by identity, ~1 ms) and split anew too. A
+    # variable or module replaced by a new object is not seen until the model is set again.
 
     text_encoder = _ModelPart()
     vae = _ModelPart()
@@ -891,7 +892,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         check_components(configs["text_encoder"], configs["vae"], configs["unet"])
         if part == "text_encoder":
             _check_tokenizer_vocab(self.tokenizer, model.config)
-        self._models[part] = model
+        self._models = {**self._models, part: model}  # a copy of the pipeline keeps its own
         self._refresh_params()
 
     def _sync_weights(self) -> None:
@@ -1030,6 +1031,9 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             scheduler_path = os.path.join(folder, "scheduler", "scheduler_config.json")
             scheduler = read_json(scheduler_path)
             read_config(EulerSchedulerConfig, scheduler_path)  # a bad value: named with its file
+        commit = hub.snapshot_commit(folder)  # the weights of the commit just checked
+        if commit is not None:
+            fetch["revision"] = commit
         folder = hub.resolve(path_or_repo_id, allow_patterns=allow, ignore_patterns=ignore, **fetch)
         kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
         models = {
@@ -1209,11 +1213,12 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
 
     # ---- compiled programs -------------------------------------------------------------------
 
-    # An exception in the step bar or in ``callback`` must not escape into the running program:
-    # on one device JAX would replace it with an opaque runtime error, and on several the
-    # device whose host call failed would stop while the others wait for it at the next step.
-    # The first one is kept, nothing more is delivered, and _host_calls raises it once the
-    # program has finished.
+    # An exception in the step bar or in ``callback`` is kept (the first one) and raised by
+    # _host_calls in place of what the program then gives. On one device it also stops the
+    # program: the host call fails, and JAX's opaque runtime error is replaced by the kept
+    # exception. On several devices it must not escape into the program, where the device
+    # whose host call failed would stop while the others wait for it at the next step: nothing
+    # more is delivered, and it is raised once the program has run its steps.
 
     def _on_progress(self, i) -> None:
         hooks = self._hooks
@@ -1223,6 +1228,8 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
                 bar.update(1)
             except BaseException as e:
                 hooks.setdefault("error", e)
+                if hooks["abort"]:
+                    raise
 
     def _on_callback(self, i, t, x) -> None:
         hooks = self._hooks
@@ -1238,7 +1245,9 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             try:
                 self._deliver(hooks, every=False)
             except BaseException as e:
-                hooks["error"] = e
+                hooks.setdefault("error", e)
+                if hooks["abort"]:
+                    raise
 
     @staticmethod
     def _deliver(hooks: dict[str, Any], every: bool) -> None:
@@ -1252,10 +1261,16 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
 
     @contextlib.contextmanager
     def _host_calls(
-        self, steps: int, rows: int, callback: Callable | None, every: int, show_bar: bool
+        self,
+        steps: int,
+        rows: int,
+        callback: Callable | None,
+        every: int,
+        show_bar: bool,
+        one_device: bool,
     ):
         """The step bar and ``callback`` (every ``every`` steps) that the running program's
-        host calls reach."""
+        host calls reach (``one_device``: the program runs on one, see above)."""
         from tqdm.auto import tqdm
 
         bar = None
@@ -1269,10 +1284,17 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             "lock": threading.Lock(),
             "pending": {},
             "due": collections.deque(range(0, steps, every)),
+            "abort": one_device,
         }
         try:
-            yield
-            jax.effects_barrier()  # every host call of the program has returned
+            try:
+                yield
+                jax.effects_barrier()  # every host call of the program has returned
+            except Exception:
+                error = self._hooks.get("error")
+                if error is None:
+                    raise
+                raise error from None  # what the failed host call raised, not JAX's error
             error = self._hooks.get("error")
             if error is not None:
                 raise error
@@ -1554,7 +1576,10 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
                 callback=callback is not None,
                 settings=trace_settings(),
             )
-            with self._host_calls(steps, batch_size, callback, callback_steps, show_bar):
+            one_device = len(device_list) == 1
+            with self._host_calls(
+                steps, batch_size, callback, callback_steps, show_bar, one_device
+            ):
                 out = self._dispatch(options, batch, device_list, devices, mesh, use_pmap)
 
         if output_type == "latent":

@@ -454,19 +454,18 @@ def _replace_folder(new: str, final: str) -> None:
     same step saved again) is set aside first and deleted only once ``new`` has its name, and
     put back if the rename fails: ``final`` is at every moment the old checkpoint, the new
     one, or absent (the older checkpoints then serve), never a partly deleted one."""
-    old = None
-    if os.path.lexists(final):
-        old = final + ".old"
-        shutil.rmtree(old, ignore_errors=True)
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)  # also one a killed save left behind
+    had = os.path.lexists(final)
+    if had:
         os.replace(final, old)
     try:
         os.replace(new, final)
     except BaseException:
-        if old is not None:
+        if had:
             os.replace(old, final)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 class Trainer:

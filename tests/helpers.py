@@ -447,11 +447,12 @@ def torch_tiling(model, tile_sample_size: int):
         model.tile_sample_min_size, model.tile_latent_min_size = old
 
 
-def fake_hub(monkeypatch, snapshot, repo, source=None, repo_id=None) -> list[str]:
+def fake_hub(monkeypatch, snapshot, repo, source=None, repo_id=None, revisions=None) -> list[str]:
     """``huggingface_hub.snapshot_download`` over a repo of the file names ``repo`` (named
     ``repo_id`` if given: another id fails): each file fetched (by huggingface_hub's own
     pattern matching) is copied from the folder ``source`` into the folder ``snapshot``, or
-    written empty without ``source``. Returns the list the fetched names are put in."""
+    written empty without ``source``; the revision each call asks for is put in the list
+    ``revisions`` if given. Returns the list the fetched names are put in."""
     import shutil
 
     import huggingface_hub
@@ -461,6 +462,8 @@ def fake_hub(monkeypatch, snapshot, repo, source=None, repo_id=None) -> list[str
 
     def snapshot_download(asked, *, allow_patterns, ignore_patterns, **kwargs):
         assert repo_id is None or asked == repo_id, asked
+        if revisions is not None:
+            revisions.append(kwargs.get("revision"))
         for name in filter_repo_objects(
             repo, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
         ):

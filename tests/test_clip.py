@@ -109,6 +109,10 @@ def test_round_trip_bitwise(tmp_path, tiny_clip, prompt_ids):
     a, b = model(jnp.asarray(prompt_ids)), again(jnp.asarray(prompt_ids))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # transformers' pickle of the same weights would go on loading there: refused
+    (tmp_path / "flax" / "pytorch_model.bin").write_bytes(b"old weights")
+    with pytest.raises(FileExistsError, match=r"holds pytorch_model\.bin, torch weights"):
+        model.save_pretrained(tmp_path / "flax")
 
 
 def test_torch_layout_save_names_the_dtype_of_its_weights(tmp_path, tiny_clip):

@@ -652,7 +652,10 @@ def test_hub_pipeline_is_checked_before_its_weights_are_fetched(
 
     remote = shutil.copytree(torch_pipe_dir, tmp_path / "remote")
     names = [str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file()]
-    fetched = helpers.fake_hub(monkeypatch, tmp_path / "snapshot", names, source=remote)
+    commit = "ab" * 20
+    snapshot = tmp_path / "cache" / "snapshots" / commit
+    revisions = []
+    fetched = helpers.fake_hub(monkeypatch, snapshot, names, source=remote, revisions=revisions)
     scheduler = remote / "scheduler" / "scheduler_config.json"
     good = scheduler.read_text()
     scheduler.write_text(json.dumps({**json.loads(good), "prediction_type": "epsilon"}))
@@ -660,13 +663,19 @@ def test_hub_pipeline_is_checked_before_its_weights_are_fetched(
         FlaxStableDiffusionLatentUpscalePipeline.from_pretrained("me/upscaler")
     assert fetched and not [n for n in fetched if n.endswith(".safetensors")], fetched
     scheduler.write_text(good)
-    shutil.rmtree(tmp_path / "snapshot")
+    shutil.rmtree(snapshot)
     fetched.clear()
     with pytest.raises(ValueError, match=r"holds a pipeline 'StableDiffusionLatentUpscalePip"):
         convert_checkpoint.convert("me/upscaler", torch_pipe_dir, variant="fp16")
     assert fetched and not [n for n in fetched if n.endswith(".safetensors")], fetched
+    revisions.clear()
     pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained("me/upscaler")
     assert sorted(set(fetched)) == sorted(names)
+    # the weights are fetched at the commit whose configs were checked
+    assert revisions == [None, commit]
+    revisions.clear()
+    convert_checkpoint.convert("me/upscaler", str(tmp_path / "converted"))
+    assert revisions == [None, commit]
     assert (
         pipe.unet.config
         == FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(torch_pipe_dir).unet.config

@@ -306,9 +306,15 @@ def test_pmap_upscale_takes_either_replicated_layout(flax_pipe_dir, tmp_path):
     }}
     for name, (weights, replicated) in layouts.items():
         out = pmap_upscale(graphdefs, weights, batch, options, devices, replicated=replicated)
-        if replicated:
-            with jax.transfer_guard_device_to_device("disallow"):
-                out = pmap_upscale(graphdefs, weights, batch, options, devices, replicated=True)
+        if replicated:  # weights already copied: nothing is put on the devices again
+            puts, device_put = [], jax.device_put
+            jax.device_put = lambda *a, **k: puts.append(1) or device_put(*a, **k)
+            try:
+                with jax.transfer_guard_device_to_device("disallow"):
+                    out = pmap_upscale(graphdefs, weights, batch, options, devices, replicated=True)
+            finally:
+                jax.device_put = device_put
+            assert not puts, (name, len(puts))
         res[name] = out["latents"]
     # one device: replicate()'s layout (a leading axis of 1) is not mistaken for a copy
     one = parallel.replicate(host, devices[:1])

@@ -327,12 +327,49 @@ def test_no_recompile_for_guidance_prompt_seed(flax_pipe):
     assert counter.count == n  # ... and only once
 
 
+def test_a_raising_callback_stops_the_run_on_one_device(flax_pipe):
+    """On one device, an exception raised in ``callback`` stops the program at that step and
+    is raised as it is (not as JAX's runtime error); the pipeline runs normally afterwards."""
+    import io
+
+    low, _ = inputs(1, seed=22)
+    kw = dict(prompt="a cat", image=low, num_inference_steps=12, rng=3, output_type="latent")
+    reached = []
+    on_progress = flax_pipe._on_progress
+
+    def count(i):  # every host call the program makes, delivered or not
+        reached.append(int(i))
+        on_progress(i)
+
+    class Stop(Exception):
+        pass
+
+    def stop(i, t, x):
+        if i == 1:
+            raise Stop("enough")
+
+    flax_pipe.set_progress_bar_config(file=io.StringIO())
+    flax_pipe._on_progress = count
+    try:
+        with pytest.raises(Stop, match="enough"):
+            flax_pipe(callback=stop, **kw)
+    finally:
+        del flax_pipe._on_progress
+        flax_pipe.set_progress_bar_config(disable=True)
+    assert reached and max(reached) < 11, reached  # the later steps did not run
+    seen = []
+    out = flax_pipe(callback=lambda i, t, x: seen.append(i), **kw).images
+    assert seen == list(range(12)) and np.isfinite(out).all()
+
+
 def test_changed_weights_and_replaced_models_are_used(pipe_dir):
     """Weights updated in place (``nnx.update(pipe.unet, ...)``, as after training) and a model
     replaced (``pipe.vae = other``) are what the next call runs, as a pipeline built anew from
     them runs (before, the weights split off at construction went on running); an in-place
     update compiles nothing new. A replacement of the wrong kind, or one that does not fit
     the other models, is refused and changes nothing."""
+    import copy
+
     from flax import nnx
 
     from flax_latentup import FlaxAutoencoderKL
@@ -370,6 +407,10 @@ def test_changed_weights_and_replaced_models_are_used(pipe_dir):
         pipe.vae = wide
     assert pipe.vae is other
     np.testing.assert_array_equal(pipe(output_type="np", **kw).images, swapped)
+    # a shallow copy's replacement is its own
+    twin = copy.copy(pipe)
+    twin.vae = FlaxAutoencoderKL.from_pretrained(os.path.join(pipe_dir, "vae"))
+    assert pipe.vae is other and twin.vae is not other
 
 
 def test_determinism_and_batch_independence(flax_pipe):
@@ -1047,6 +1088,18 @@ def test_offline_hub_error(tmp_path, monkeypatch):
         FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
             "stabilityai/sd-x2-latent-upscaler", cache_dir=str(tmp_path / "cache")
         )
+    # a cached snapshot that lacks files (an earlier download cut short) is said to be partial
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    def partial(*args, **kwargs):
+        raise errors.IncompleteSnapshotError("2 files are missing", "/cache/snapshots/x")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", partial)
+    with pytest.raises(HubError, match=r"the Hugging Face cache holds only part of .*2 files"):
+        FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+            "stabilityai/sd-x2-latent-upscaler"
+        )
 
 
 def test_hub_cache_is_used(pipe_dir, tmp_path, monkeypatch):
@@ -1280,7 +1333,7 @@ def test_callbacks_reach_the_user_in_step_order(flax_pipe):
 
     order = list(range(0, 40, 3))
     random.Random(0).shuffle(order)
-    with flax_pipe._host_calls(40, 2, callback, 3, show_bar=False):
+    with flax_pipe._host_calls(40, 2, callback, 3, show_bar=False, one_device=False):
         threads = [
             threading.Thread(
                 target=flax_pipe._on_callback, args=(np.int32(i), float(i) / 2, np.zeros((4, 1)))

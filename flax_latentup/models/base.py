@@ -140,14 +140,13 @@ def check_no_flax_weights(folder: str, variant: str | None) -> None:
 
 def check_no_torch_weights(folder: str, names: tuple[str, ...], variant: str | None) -> None:
     """FileExistsError if ``folder`` holds torch weights of ``variant`` under one of the
-    model's torch file ``names`` (whole, sharded, or ``.bin``): diffusers and transformers
-    would go on loading those, not this package's weights saved beside them."""
+    model's torch file ``names`` (``NAME.safetensors`` or ``NAME.bin``; whole or sharded):
+    diffusers and transformers would go on loading those, not this package's weights saved
+    beside them."""
     v = f".{variant}" if variant else ""
     for base in names:
-        stem = base[: -len(".safetensors")]
-        patterns = [f"{stem}{v}{ext}" for ext in (".safetensors", ".bin")]
-        patterns += [f"{stem}{ext}.index{v}.json" for ext in (".safetensors", ".bin")]
-        patterns += [f"{stem}{v}-*-of-*{ext}" for ext in (".safetensors", ".bin")]
+        stem, ext = os.path.splitext(base)
+        patterns = [f"{stem}{v}{ext}", f"{stem}{ext}.index{v}.json", f"{stem}{v}-*-of-*{ext}"]
         found = sorted(
             e for e in os.listdir(folder) if any(fnmatch.fnmatchcase(e, p) for p in patterns)
         )
@@ -260,6 +259,8 @@ class PretrainedModel(hub.PushToHubMixin):
 
     config_class: ClassVar[type]
     torch_weights_names: ClassVar[tuple[str, ...]]
+    # the torch pickles of the same weights that diffusers / transformers also load
+    torch_pickle_names: ClassVar[tuple[str, ...]] = ("diffusion_pytorch_model.bin",)
     key_map: ClassVar[KeyMap] = KeyMap()
     # "model_type"/"_class_name" written into config.json for the torch libraries.
     config: Any
@@ -392,7 +393,9 @@ class PretrainedModel(hub.PushToHubMixin):
         if torch_layout:
             check_no_flax_weights(path, variant)
         elif os.path.isdir(path):
-            check_no_torch_weights(path, self.torch_weights_names, variant)
+            check_no_torch_weights(
+                path, (*self.torch_weights_names, *self.torch_pickle_names), variant
+            )
         config_path = os.path.join(path, CONFIG_NAME)
         keep_config = variant is not None and os.path.isfile(config_path)
         if keep_config:

@@ -138,6 +138,7 @@ class FlaxCLIPTextModel(nnx.Module, PretrainedModel):
 
     config_class = CLIPTextConfig
     torch_weights_names = ("model.safetensors",)
+    torch_pickle_names = ("pytorch_model.bin",)
     # Saved with the "text_model." prefix of the published checkpoints, which transformers 4
     # and 5 both load.
     key_map = KeyMap(
