@@ -31,11 +31,16 @@ from collections.abc import Mapping
 import numpy as np
 
 COMPONENTS = ("text_encoder", "vae", "unet")
-TORCH_FILES = {
-    "text_encoder": ("model.safetensors", "pytorch_model.bin"),
-    "vae": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
-}
+
+
+def torch_files(part: str) -> tuple[str, ...]:
+    """The torch weights file names of a pipeline part: its model's safetensors and pickles."""
+    from flax_latentup.pipeline import MODEL_CLASSES
+
+    cls = MODEL_CLASSES[part]
+    return (*cls.torch_weights_names, *cls.torch_pickle_names)
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 LAYOUTS = ("flax", "torch")
 # Relative error above which --verify reports a failure, by stored dtype.
@@ -135,9 +140,9 @@ def source_layout(folder: str, part: str, variant: str | None = None) -> str:
 
     if _present(folder, FLAX_WEIGHTS_NAME, variant):
         return "flax"
-    if any(_present(folder, n, variant) for n in TORCH_FILES[part]):
+    if any(_present(folder, n, variant) for n in torch_files(part)):
         return "torch"
-    wanted = [variant_name(n, variant) for n in (FLAX_WEIGHTS_NAME, *TORCH_FILES[part])]
+    wanted = [variant_name(n, variant) for n in (FLAX_WEIGHTS_NAME, *torch_files(part))]
     raise WeightsError(f"no weights in {folder}: expected one of {wanted}")
 
 
@@ -162,7 +167,8 @@ def resolve_source(
             if variant
             else ["*.bin", "*.bin.index.json"]
         )
-        for part, names in TORCH_FILES.items():
+        for part in COMPONENTS:
+            names = torch_files(part)
             sub = os.path.join(folder, part)
             if not any(_present(sub, n, variant) for n in (FLAX_WEIGHTS_NAME, *names)):
                 allow = [*allow, *(f"{part}/{p}" for p in pickles)]
@@ -349,7 +355,7 @@ def convert(
     for part, cls in MODEL_CLASSES.items():
         sub = os.path.join(folder, part)
         if layouts[part] == "torch":
-            tensors = read_torch_weights(sub, TORCH_FILES[part], source_variant)
+            tensors = read_torch_weights(sub, torch_files(part), source_variant)
         else:
             tensors = open_weights(sub, [FLAX_WEIGHTS_NAME], source_variant)
         try:

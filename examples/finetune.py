@@ -416,13 +416,13 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:  # not found, not fetchable, not this pipeline
         raise SystemExit(f"--model {args.model!r}: {e}") from None
     f = pipe.vae.config.downsample_factor
-    step = 2**pipe.unet.config.num_resamplers  # the UNet's latent sides: multiples of step
-    unit, least = f * max(step, 2), f * max(2 * step, 2)  # low-res latents: half the sides
+    step, fewest = pipe.unet.config.sample_sides  # the latents' sides (the low-res: halves)
+    unit, least = f * math.lcm(step, 2), f * max(fewest, 2)
     if args.resolution % unit or args.resolution < least:
         raise SystemExit(
             f"--resolution must be a multiple of {unit} and at least {least}, got "
             f"{args.resolution} (the UNet takes latents whose sides are multiples of {step}, "
-            f"at least {2 * step}; one latent is {f} pixels)"
+            f"at least {fewest}; one latent is {f} pixels)"
         )
 
     # frozen text encoder: every caption is tokenized once (77 ids each) and a step's captions

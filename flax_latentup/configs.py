@@ -412,6 +412,14 @@ class UNet2DConditionConfig:
         """Down samplers (= up samplers): every block but the last resamples."""
         return len(self.block_out_channels) - 1
 
+    @property
+    def sample_sides(self) -> tuple[int, int]:
+        """``(multiple, least)``: a sample's height and width must be multiples of
+        ``multiple`` and at least ``least`` (the K resamplers halve and double
+        ``num_resamplers`` times and reflect-pad by one pixel)."""
+        step = 2**self.num_resamplers
+        return step, (2 * step if self.num_resamplers else 1)
+
     def _resnet(self, cin: int, mid: int, cout: int, group_ch: int) -> ResnetPlan:
         return ResnetPlan(cin, mid, cout, cin // K_GROUP_SIZE, group_ch // K_GROUP_SIZE)
 

@@ -138,15 +138,25 @@ def check_no_flax_weights(folder: str, variant: str | None) -> None:
         )
 
 
+def weights_file_patterns(names: tuple[str, ...], variant: str | None) -> list[str]:
+    """File name patterns (fnmatch) of the weights files ``names`` (``NAME.safetensors``,
+    ``NAME.bin``) of ``variant`` (``None``: the plain ones): the single file, the shards and
+    their index, as diffusers and transformers name them."""
+    v = f".{variant}" if variant else ""
+    out = []
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        out += [f"{stem}{v}{ext}", f"{stem}{v}-*-of-*{ext}", f"{stem}{ext}.index{v}.json"]
+    return out
+
+
 def check_no_torch_weights(folder: str, names: tuple[str, ...], variant: str | None) -> None:
     """FileExistsError if ``folder`` holds torch weights of ``variant`` under one of the
     model's torch file ``names`` (``NAME.safetensors`` or ``NAME.bin``; whole or sharded):
     diffusers and transformers would go on loading those, not this package's weights saved
     beside them."""
-    v = f".{variant}" if variant else ""
     for base in names:
-        stem, ext = os.path.splitext(base)
-        patterns = [f"{stem}{v}{ext}", f"{stem}{ext}.index{v}.json", f"{stem}{v}-*-of-*{ext}"]
+        patterns = weights_file_patterns((base,), variant)
         found = sorted(
             e for e in os.listdir(folder) if any(fnmatch.fnmatchcase(e, p) for p in patterns)
         )
@@ -448,16 +458,7 @@ class PretrainedModel(hub.PushToHubMixin):
     def weights_patterns(cls, variant: str | None = None) -> list[str]:
         """File name patterns (fnmatch) of this model's weights of ``variant`` (``None``: the
         plain ones), in each layout: the single file, the shards and their index."""
-        v = f".{variant}" if variant else ""
-        return [
-            pattern
-            for stem in cls._weights_stems()
-            for pattern in (
-                f"{stem}{v}.safetensors",
-                f"{stem}{v}-*-of-*.safetensors",
-                f"{stem}.safetensors.index{v}.json",
-            )
-        ]
+        return weights_file_patterns(cls.weights_names(), variant)
 
     def _hub_replace_patterns(self, variant: str | None) -> list[str]:
         if variant is not None:

@@ -353,8 +353,7 @@ class FlaxUNet2DConditionModel(nnx.Module, PretrainedModel):
                 f"sample has {c} channels in its last axis, the model takes in_channels="
                 f"{cfg.in_channels} (arrays are NHWC: [batch, height, width, channels])"
             )
-        step = 2**cfg.num_resamplers
-        least = 2 * step if cfg.num_resamplers else 1
+        step, least = cfg.sample_sides
         if h % step or w % step or h < least or w < least:
             raise ValueError(
                 f"sample height and width must be multiples of {step} and at least {least} "
