@@ -706,8 +706,8 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--variant",
         default=None,
-        help="weights variant of --model to load, e.g. fp16 (NAME.fp16.safetensors; default: "
-        "the plain weights)",
+        help="weights variant of --model to load, e.g. fp16 (NAME.fp16.safetensors; a model "
+        "that has none loads its plain weights, with a warning; default: the plain weights)",
     )
     p.add_argument(
         "--unet",
@@ -951,13 +951,14 @@ def resolve_model(model: str, variant: str | None = None, skip: Sequence[str] = 
     """The local folder of ``--model`` (fetched from the hub if needed, with the weights of
     ``variant``, without the components in ``skip``); a UsageError if unknown."""
     from flax_latentup import hub
+    from flax_latentup.pipeline import fetch_pipeline_weights
 
     try:
-        allow, ignore = hub.pipeline_patterns(hub.check_variant(variant), skip=skip)
+        hub.check_variant(variant)
     except ValueError as e:
         raise UsageError(f"--variant: {e}") from None
     try:
-        folder = hub.resolve(model, allow_patterns=allow, ignore_patterns=ignore)
+        folder = fetch_pipeline_weights(model, variant, skip=skip)
     except hub.HubError as e:
         raise UsageError(f"--model: {e}") from None
     check_model_folder(folder, variant, skip)
@@ -966,12 +967,14 @@ def resolve_model(model: str, variant: str | None = None, skip: Sequence[str] = 
 
 def check_model_folder(folder: str, variant: str | None, skip: Sequence[str] = ()) -> None:
     """A UsageError unless ``folder`` is a pipeline folder whose models (but those in
-    ``skip``) have configs and weights of ``variant`` and whose tokenizer loads; reads file
+    ``skip``) have configs and weights (of ``variant``, where a model has it: see
+    :func:`~flax_latentup.pipeline.model_variants`) and whose tokenizer loads; reads file
     names, the index, the weights files' headers and the tokenizer, no weights."""
     from flax_latentup.pipeline import (
         MODEL_CLASSES,
         check_pipeline_folder,
         load_tokenizer,
+        model_variants,
         read_pipeline_index,
     )
     from flax_latentup.weights import WeightsError, open_weights
@@ -986,6 +989,10 @@ def check_model_folder(folder: str, variant: str | None, skip: Sequence[str] = (
         check_pipeline_folder(folder, skip=tuple(skip))
     except (OSError, ValueError) as e:
         raise UsageError(f"--model: {e}") from None
+    try:
+        variants = model_variants(folder, variant, skip, warn=False)  # loading warns
+    except WeightsError as e:
+        raise UsageError(f"--variant: {e}") from None
     for part, model in MODEL_CLASSES.items():
         if part in skip:
             continue
@@ -993,9 +1000,9 @@ def check_model_folder(folder: str, variant: str | None, skip: Sequence[str] = (
         if not os.path.isfile(os.path.join(where, "config.json")):
             raise UsageError(f"--model: {where} has no config.json")
         try:
-            open_weights(where, model.weights_names(), variant)
+            open_weights(where, model.weights_names(), variants[part])
         except WeightsError as e:
-            raise UsageError(f"{'--variant' if variant else '--model'}: {e}") from None
+            raise UsageError(f"{'--variant' if variants[part] else '--model'}: {e}") from None
     try:  # small files, read in well under a second
         load_tokenizer(os.path.join(folder, "tokenizer"))
     except (OSError, ValueError) as e:
@@ -1296,7 +1303,7 @@ def model_fingerprints(
     import json
 
     from flax_latentup.models.base import read_json
-    from flax_latentup.pipeline import MODEL_CLASSES
+    from flax_latentup.pipeline import MODEL_CLASSES, model_variants
     from flax_latentup.weights import open_weights
 
     def config(h: Any, path: str) -> None:
@@ -1326,9 +1333,9 @@ def model_fingerprints(
     for name in sorted(os.listdir(tokenizer)):
         if os.path.isfile(os.path.join(tokenizer, name)) and not name.startswith("."):
             sample(whole, os.path.join(tokenizer, name), whole=True)
-    for part in MODEL_CLASSES:
-        if part not in components:
-            model(whole, part, os.path.join(model_dir, part), variant)
+    variants = model_variants(model_dir, variant, skip=tuple(components), warn=False)
+    for part, part_variant in variants.items():
+        model(whole, part, os.path.join(model_dir, part), part_variant)
     prints = {"--model": whole.digest()}
     for part in ("unet", "vae"):
         h = hashlib.sha256()

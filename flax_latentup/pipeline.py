@@ -257,6 +257,69 @@ def check_pipeline_folder(folder: str, skip: Sequence[str] = ()) -> None:
         )
 
 
+def model_variants(
+    folder: str, variant: str | None, skip: Sequence[str] = (), *, warn: bool = True
+) -> dict[str, str | None]:
+    """The weights variant each model of the pipeline folder ``folder`` loads (but those in
+    ``skip``), as diffusers picks them: ``variant`` where the model's subfolder holds weights
+    of it, else its plain weights (a UserWarning names those, unless ``warn`` is false). A
+    WeightsError when none of them holds ``variant``. Reads file names only."""
+    from flax_latentup.weights import WeightsError, has_weights, missing_weights_error
+
+    parts = [part for part in MODEL_CLASSES if part not in skip]
+    if variant is None:
+        return dict.fromkeys(parts)
+    have = {
+        part: has_weights(os.path.join(folder, part), MODEL_CLASSES[part].weights_names(), variant)
+        for part in parts
+    }
+    if parts and not any(have.values()):
+        first = MODEL_CLASSES[parts[0]]
+        e = missing_weights_error(os.path.join(folder, parts[0]), first.weights_names(), variant)
+        raise WeightsError(f"none of {', '.join(parts)} has weights of variant {variant!r}: {e}")
+    plain = [part for part in parts if not have[part]]
+    if plain and warn:
+        warnings.warn(
+            f"variant {variant!r}: {', '.join(plain)} in {folder} "
+            f"{'has' if len(plain) == 1 else 'have'} no weights of it, so the plain weights "
+            f"load there (cast to the dtype asked for) and {variant!r} for the others",
+            stacklevel=2,
+        )
+    return {part: variant if have[part] else None for part in parts}
+
+
+def fetch_pipeline_weights(
+    path_or_repo_id: str | os.PathLike,
+    variant: str | None,
+    skip: Sequence[str] = (),
+    **fetch: Any,
+) -> str:
+    """The local folder of a pipeline with the weights its models load (but those in
+    ``skip``): a folder as it is, a hub repo fetched (``fetch``: revision, cache, token) with
+    the weights of ``variant`` where the repo has them and the plain ones of the models that
+    have none (as diffusers loads a variant, see :func:`model_variants`); other weights are
+    never fetched."""
+    from flax_latentup.weights import has_weights
+
+    allow, ignore = hub.pipeline_patterns(variant, skip=tuple(skip))
+    folder = hub.resolve(path_or_repo_id, allow_patterns=allow, ignore_patterns=ignore, **fetch)
+    if variant is None:
+        return folder
+    parts = [part for part in MODEL_CLASSES if part not in skip]
+    have = [
+        part
+        for part in parts
+        if has_weights(os.path.join(folder, part), MODEL_CLASSES[part].weights_names(), variant)
+    ]
+    if have and len(have) < len(parts):  # a mixture: the others' plain weights, same commit
+        commit = hub.snapshot_commit(folder)
+        if commit is not None:
+            fetch = {**fetch, "revision": commit}
+        allow, ignore = hub.pipeline_patterns(None, skip=(*skip, *have))
+        folder = hub.resolve(path_or_repo_id, allow_patterns=allow, ignore_patterns=ignore, **fetch)
+    return folder
+
+
 def check_variant_folder(
     path: str | os.PathLike,
     configs: Mapping[str, Any],
@@ -982,7 +1045,9 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         hub (safetensors, configs, tokenizer); ``HF_HUB_OFFLINE=1`` uses the cache only.
         ``variant`` (e.g. ``"fp16"``) loads each model's ``NAME.fp16.safetensors`` (and fetches
         only those) instead of the plain weights, as in diffusers; they are cast to
-        ``param_dtype`` on loading.
+        ``param_dtype`` on loading. As in diffusers, a model that has no weights of
+        ``variant`` loads its plain ones (with a UserWarning naming it), and only a pipeline
+        none of whose models has it is refused.
 
         ``text_encoder``, ``vae``, ``unet``, ``tokenizer`` and ``scheduler`` replace the
         repo's component of that name, as in diffusers (a fine-tuned UNet, another VAE): it is
@@ -1003,7 +1068,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         _check_component_types(**given)
         if scheduler is not None:
             _scheduler_config(scheduler)  # unsupported options raise here, before any loading
-        allow, ignore = hub.pipeline_patterns(hub.check_variant(variant), skip=tuple(given))
+        hub.check_variant(variant)
         fetch = dict(
             revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
         )
@@ -1034,10 +1099,13 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         commit = hub.snapshot_commit(folder)  # the weights of the commit just checked
         if commit is not None:
             fetch["revision"] = commit
-        folder = hub.resolve(path_or_repo_id, allow_patterns=allow, ignore_patterns=ignore, **fetch)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, variant=variant)
+        folder = fetch_pipeline_weights(path_or_repo_id, variant, skip=tuple(given), **fetch)
+        variants = model_variants(folder, variant, skip=tuple(given))
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
         models = {
-            part: given[part] if part in given else model.from_pretrained(folder, part, **kw)
+            part: given[part]
+            if part in given
+            else model.from_pretrained(folder, part, variant=variants[part], **kw)
             for part, model in MODEL_CLASSES.items()
         }
         return cls(models["text_encoder"], models["vae"], models["unet"], tokenizer, scheduler)

@@ -145,6 +145,16 @@ def shard_index(folder: str, name: str, variant: str | None = None) -> dict[str,
     return weight_map
 
 
+def has_weights(folder: str, candidates: Iterable[str], variant: str | None = None) -> bool:
+    """Whether ``folder`` holds one of ``candidates`` of ``variant``, whole or sharded: what
+    :func:`open_weights` would open (read from file names alone)."""
+    return any(
+        os.path.isfile(os.path.join(folder, variant_name(name, variant)))
+        or os.path.isfile(os.path.join(folder, variant_name(name + ".index.json", variant)))
+        for name in candidates
+    )
+
+
 def open_weights(folder: str, candidates: Iterable[str], variant: str | None = None) -> TensorFile:
     """Open the first weights file of ``candidates`` present in ``folder`` (their ``variant``,
     e.g. ``"fp16"``, when given: ``NAME.fp16.safetensors``).
@@ -164,6 +174,15 @@ def open_weights(folder: str, candidates: Iterable[str], variant: str | None = N
             found = TensorFile(os.path.join(folder, s) for s in sorted(set(weight_map.values())))
         found.name = base  # which of the candidates, whole or sharded
         return found
+    raise missing_weights_error(folder, names, variant)
+
+
+def missing_weights_error(
+    folder: str, candidates: Iterable[str], variant: str | None = None
+) -> WeightsError:
+    """The error for a ``folder`` that holds none of ``candidates`` of ``variant``: what it
+    holds instead, and how to load that (another variant, the plain weights, a conversion)."""
+    candidates = [variant_name(name, variant) for name in candidates]
     present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     hint = ""
     cached = f"{os.sep}snapshots{os.sep}" in os.path.abspath(folder)
@@ -193,7 +212,7 @@ def open_weights(folder: str, candidates: Iterable[str], variant: str | None = N
             "; this folder holds torch pickles: turn them into safetensors with "
             "`flax-latentup convert` (needs the [torch] extra)"
         )
-    raise WeightsError(
+    return WeightsError(
         f"no weights in {folder}: expected one of {candidates} (found {present}){hint}"
     )
 

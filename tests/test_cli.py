@@ -446,6 +446,29 @@ def test_model_fingerprints_tell_models_not_paths(flax_pipe_dir, tmp_path):
     assert given == model_fingerprints(flax_pipe_dir, {"unet": os.path.join(copy, "unet")})
 
 
+def test_variant_some_models_lack(flax_pipe_dir, tmp_path):
+    """``--variant``: a model without weights of it takes its plain ones (as the pipeline
+    loads them), and the run's fingerprint covers the weights that load; a model folder none
+    of whose models has the variant is a usage error naming them."""
+    import jax.numpy as jnp
+
+    from flax_latentup.cli import UsageError, model_fingerprints, resolve_model
+    from flax_latentup.models.unet import FlaxUNet2DConditionModel
+
+    folder = str(tmp_path / "pipe")
+    shutil.copytree(flax_pipe_dir, folder)
+    unet = FlaxUNet2DConditionModel.from_pretrained(folder, "unet", param_dtype=jnp.bfloat16)
+    unet.save_pretrained(os.path.join(folder, "unet"), variant="bf16")
+    assert resolve_model(folder, "bf16") == folder
+    plain = model_fingerprints(folder, {})
+    assert plain == model_fingerprints(flax_pipe_dir, {})
+    assert model_fingerprints(folder, {}, "bf16")["--model"] != plain["--model"]
+    with pytest.raises(
+        UsageError, match="--variant: none of text_encoder, vae has weights of variant 'bf16'"
+    ):
+        resolve_model(folder, "bf16", skip=("unet",))
+
+
 @pytest.mark.heavy
 def test_distributed_processes_share_one_output_folder(flax_pipe_dir, tmp_path):
     """``--distributed``: two processes upscale their shares into one output folder. A killed

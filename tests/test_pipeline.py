@@ -598,6 +598,75 @@ def file_ids(folder) -> dict[str, tuple[int, int, float, int]]:
     return out
 
 
+def test_variant_a_model_lacks_loads_its_plain_weights(torch_pipe, pipe_dir, tmp_path, monkeypatch):
+    """As in diffusers, variant= loads the plain weights of a model that has none of that
+    variant, with a warning naming it: the weights diffusers loads from the same folder. From
+    the hub, only the weights each model loads are fetched, all of the commit first seen. A
+    pipeline none of whose (loaded) models has the variant is refused, naming them."""
+    import copy
+
+    from diffusers import StableDiffusionLatentUpscalePipeline
+
+    from flax_latentup import WeightsError
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(pipe_dir, folder)
+    copy.deepcopy(torch_pipe.unet).to(torch.float16).save_pretrained(
+        folder / "unet", variant="fp16"
+    )
+    want = StableDiffusionLatentUpscalePipeline.from_pretrained(str(folder), variant="fp16")
+    assert want.unet.dtype == torch.float32  # the float16 weights, cast up
+    with pytest.warns(
+        UserWarning, match=r"variant 'fp16': text_encoder, vae in \S*mixed have no weights of it"
+    ):
+        got = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(folder), variant="fp16")
+    got.save_pretrained(tmp_path / "back", torch_layout=True)
+    back = StableDiffusionLatentUpscalePipeline.from_pretrained(str(tmp_path / "back"))
+    for part in ("text_encoder", "vae", "unet"):
+        helpers.assert_same_state_dict(getattr(back, part), getattr(want, part), what=part)
+    rounded = torch_pipe.unet.conv_in.weight.to(torch.float16).float()
+    assert torch.equal(back.unet.conv_in.weight, rounded)
+    assert not torch.equal(rounded, torch_pipe.unet.conv_in.weight)
+
+    # from the hub: the unet's variant and the others' plain weights, of one commit
+    commit = "1" * 40
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    revisions: list = []
+    fetched = helpers.fake_hub(
+        monkeypatch,
+        tmp_path / "cache" / "snapshots" / commit,
+        names,
+        source=folder,
+        repo_id="someone/mixed",
+        revisions=revisions,
+    )
+    with pytest.warns(UserWarning, match=r"variant 'fp16': text_encoder, vae in "):
+        hub = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+            "someone/mixed", variant="fp16"
+        )
+    weights = sorted(n for n in fetched if n.endswith(".safetensors"))
+    assert weights == [
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+    assert revisions == [None, commit, commit]
+    for part in ("text_encoder", "vae", "unet"):
+        a = jax.tree.leaves(nnx.state(getattr(hub, part)))
+        b = jax.tree.leaves(nnx.state(getattr(got, part)))
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)), part
+
+    # no model that loads has the variant: refused before any weights are read
+    with pytest.raises(
+        WeightsError, match=r"none of text_encoder, vae, unet has weights of variant 'bf16': "
+    ):
+        FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(folder), variant="bf16")
+    with pytest.raises(WeightsError, match=r"none of text_encoder, vae has weights of variant"):
+        FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+            str(folder), variant="fp16", unet=got.unet
+        )
+
+
 def test_variant_saved_beside_the_pipeline(torch_pipe, pipe_dir, flax_pipe, tmp_path):
     """save_pretrained(variant=) adds each model's NAME.<variant>.safetensors to a pipeline
     folder and keeps the rest as it was (same files); both load, here and in diffusers (the
