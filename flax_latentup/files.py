@@ -134,6 +134,38 @@ def atomic_write(
         raise
 
 
+def sync_folder(folder: str) -> None:
+    """Flush ``folder``'s entries (names created, renamed or removed there) to disk; a no-op
+    where folders cannot be synced (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path: str) -> None:
+    """Flush the folder ``path``, everything under it, and the folder entry that names it to
+    disk, so that what was written there survives a crash or a power loss (before older
+    copies are deleted, say). An OSError if a file cannot be flushed (a failing disk)."""
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for name in dirs:
+            sync_folder(os.path.join(root, name))
+    sync_folder(path)
+    sync_folder(os.path.dirname(os.path.abspath(path)))
+
+
 def probe_writable(folder: str, *, create: bool = True) -> None:
     """OSError unless files can be written in ``folder``. With ``create`` the folder is made
     if needed; without, a folder that does not exist yet is judged by its nearest existing

@@ -57,7 +57,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flax_latentup.files import atomic_write
+from flax_latentup.files import atomic_write, sync_folder, sync_tree
 from flax_latentup.models.base import read_json
 from flax_latentup.models.unet import FlaxUNet2DConditionModel
 from flax_latentup.models.vae import FlaxAutoencoderKL
@@ -706,7 +706,8 @@ class Trainer:
 
         A state whose weights, EMA or optimizer state hold NaN or infinity (a diverged run)
         is refused with :class:`NonFiniteError` (a ValueError) naming the step, and nothing
-        is written; so is a ``run`` that is not a dict of finite JSON values. A write that
+        is written; so is a ``run`` that is not a dict of finite JSON values. The checkpoint
+        is flushed to disk before this returns, so older ones can be deleted then. A write that
         fails (a full disk) raises an OSError, with nothing left of the checkpoint; with
         several processes (process 0 writes, all call this) the others raise an OSError that
         names process 0, rather than wait for it.
@@ -746,7 +747,9 @@ class Trainer:
                 self.unet(state, ema=True).save_pretrained(os.path.join(tmp, "unet_ema"))
                 _save_leaves(_host(state.opt_state), os.path.join(tmp, _OPT_FILE))
                 atomic_write(os.path.join(tmp, _STATE_FILE), lambda f: f.write(text), text=True)
+                sync_tree(tmp)  # on disk under its final name before anyone prunes older ones
                 _replace_folder(tmp, final)
+                sync_folder(folder)
             except Exception as e:  # a full disk, a folder gone: no half checkpoint is left
                 shutil.rmtree(tmp, ignore_errors=True)
                 failure = e

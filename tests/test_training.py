@@ -870,6 +870,48 @@ def test_checkpoint_that_cannot_be_written(setup, tmp_path, monkeypatch):
         assert open(os.path.join(before, n, "config.json")).read() == text
 
 
+def test_checkpoint_is_on_disk_before_it_is_named(setup, tmp_path, monkeypatch):
+    """Every file and folder of a checkpoint is flushed to disk before it takes its name,
+    and the folder holding it after (so pruning older checkpoints then loses nothing to a
+    crash); a flush that fails (a failing disk) leaves no checkpoint of that step."""
+    trainer, _ = setup
+    state = trainer.init_state()
+    run = tmp_path / "run"
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        replace(src, dst)
+        events.append(("rename", os.path.realpath(dst)))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    final = os.path.realpath(trainer.save_checkpoint(run, state))
+    named = events.index(("rename", final))
+    synced = {path for kind, path in events[:named] if kind == "sync"}
+    tmp = final + ".tmp"
+    for root, dirs, files in os.walk(final):
+        for name in (*dirs, *files):
+            inside = os.path.join(tmp, os.path.relpath(os.path.join(root, name), final))
+            assert inside in synced, name
+    assert tmp in synced
+    assert ("sync", os.path.realpath(run)) in events[named + 1 :]
+
+    def failing_fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("optimizer.safetensors"):
+            raise OSError(5, "Input/output error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        trainer.save_checkpoint(run, state.replace(step=np.asarray(1, np.int32)))
+    assert os.listdir(run) == [os.path.basename(final)]
+
+
 def test_checkpoint_records_run_settings_as_strict_json(setup, tmp_path):
     trainer, _ = setup
     state = trainer.init_state()
