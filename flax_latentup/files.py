@@ -7,6 +7,7 @@ can remove what a killed run left behind without touching what a live one is wri
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import functools
 import os
@@ -102,6 +103,24 @@ def new_dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
+# what fsync sets where a file system cannot flush (some FUSE mounts): nothing to wait for
+_CANNOT_SYNC = {
+    getattr(errno, name)
+    for name in ("EINVAL", "ENOTSUP", "EOPNOTSUPP", "ENOSYS")
+    if hasattr(errno, name)
+}
+
+
+def fsync(fd: int) -> None:
+    """``os.fsync(fd)``, a no-op on a file system that cannot flush (it says so with
+    EINVAL or ENOTSUP); other errors, a failing or full disk's, are raised."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _CANNOT_SYNC:
+            raise
+
+
 def atomic_write(
     path: str,
     write: Callable[[Any], None],
@@ -124,7 +143,7 @@ def atomic_write(
         with os.fdopen(fd, "w" if text else "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            fsync(f.fileno())
         if before_rename is not None:
             before_rename()
         os.replace(tmp, path)
@@ -143,7 +162,7 @@ def sync_folder(folder: str) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
+    except OSError:  # folders cannot be synced everywhere
         pass
     finally:
         os.close(fd)
@@ -157,7 +176,7 @@ def sync_tree(path: str) -> None:
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:
-                os.fsync(fd)
+                fsync(fd)
             finally:
                 os.close(fd)
         for name in dirs:

@@ -448,7 +448,7 @@ def save_flax_weights(
     transformers load."""
     from safetensors.numpy import save_file
 
-    from flax_latentup.files import new_file_mode, temporary_prefix
+    from flax_latentup.files import fsync, new_file_mode, temporary_prefix
 
     if torch_layout:
         arrays = torch_state_dict(model, key_map)
@@ -463,7 +463,7 @@ def save_flax_weights(
         save_file(arrays, tmp, metadata=meta)
         os.chmod(tmp, new_file_mode())
         with open(tmp, "rb") as f:  # on disk before it takes the name
-            os.fsync(f.fileno())
+            fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
