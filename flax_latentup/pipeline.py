@@ -78,9 +78,24 @@ DEFAULT_REPO = "stabilityai/sd-x2-latent-upscaler"
 @dataclasses.dataclass
 class UpscalePipelineOutput:
     """``images``: a list of PIL images, a float32 array ``[B, H, W, 3]`` in [0, 1], or the
-    latents ``[B, 2h, 2w, 4]``, by ``output_type``."""
+    latents ``[B, 2h, 2w, 4]``, by ``output_type``. Read as diffusers' outputs are, too:
+    ``out[0]`` and ``out["images"]`` are ``out.images``, ``out.to_tuple()`` is
+    ``(out.images,)``."""
 
     images: Any
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self)]
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(f"{key!r}: an upscale output holds {self.keys()}")
+            return getattr(self, key)
+        return self.to_tuple()[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -825,14 +840,24 @@ def image_keys(rng: Any, batch: int) -> np.ndarray:
     """One PRNG key per image, as raw uint32 key data ``[B, 2]``.
 
     ``rng`` is a seed or key for the whole call (image i gets ``fold_in(key, i)``, so it does
-    not change with the batch size), or a list of ``B`` seeds/keys, one per image, used as they
-    are (so an image's noise does not depend on its position either). ``None`` means seed 0.
+    not change with the batch size), or ``B`` seeds/keys, one per image, used as they are (so
+    an image's noise does not depend on its position either): a list, or an array of ``B``
+    keys (``jax.random.split(key, B)``, or raw ``uint32`` key data ``[B, 2]``). ``None``
+    means seed 0.
     """
     if rng is None:
         rng = 0
+    if isinstance(rng, jax.Array | np.ndarray) and not isinstance(rng, bool):
+        typed = isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+        if (typed and rng.ndim == 1) or (
+            not typed and rng.ndim == 2 and rng.shape[1:] == (2,) and rng.dtype == np.uint32
+        ):
+            rng = list(rng)  # one key per image
     if isinstance(rng, list | tuple):
         if len(rng) != batch:
-            raise ValueError(f"rng has {len(rng)} per-image seeds but the image batch has {batch}")
+            raise ValueError(
+                f"rng has {len(rng)} per-image seeds/keys but the image batch has {batch}"
+            )
         keys = jnp.stack([_one_key(r) for r in rng])
     else:
         key = _one_key(rng)
@@ -900,20 +925,27 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         vae: FlaxAutoencoderKL,
         unet: FlaxUNet2DConditionModel,
         tokenizer: Any,
-        scheduler_config: EulerSchedulerConfig | Mapping[str, Any] | Any,
+        scheduler_config: EulerSchedulerConfig | Mapping[str, Any] | Any = None,
+        *,
+        scheduler: Any = None,
     ):
         """Assemble a pipeline from loaded parts (see :attr:`components`). ``scheduler_config``
-        is an :class:`~flax_latentup.sampling.EulerSchedulerConfig`, a
-        ``scheduler_config.json`` dict or a diffusers ``EulerDiscreteScheduler``. Parts that
-        do not fit together (the UNet's channels and text widths against the VAE's and text
-        encoder's configs, the tokenizer's size against the vocabulary) raise a ValueError."""
+        (or ``scheduler``, diffusers' name for it) is an
+        :class:`~flax_latentup.sampling.EulerSchedulerConfig`, a ``scheduler_config.json``
+        dict or a diffusers ``EulerDiscreteScheduler``. Parts that do not fit together (the
+        UNet's channels and text widths against the VAE's and text encoder's configs, the
+        tokenizer's size against the vocabulary) raise a ValueError."""
+        if (scheduler_config is None) == (scheduler is None):
+            raise TypeError(
+                "give the pipeline's scheduler once: scheduler_config= (or scheduler=, as "
+                f"diffusers names it), got {'both' if scheduler is not None else 'neither'}"
+            )
         _check_component_types(text_encoder=text_encoder, vae=vae, unet=unet, tokenizer=tokenizer)
-        scheduler_config, self._scheduler_dict = _scheduler_config(scheduler_config)
+        self.scheduler_config = scheduler_config if scheduler is None else scheduler
         check_components(text_encoder.config, vae.config, unet.config)
         _check_tokenizer_vocab(tokenizer, text_encoder.config)
         self._models = {"text_encoder": text_encoder, "vae": vae, "unet": unet}
         self.tokenizer = tokenizer
-        self.scheduler_config = scheduler_config
         self._progress_bar_config: dict[str, Any] = {}
         self._programs: dict[CoreOptions, Callable] = {}
         self._encode_prompt_fn: Callable | None = None
@@ -994,6 +1026,29 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             fn = _winograd_program(self.graphdefs.unet)
             kernels = self._winograd[key] = fn(self.params["unet"], settings=key)
         return kernels
+
+    @property
+    def scheduler_config(self) -> EulerSchedulerConfig:
+        """The Euler schedule the pipeline samples with and saves. Setting it takes what the
+        constructor takes (an :class:`~flax_latentup.sampling.EulerSchedulerConfig`, a
+        ``scheduler_config.json`` dict, a diffusers ``EulerDiscreteScheduler``), checked as
+        there; a dict's or scheduler's own keys are what :meth:`save_pretrained` writes."""
+        return self._scheduler
+
+    @scheduler_config.setter
+    def scheduler_config(self, scheduler: Any) -> None:
+        self._scheduler, self._scheduler_dict = _scheduler_config(scheduler)
+
+    @property
+    def scheduler(self) -> EulerSchedulerConfig:
+        """:attr:`scheduler_config` by diffusers' name: ``pipe.scheduler =
+        EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")``
+        changes the schedule as it does in diffusers."""
+        return self._scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler: Any) -> None:
+        self.scheduler_config = scheduler
 
     @property
     def dtype(self):
@@ -1424,7 +1479,8 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         means "". ``guidance_scale``: 0 replaces the prompt by "" (the diffusers default use);
         classifier-free guidance runs when it is > 1. ``rng``: an int seed or a JAX key (image i
         draws its noise from ``fold_in(key, i)``, so it does not depend on the batch size), or
-        a list of one seed/key per image; ``None`` is seed 0, so a call without ``rng`` gives
+        one seed/key per image (a list, or an array of keys such as
+        ``jax.random.split(key, B)``); ``None`` is seed 0, so a call without ``rng`` gives
         the same result each time (diffusers draws new noise without a generator).
         ``latents``: the initial noise ``[B, 2h, 2w, 4]`` (NHWC; NCHW for torch), scaled by the
         initial sigma inside. ``callback(step, timestep, latents)`` runs every
@@ -1458,7 +1514,8 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
                 f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}"
             )
         number = isinstance(guidance_scale, numbers.Real) or (
-            isinstance(guidance_scale, np.ndarray | jax.Array) and guidance_scale.ndim == 0
+            (isinstance(guidance_scale, np.ndarray | jax.Array) or is_torch_tensor(guidance_scale))
+            and guidance_scale.ndim == 0
         )
         if not number or isinstance(guidance_scale, bool):
             raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")

@@ -88,6 +88,12 @@ class EulerSchedulerConfig:
         d["_class_name"] = "EulerDiscreteScheduler"
         return d
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """:meth:`to_dict`, by the name a diffusers scheduler gives its config:
+        ``EulerDiscreteScheduler.from_config(pipe.scheduler.config)`` reads it."""
+        return self.to_dict()
+
     @classmethod
     def sd_x2_latent_upscaler(cls) -> EulerSchedulerConfig:
         """The scheduler config of stabilityai/sd-x2-latent-upscaler."""

@@ -169,6 +169,61 @@ def test_parity_fast_test_scheduler(tokenizer_dir, tmp_path):
         assert_close(got, want)
 
 
+def test_scheduler_set_as_in_diffusers(torch_pipe, flax_pipe, tmp_path):
+    """``pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, ...)``
+    changes what the pipeline samples with, as in diffusers, and what it saves; so does
+    setting ``scheduler_config``, checked as the constructor checks it. The constructor takes
+    the scheduler by diffusers' name too."""
+    import copy
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionLatentUpscalePipeline
+
+    from flax_latentup.configs import ConfigError
+    from flax_latentup.sampling import EulerSchedulerConfig
+
+    low, noise = inputs(1, seed=17)
+    kw = dict(num_inference_steps=3, guidance_scale=0.0)
+    changes = dict(timestep_spacing="trailing", interpolation_type="linear")
+    swapped = StableDiffusionLatentUpscalePipeline(
+        **{
+            **torch_pipe.components,
+            "scheduler": EulerDiscreteScheduler.from_config(torch_pipe.scheduler.config, **changes),
+        }
+    )
+    want = run_torch(swapped, "a photo of the cat", low, noise, **kw)
+    pipe = copy.copy(flax_pipe)
+    before = run_flax(pipe, "a photo of the cat", low, noise, **kw)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, **changes)
+    assert pipe.scheduler_config.timestep_spacing == "trailing"
+    assert flax_pipe.scheduler_config.timestep_spacing == "linspace"  # the copy's own
+    got = run_flax(pipe, "a photo of the cat", low, noise, **kw)
+    assert_close(got, want)
+    assert np.max(np.abs(got - before)) > 1e-3
+    pipe.save_pretrained(tmp_path / "p")
+    again = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(str(tmp_path / "p"))
+    assert again.scheduler_config == pipe.scheduler_config
+    # a dict, or a config; a bad one is refused and the pipeline keeps its own
+    pipe.scheduler_config = {**dict(torch_pipe.scheduler.config), "timestep_spacing": "leading"}
+    assert pipe.scheduler.timestep_spacing == "leading"
+    pipe.scheduler_config = EulerSchedulerConfig.sd_x2_latent_upscaler()
+    assert pipe.scheduler_config == EulerSchedulerConfig.sd_x2_latent_upscaler()
+    with pytest.raises(ConfigError, match="prediction_type"):
+        pipe.scheduler = {"prediction_type": "epsilon"}
+    with pytest.raises(TypeError, match="scheduler must be an EulerSchedulerConfig"):
+        pipe.scheduler_config = 3
+    assert pipe.scheduler_config == EulerSchedulerConfig.sd_x2_latent_upscaler()
+    # built with scheduler=, as diffusers names it; given once
+    parts = {k: v for k, v in flax_pipe.components.items() if k != "scheduler_config"}
+    built = FlaxStableDiffusionLatentUpscalePipeline(**parts, scheduler=swapped.scheduler)
+    assert built.scheduler_config.timestep_spacing == "trailing"
+    with pytest.raises(TypeError, match="give the pipeline's scheduler once: .* got neither"):
+        FlaxStableDiffusionLatentUpscalePipeline(**parts)
+    with pytest.raises(TypeError, match="got both"):
+        FlaxStableDiffusionLatentUpscalePipeline(
+            **flax_pipe.components, scheduler=swapped.scheduler
+        )
+
+
 def test_parity_pictures_argmax(torch_pipe, flax_pipe):
     """Pictures in: Flax encodes with the posterior mode; torch is fed those mode latents."""
     rng = np.random.default_rng(3)
@@ -425,6 +480,17 @@ def test_determinism_and_batch_independence(flax_pipe):
     np.testing.assert_allclose(a[:1], alone, rtol=0, atol=1e-5)
     other = flax_pipe(prompt=["a", "b"], image=low, **{**kw, "rng": 99}).images
     assert np.max(np.abs(other - a)) > 1e-3
+    # one key per image: an array of keys is the list of them
+    keys = jax.random.split(jax.random.key(7), 2)
+    listed = flax_pipe(prompt=["a", "b"], image=low, **{**kw, "rng": list(keys)}).images
+    split = flax_pipe(prompt=["a", "b"], image=low, **{**kw, "rng": keys}).images
+    np.testing.assert_array_equal(listed, split)
+    raw = np.asarray(jax.random.key_data(keys))
+    np.testing.assert_array_equal(
+        listed, flax_pipe(prompt=["a", "b"], image=low, **{**kw, "rng": raw}).images
+    )
+    with pytest.raises(ValueError, match="rng has 2 per-image seeds/keys but the image batch"):
+        flax_pipe(prompt="a", image=low[:1], **{**kw, "rng": keys})
 
 
 def test_output_types_and_tuple(flax_pipe):
@@ -437,6 +503,15 @@ def test_output_types_and_tuple(flax_pipe):
     assert 0.0 <= imgs.min() and imgs.max() <= 1.0
     pil = flax_pipe(output_type="pil", **kw).images
     np.testing.assert_array_equal(np.asarray(pil[0]), (imgs[0] * 255).round().astype(np.uint8))
+    # read as diffusers' outputs are
+    out = flax_pipe(output_type="latent", **kw)
+    assert out[0] is out.images and out["images"] is out.images and out[-1] is out.images
+    assert len(out.to_tuple()) == 1 and out.to_tuple()[0] is out.images
+    assert out.keys() == ["images"]
+    with pytest.raises(KeyError, match="'latents': an upscale output holds"):
+        out["latents"]
+    with pytest.raises(IndexError):
+        out[1]
 
 
 def test_callback_and_progress_bar(flax_pipe, capsys):
@@ -466,6 +541,11 @@ def test_torch_tensor_inputs(flax_pipe):
     kw = dict(prompt="x", num_inference_steps=2, guidance_scale=0.0, output_type="np")
     a = flax_pipe(image=low, latents=noise, **kw).images
     b = flax_pipe(image=nchw(low), latents=nchw(noise), **kw).images
+    np.testing.assert_array_equal(a, b)
+    # a 0-d tensor guidance scale, as diffusers takes it
+    kw = {**kw, "guidance_scale": 3.0}
+    a = flax_pipe(image=low, latents=noise, **kw).images
+    b = flax_pipe(image=low, latents=noise, **{**kw, "guidance_scale": torch.tensor(3.0)}).images
     np.testing.assert_array_equal(a, b)
 
 
