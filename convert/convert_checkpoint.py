@@ -469,7 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="pipeline folder (torch or Flax weights) or hub repo id")
     p.add_argument("dst", help="output folder for the converted pipeline")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="stored weight dtype")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="stored weight dtype (default: %(default)s, whatever SRC stores)",
+    )
     p.add_argument(
         "--layout",
         choices=LAYOUTS,

@@ -755,16 +755,10 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         choices=DTYPES,
-        default="auto",
+        default=None,
         help="compute dtype (default auto: bfloat16 on TPUs and GPUs from Ampere on, float16 on older GPUs, float32 on CPUs)",
     )
-    p.add_argument(
-        "--fp32",
-        action="store_const",
-        const="float32",
-        dest="dtype",
-        help="same as --dtype float32",
-    )
+    p.add_argument("--fp32", action="store_true", help="same as --dtype float32")
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -843,6 +837,9 @@ def validate_upscale_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--suffix must not contain a path separator, got {args.suffix!r}")
     if args.compile_cache is not None and args.no_compile_cache:
         raise UsageError("give either --compile-cache or --no-compile-cache, not both")
+    if args.fp32 and args.dtype is not None:
+        raise UsageError("give either --dtype or --fp32 (the same as --dtype float32), not both")
+    args.dtype = "float32" if args.fp32 else args.dtype or "auto"
     for part in ("unet", "vae"):
         sub = getattr(args, f"{part}_subfolder")
         if sub is None:

@@ -471,7 +471,8 @@ def _replace_folder(new: str, final: str) -> None:
 class Trainer:
     """Fine-tunes a :class:`FlaxUNet2DConditionModel` (the frozen parts are left as given).
 
-    ``uncond``: the ``""`` prompt's ``(context [L, D], pooled [D])`` for text dropout.
+    ``uncond``: the ``""`` prompt's ``(context [L, D], pooled [D])`` for text dropout
+    (``pipe.encode_prompt([""])``, its batch of one taken as it is).
     ``mesh``: a 1-D ``("data",)`` mesh (default: every device of every process); batches must
     divide by its size. ``remat``: rematerialise the UNet's blocks (less memory, more compute).
 
@@ -521,6 +522,8 @@ class Trainer:
         self.replicated = NamedSharding(mesh, P())
         self.sharded = NamedSharding(mesh, P("data"))
         ctx, pooled = (np.asarray(u, np.float32) for u in uncond)
+        if ctx.ndim == 3 and ctx.shape[0] == 1 and pooled.ndim == 2 and pooled.shape[0] == 1:
+            ctx, pooled = ctx[0], pooled[0]  # encode_prompt([""]) as it comes: a batch of one
         d_ctx, d_cond = unet.config.cross_attention_dim, unet.config.time_cond_proj_dim
         if ctx.ndim != 2 or ctx.shape[1] != d_ctx:
             raise ValueError(

@@ -227,6 +227,10 @@ def test_killed_run_resumes_byte_identical(flax_pipe_dir, tmp_path):
             ["-i", "{tmp}/in", "-o", "{tmp}/o", "--prompt", "x", "--prompt-file", "{tmp}/in"],
             "not both",
         ),
+        (
+            ["-i", "{tmp}/in", "-o", "{tmp}/o", "--fp32", "--dtype", "bfloat16"],
+            "give either --dtype or --fp32 (the same as --dtype float32), not both",
+        ),
         (["-i", "{tmp}/in", "-o", "{tmp}/o", "--prompt-file", "{tmp}/latin1.txt"], "utf-8"),
         (
             ["-i", "{tmp}/in", "-o", "{tmp}/o", "--prompt", os.fsdecode(b"caf\xe9")],
@@ -313,6 +317,19 @@ def test_component_from_a_hub_repo_subfolder(flax_pipe_dir, tmp_path, monkeypatc
     report = read_report(tmp_path / "o")
     assert (report["unet"], report["unet_subfolder"]) == ("me/checkpoint", "unet_ema")
     assert outputs(tmp_path / "o") == ["a.png"]
+
+
+def test_fp32_is_dtype_float32():
+    from flax_latentup.cli import build_parser, validate_upscale_args
+
+    for extra, dtype in (
+        ([], "auto"),
+        (["--fp32"], "float32"),
+        (["--dtype", "float16"], "float16"),
+    ):
+        args = build_parser().parse_args(["upscale", "-i", "in", "-o", "out", *extra])
+        validate_upscale_args(args)
+        assert args.dtype == dtype, extra
 
 
 def test_version_and_convert_help(capsys):

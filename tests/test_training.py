@@ -803,6 +803,13 @@ def test_batch_is_checked_before_compiling(setup):
         Trainer(unet, (np.zeros((L, 16)), np.zeros(D)))
     with pytest.raises(ValueError, match=r"uncond\[1\].*\[32\]"):
         Trainer(unet, (np.zeros((L, D)), np.zeros(D + 1)))
+    # encode_prompt([""]) as it comes, a batch of one, is the same ""-prompt embedding
+    ctx, pooled = (np.asarray(u) for u in trainer.uncond)
+    batched = Trainer(unet, (ctx[None], pooled[None]), trainer.config)
+    for got, want in zip(batched.uncond, (ctx, pooled), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    with pytest.raises(ValueError, match=r"uncond\[0\].*\[L, 32\]"):
+        Trainer(unet, (np.stack([ctx, ctx]), np.stack([pooled, pooled])))
 
 
 def _poisoned(tree, value):
