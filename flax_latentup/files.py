@@ -121,6 +121,16 @@ def fsync(fd: int) -> None:
             raise
 
 
+def fsync_file(path: str) -> None:
+    """Flush the file ``path`` to disk (see :func:`fsync`); opened for writing where only
+    that lets it be flushed (Windows), else for reading (a read-only file too)."""
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(
     path: str,
     write: Callable[[Any], None],
@@ -174,11 +184,7 @@ def sync_tree(path: str) -> None:
     copies are deleted, say). An OSError if a file cannot be flushed (a failing disk)."""
     for root, dirs, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(os.path.join(root, name))
         for name in dirs:
             sync_folder(os.path.join(root, name))
     sync_folder(path)

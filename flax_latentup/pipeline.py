@@ -90,12 +90,30 @@ class UpscalePipelineOutput:
     def keys(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self)]
 
+    def values(self) -> list[Any]:
+        return list(self.to_tuple())
+
+    def items(self) -> list[tuple[str, Any]]:
+        return list(zip(self.keys(), self.to_tuple(), strict=True))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
+
     def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, str):
             if key not in self.keys():
                 raise KeyError(f"{key!r}: an upscale output holds {self.keys()}")
             return getattr(self, key)
         return self.to_tuple()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):  # its keys, as a dict's (and diffusers' outputs')
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +221,14 @@ def _scheduler_config(scheduler: Any) -> tuple[EulerSchedulerConfig, dict[str, A
     if isinstance(scheduler, EulerSchedulerConfig):
         return scheduler, scheduler.to_dict()
     config = getattr(scheduler, "config", scheduler)
+    euler = any(c.__name__ == "EulerDiscreteScheduler" for c in type(scheduler).__mro__)
+    if config is not scheduler and not euler:
+        # another diffusers scheduler's config need not name its class: refused by its type
+        raise TypeError(
+            "scheduler must be an EulerDiscreteScheduler (the Euler sampler is what this "
+            f"pipeline runs), got a {type(scheduler).__name__}; "
+            "EulerDiscreteScheduler.from_config(its .config) keeps the schedule's settings"
+        )
     if not isinstance(config, Mapping):
         raise TypeError(
             "scheduler must be an EulerSchedulerConfig, a scheduler config dict or a diffusers "
@@ -847,22 +873,24 @@ def image_keys(rng: Any, batch: int) -> np.ndarray:
     """
     if rng is None:
         rng = 0
-    if isinstance(rng, jax.Array | np.ndarray) and not isinstance(rng, bool):
+    per_image = None  # [B, 2] key data, one key per image
+    if isinstance(rng, jax.Array | np.ndarray):
         typed = isinstance(rng, jax.Array) and jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-        if (typed and rng.ndim == 1) or (
-            not typed and rng.ndim == 2 and rng.shape[1:] == (2,) and rng.dtype == np.uint32
-        ):
-            rng = list(rng)  # one key per image
-    if isinstance(rng, list | tuple):
-        if len(rng) != batch:
-            raise ValueError(
-                f"rng has {len(rng)} per-image seeds/keys but the image batch has {batch}"
-            )
-        keys = jnp.stack([_one_key(r) for r in rng])
-    else:
+        if typed and rng.ndim == 1:
+            per_image = np.asarray(jax.random.key_data(rng))
+        elif not typed and rng.ndim == 2 and rng.shape[1:] == (2,) and rng.dtype == np.uint32:
+            per_image = np.asarray(rng)
+    elif isinstance(rng, list | tuple):  # the keys may lie on different devices
+        per_image = [np.asarray(jax.random.key_data(_one_key(r))) for r in rng]
+    if per_image is None:
         key = _one_key(rng)
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
-    return np.asarray(jax.random.key_data(keys))
+        return np.asarray(jax.random.key_data(keys))
+    if len(per_image) != batch:
+        raise ValueError(
+            f"rng has {len(per_image)} per-image seeds/keys but the image batch has {batch}"
+        )
+    return np.stack(per_image).astype(np.uint32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -188,9 +188,9 @@ def missing_weights_error(
     cached = f"{os.sep}snapshots{os.sep}" in os.path.abspath(folder)
     if cached and variant is not None:
         hint = (
-            f"; variant {variant!r} is not in this Hugging Face cache snapshot (the hub may "
-            "have it: connect to the internet to fetch it; without variant=, the plain files "
-            "load)"
+            f"; variant {variant!r} is not in this Hugging Face cache snapshot: the repo has "
+            "none, or (offline) it was never fetched, which a run connected to the internet "
+            "does; without variant=, the plain files load"
         )
     elif cached and not any(p.endswith((".safetensors", ".bin")) for p in present):
         hint = (
@@ -448,7 +448,7 @@ def save_flax_weights(
     transformers load."""
     from safetensors.numpy import save_file
 
-    from flax_latentup.files import fsync, new_file_mode, temporary_prefix
+    from flax_latentup.files import fsync_file, new_file_mode, temporary_prefix
 
     if torch_layout:
         arrays = torch_state_dict(model, key_map)
@@ -462,8 +462,7 @@ def save_flax_weights(
     try:
         save_file(arrays, tmp, metadata=meta)
         os.chmod(tmp, new_file_mode())
-        with open(tmp, "rb") as f:  # on disk before it takes the name
-            fsync(f.fileno())
+        fsync_file(tmp)  # on disk before it takes the name
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

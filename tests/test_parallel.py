@@ -22,6 +22,24 @@ def results_on_devices(code: str, devices: int, out_file) -> dict[str, np.ndarra
     return dict(np.load(out_file))
 
 
+def test_per_image_keys_on_several_devices(tmp_path):
+    """Per-image keys wherever they lie: a list of keys on different devices, and an array
+    of keys sharded over them, give the keys' own data."""
+    code = """
+    import jax, numpy as np
+    from flax_latentup.pipeline import image_keys
+    keys = jax.random.split(jax.random.key(3), 4)
+    data = np.asarray(jax.random.key_data(keys))
+    spread = [jax.device_put(k, d) for k, d in zip(keys, jax.devices(), strict=True)]
+    mesh = jax.sharding.Mesh(jax.devices(), ("data",))
+    sharded = jax.device_put(keys, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    res = {"data": data, "listed": image_keys(spread, 4), "sharded": image_keys(sharded, 4)}
+    """
+    res = results_on_devices(code, 4, tmp_path / "out.npz")
+    np.testing.assert_array_equal(res["listed"], res["data"])
+    np.testing.assert_array_equal(res["sharded"], res["data"])
+
+
 @pytest.mark.heavy
 def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     out_file = tmp_path / "out.npz"

@@ -211,6 +211,16 @@ def test_scheduler_set_as_in_diffusers(torch_pipe, flax_pipe, tmp_path):
         pipe.scheduler = {"prediction_type": "epsilon"}
     with pytest.raises(TypeError, match="scheduler must be an EulerSchedulerConfig"):
         pipe.scheduler_config = 3
+    # another diffusers scheduler, whose config need not name its class, by its type
+    from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+    other = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", prediction_type="sample")
+    assert "_class_name" not in other.config
+    for bad in (other, EulerAncestralDiscreteScheduler.from_config(torch_pipe.scheduler.config)):
+        with pytest.raises(
+            TypeError, match=f"an EulerDiscreteScheduler .* got a {type(bad).__name__}"
+        ):
+            pipe.scheduler = bad
     assert pipe.scheduler_config == EulerSchedulerConfig.sd_x2_latent_upscaler()
     # built with scheduler=, as diffusers names it; given once
     parts = {k: v for k, v in flax_pipe.components.items() if k != "scheduler_config"}
@@ -507,7 +517,9 @@ def test_output_types_and_tuple(flax_pipe):
     out = flax_pipe(output_type="latent", **kw)
     assert out[0] is out.images and out["images"] is out.images and out[-1] is out.images
     assert len(out.to_tuple()) == 1 and out.to_tuple()[0] is out.images
-    assert out.keys() == ["images"]
+    assert out.keys() == ["images"] and list(out) == ["images"] and len(out) == 1
+    assert "images" in out and "latents" not in out and out.get("latents") is None
+    assert out.items() == [("images", out.images)] and out.values()[0] is out.images
     with pytest.raises(KeyError, match="'latents': an upscale output holds"):
         out["latents"]
     with pytest.raises(IndexError):
