@@ -298,6 +298,13 @@ def check_pipeline_folder(folder: str, skip: Sequence[str] = ()) -> None:
         )
 
 
+def _has_variant(folder: str, part: str, variant: str) -> bool:
+    """Whether the pipeline folder's model ``part`` holds weights of ``variant``."""
+    from flax_latentup.weights import has_weights
+
+    return has_weights(os.path.join(folder, part), MODEL_CLASSES[part].weights_names(), variant)
+
+
 def model_variants(
     folder: str, variant: str | None, skip: Sequence[str] = (), *, warn: bool = True
 ) -> dict[str, str | None]:
@@ -305,15 +312,12 @@ def model_variants(
     ``skip``), as diffusers picks them: ``variant`` where the model's subfolder holds weights
     of it, else its plain weights (a UserWarning names those, unless ``warn`` is false). A
     WeightsError when none of them holds ``variant``. Reads file names only."""
-    from flax_latentup.weights import WeightsError, has_weights, missing_weights_error
+    from flax_latentup.weights import WeightsError, missing_weights_error
 
     parts = [part for part in MODEL_CLASSES if part not in skip]
     if variant is None:
         return dict.fromkeys(parts)
-    have = {
-        part: has_weights(os.path.join(folder, part), MODEL_CLASSES[part].weights_names(), variant)
-        for part in parts
-    }
+    have = {part: _has_variant(folder, part, variant) for part in parts}
     if parts and not any(have.values()):
         first = MODEL_CLASSES[parts[0]]
         e = missing_weights_error(os.path.join(folder, parts[0]), first.weights_names(), variant)
@@ -340,18 +344,12 @@ def fetch_pipeline_weights(
     the weights of ``variant`` where the repo has them and the plain ones of the models that
     have none (as diffusers loads a variant, see :func:`model_variants`); other weights are
     never fetched."""
-    from flax_latentup.weights import has_weights
-
     allow, ignore = hub.pipeline_patterns(variant, skip=tuple(skip))
     folder = hub.resolve(path_or_repo_id, allow_patterns=allow, ignore_patterns=ignore, **fetch)
     if variant is None:
         return folder
     parts = [part for part in MODEL_CLASSES if part not in skip]
-    have = [
-        part
-        for part in parts
-        if has_weights(os.path.join(folder, part), MODEL_CLASSES[part].weights_names(), variant)
-    ]
+    have = [part for part in parts if _has_variant(folder, part, variant)]
     if have and len(have) < len(parts):  # a mixture: the others' plain weights, same commit
         commit = hub.snapshot_commit(folder)
         if commit is not None:

@@ -750,7 +750,7 @@ class Trainer:
                 self.unet(state, ema=True).save_pretrained(os.path.join(tmp, "unet_ema"))
                 _save_leaves(_host(state.opt_state), os.path.join(tmp, _OPT_FILE))
                 atomic_write(os.path.join(tmp, _STATE_FILE), lambda f: f.write(text), text=True)
-                sync_tree(tmp)  # on disk under its final name before anyone prunes older ones
+                sync_tree(tmp)  # on disk before it takes its name: older ones may go then
                 _replace_folder(tmp, final)
                 sync_folder(folder)
             except Exception as e:  # a full disk, a folder gone: no half checkpoint is left

@@ -1280,7 +1280,7 @@ def test_hub_cache_is_used(pipe_dir, tmp_path, monkeypatch):
         "someone/tiny-upscaler", cache_dir=str(cache)
     )
     assert pipe.unet.config.in_channels == 8
-    # offline, what the cache lacks is named as such: a variant (the hub may have it) and a
+    # offline, what the cache lacks is named as such: a variant (never fetched, or none) and a
     # revision
     from flax_latentup import HubError, WeightsError
 
