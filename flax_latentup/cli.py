@@ -447,6 +447,14 @@ def _latent_shape(shape: tuple[int, ...], dtype, nchw: bool, latent_channels: in
     if nchw:
         shape = (shape[1], shape[2], shape[0])
     if shape[-1] != latent_channels:
+        if nchw:  # as --nchw reads them: channels first
+            hint = (
+                " (stored channels last? leave out --nchw)" if stored[-1] == latent_channels else ""
+            )
+            raise ValueError(
+                f"latents must have {latent_channels} channels first with --nchw, got shape "
+                f"{stored}{hint}"
+            )
         hint = " (saved from torch? pass --nchw)" if stored[0] == latent_channels else ""
         raise ValueError(
             f"latents must have {latent_channels} channels last, got shape {stored}{hint}"
@@ -1403,8 +1411,56 @@ def agree_across_processes(
         )
 
 
+class StopSignals:
+    """Ctrl-C (SIGINT) and SIGTERM (``timeout``, ``docker stop``, a batch scheduler) as a
+    request to stop, while in use: each raises KeyboardInterrupt where the run is, and is
+    kept, so that one swallowed where Python cannot raise it (inside a garbage-collection
+    callback of XLA's) still stops the run at its next :meth:`check`. :attr:`exit_code` is
+    the shell's for the signal (130, 143)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """KeyboardInterrupt if a stop was asked for."""
+        if self.signum is not None:
+            raise KeyboardInterrupt
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return 128 + (self.signum or signal.SIGINT)
+
+
 def run_upscale(args: argparse.Namespace) -> int:
     """The ``upscale`` command; returns the exit code."""
+    with StopSignals() as stop:
+        return _run_upscale(args, stop)
+
+
+def _run_upscale(args: argparse.Namespace, stop: StopSignals) -> int:
     validate_upscale_args(args)
     files.new_file_mode()  # read while no other thread runs
     process = (0, 1)  # (index, count) among the processes sharing the work
@@ -1588,6 +1644,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         keep_alpha = args.alpha == "keep"
         ahead = reader.submit(_load_chunk, chunks[0][0], args.nchw, keep_alpha) if chunks else None
         for i in range(len(chunks)):
+            stop.check()
             loaded, padded_size = ahead.result(), chunks[i][1]
             if i + 1 < len(chunks):
                 ahead = reader.submit(_load_chunk, chunks[i + 1][0], args.nchw, keep_alpha)
@@ -1629,6 +1686,7 @@ def run_upscale(args: argparse.Namespace) -> int:
                 pending.append((it, writer.submit(save, it, im)))
             finish(keep=2 * batch_size)  # bounded: older writes must be done by now
         finish(keep=0)
+        stop.check()  # one asked for during the last batch
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -1672,7 +1730,7 @@ def run_upscale(args: argparse.Namespace) -> int:
         print(f"error: cannot write the report {shown(report_path)}: {unwritten}", file=sys.stderr)
     if interrupted:
         print("interrupted: run the same command again to do the rest", file=sys.stderr)
-        return 130
+        return stop.exit_code
     return 1 if report["failed"] or unwritten is not None else 0
 
 
@@ -1780,5 +1838,17 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def console_main() -> None:
+    """The ``flax-latentup`` command: :func:`main`, ended at once once it was interrupted
+    (its report and messages written), rather than through the interpreter's teardown, which
+    would wait for a compilation the interrupt left running and can crash in it."""
+    code = main()
+    if code in (130, 143):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

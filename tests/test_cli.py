@@ -1243,6 +1243,51 @@ def test_interrupted_run_reports_what_it_wrote(flax_pipe_dir, tmp_path, monkeypa
     assert "interrupted" not in read_report(out)
 
 
+def test_stop_signals_are_not_lost(flax_pipe_dir, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C that Python swallowed where it landed (XLA's garbage-collection callbacks
+    cannot raise) still stops the run at the next batch; SIGTERM stops it as Ctrl-C does,
+    report written, with the shell's code for it (143). The command ends at once after an
+    interrupt, with its code, rather than through the interpreter's teardown."""
+    import signal
+
+    from flax_latentup import FlaxStableDiffusionLatentUpscalePipeline as P
+
+    src = make_folder(str(tmp_path / "in"), n=3, corrupt=False, odd=False)
+    call = P.__call__
+
+    def signalled_during_first(sig, swallowed):
+        seen = []
+
+        def spy(self, *a, **kw):
+            seen.append(1)
+            if len(seen) == 1:
+                try:
+                    os.kill(os.getpid(), sig)
+                    time.sleep(1)  # the handler runs here
+                except KeyboardInterrupt:
+                    if not swallowed:
+                        raise
+            return call(self, *a, **kw)
+
+        return spy
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for sig, swallowed, code in ((signal.SIGINT, True, 130), (signal.SIGTERM, False, 143)):
+        out = tmp_path / f"out{code}"
+        monkeypatch.setattr(P, "__call__", signalled_during_first(sig, swallowed))
+        assert run_cli("-i", src, "-o", out, "-r", "-n", flax_pipe_dir, *COMMON) == code
+        assert "run the same command again" in capsys.readouterr().err
+        report = read_report(out)
+        assert report["interrupted"] is True
+        # swallowed, the first batch went on and was written; raised, it was not
+        assert outputs(out) == (["img0.png"] if swallowed else [])
+        assert {s: signal.getsignal(s) for s in handlers} == handlers  # put back
+    monkeypatch.setattr(P, "__call__", call)
+    code = "import flax_latentup.cli as c; c.main = lambda: 143; print('said'); c.console_main()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (143, "said\n")
+
+
 def test_recursive_globs_do_not_go_into_folder_links(tmp_path, monkeypatch):
     """``-r`` with a ``**`` pattern lists what ``glob.glob(recursive=True)`` lists where there
     are no links (hidden names left out alike), but does not go into links to folders: links
