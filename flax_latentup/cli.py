@@ -4,7 +4,8 @@
 JPEG, WebP) and ``.npy`` low-res latents 2x. Outputs mirror the input names, are written
 atomically (temporary file, then rename) and are skipped when they exist, so a killed run
 continues where it stopped when started again. A corrupt input is reported and skipped;
-the exit code is 1 when anything failed, 2 for bad usage, 130 when interrupted (Ctrl-C).
+the exit code is 1 when anything failed, 2 for bad usage, 130 when interrupted (Ctrl-C; 143 for
+SIGTERM).
 """
 
 from __future__ import annotations
