@@ -999,16 +999,14 @@ def check_model_folder(folder: str, variant: str | None, skip: Sequence[str] = (
         variants = model_variants(folder, variant, skip, warn=False)  # loading warns
     except WeightsError as e:
         raise UsageError(f"--variant: {e}") from None
-    for part, model in MODEL_CLASSES.items():
-        if part in skip:
-            continue
+    for part, part_variant in variants.items():  # the models loaded from the folder
         where = os.path.join(folder, part)
         if not os.path.isfile(os.path.join(where, "config.json")):
             raise UsageError(f"--model: {where} has no config.json")
         try:
-            open_weights(where, model.weights_names(), variants[part])
+            open_weights(where, MODEL_CLASSES[part].weights_names(), part_variant)
         except WeightsError as e:
-            raise UsageError(f"{'--variant' if variants[part] else '--model'}: {e}") from None
+            raise UsageError(f"{'--variant' if part_variant else '--model'}: {e}") from None
     try:  # small files, read in well under a second
         load_tokenizer(os.path.join(folder, "tokenizer"))
     except (OSError, ValueError) as e:
