@@ -1410,9 +1410,18 @@ def agree_across_processes(
         )
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop asked for by a signal: :attr:`exit_code` is the shell's code for it (128 + the
+    signal's number: 130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.exit_code = 128 + signum
+
+
 class StopSignals:
     """Ctrl-C (SIGINT) and SIGTERM (``timeout``, ``docker stop``, a batch scheduler) as a
-    request to stop, while in use: each raises KeyboardInterrupt where the run is, and is
+    request to stop, while in use: each raises :class:`Stopped` where the run is, and is
     kept, so that one swallowed where Python cannot raise it (inside a garbage-collection
     callback of XLA's) still stops the run at its next :meth:`check`. :attr:`exit_code` is
     the shell's for the signal (130, 143)."""
@@ -1439,12 +1448,12 @@ class StopSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is None:
             self.signum = signum
-        raise KeyboardInterrupt
+        raise Stopped(self.signum)
 
     def check(self) -> None:
-        """KeyboardInterrupt if a stop was asked for."""
+        """:class:`Stopped` if a stop was asked for."""
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise Stopped(self.signum)
 
     @property
     def exit_code(self) -> int:
@@ -1830,9 +1839,9 @@ def main(argv: list[str] | None = None) -> int:
         except UsageError as e:
             print(f"flax-latentup {args.command}: error: {e}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:  # before the run's own handling (e.g. while loading)
             print(f"flax-latentup {args.command}: interrupted", file=sys.stderr)
-            return 130
+            return getattr(e, "exit_code", 130)
     parser.print_help(sys.stderr)
     return 2
 

@@ -1283,6 +1283,19 @@ def test_stop_signals_are_not_lost(flax_pipe_dir, tmp_path, monkeypatch, capsys)
         assert outputs(out) == (["img0.png"] if swallowed else [])
         assert {s: signal.getsignal(s) for s in handlers} == handlers  # put back
     monkeypatch.setattr(P, "__call__", call)
+    # before the run's own handling: while the model loads
+    load = P.from_pretrained.__func__
+
+    def terminated_while_loading(cls, *a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        return load(cls, *a, **kw)
+
+    monkeypatch.setattr(P, "from_pretrained", classmethod(terminated_while_loading))
+    out = tmp_path / "out-loading"
+    assert run_cli("-i", src, "-o", out, "-r", "-n", flax_pipe_dir, *COMMON) == 143
+    assert "interrupted" in capsys.readouterr().err
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
     code = "import flax_latentup.cli as c; c.main = lambda: 143; print('said'); c.console_main()"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout) == (143, "said\n")
