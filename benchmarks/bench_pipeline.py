@@ -486,6 +486,12 @@ def worker_torch(spec: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+def jax_platforms(device: str) -> str:
+    """JAX_PLATFORMS for ``--device``: "gpu" names the CUDA backend alone (JAX reads a bare
+    "gpu" as CUDA, ROCm and oneAPI together, and fails on the first one it lacks)."""
+    return {"gpu": "cuda"}.get(device, device)
+
+
 def start_worker(side: str, spec: dict, devices: int) -> tuple[subprocess.Popen, dict]:
     """Start one worker process: ``side`` is "jax" or "torch" (``spec["name"]`` tells the torch
     variant); JAX gets ``devices`` host devices."""
@@ -496,7 +502,7 @@ def start_worker(side: str, spec: dict, devices: int) -> tuple[subprocess.Popen,
             flags.append(f"--xla_force_host_platform_device_count={devices}")
         env["XLA_FLAGS"] = " ".join(flags)
         if spec["device"] != "auto":
-            env["JAX_PLATFORMS"] = spec["device"]
+            env["JAX_PLATFORMS"] = jax_platforms(spec["device"])
     tag = f"{spec.get('name', side)}_{devices}"
     spec_path = os.path.join(spec["out"], f"spec_{tag}.json")
     with open(spec_path, "w") as f:
@@ -766,6 +772,40 @@ def main() -> None:
         "compilation_cache": args.compilation_cache,
     }
     results: dict = {}
+    failed: dict[str, str] = {}
+
+    def landed(name: str, res: dict | None = None, reason: str | None = None) -> None:
+        """One worker is done: show its times and write what has landed so far to the JSON
+        file (replaced by the full report at the end), so that a run cut short keeps them."""
+        if res is not None:
+            results[name] = res
+            times = [
+                f"g={g:g}: "
+                + ", ".join(
+                    f"{label} {median(c[key]):.4g} s"
+                    for key, label in (("times_s", "pipeline"), ("unet_s", "UNet"))
+                    if c.get(key)
+                )
+                for g, c in zip(args.guidance, res.get("cases", []), strict=False)
+            ]
+            print(f"{name}: done in {res.get('process_s', 0):.1f} s; " + "; ".join(times))
+        if reason is not None:
+            failed[name] = reason
+            print(f"{name}: {reason}", flush=True)
+        partial = {
+            "partial": True,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "versions": versions(),
+            "spec": spec,
+            "failed": failed,
+            "processes": results,
+        }
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(partial, f, indent=2)
+        os.replace(tmp, args.json)
+        sys.stdout.flush()
+
     jax_counts = list(args.devices) if "jax" in args.sides else []
     torch_runs = []  # (results name, worker spec)
     if "torch" in args.sides:
@@ -798,26 +838,27 @@ def main() -> None:
                 ]
             )
         except WorkerFailed as e:
+            landed(f"{name} and jax{n}", reason=str(e))
             raise SystemExit(str(e)) from None
-        results[name], results[f"jax{n}"] = torch_res, jax_res
-        results[name]["interleaved"] = results[f"jax{n}"]["interleaved"] = True
+        torch_res["interleaved"] = jax_res["interleaved"] = True
+        landed(name, torch_res)
+        landed(f"jax{n}", jax_res)
         keep_first_outputs()
-    failed: dict[str, str] = {}
     for name, torch_spec in torch_runs:
         print(f"{name} ...", flush=True)
         timeout = args.compile_timeout if torch_spec["variant"] == "compile" else None
         try:
-            results[name] = run_worker("torch", torch_spec, 1, timeout)
+            landed(name, run_worker("torch", torch_spec, 1, timeout))
         except WorkerFailed as e:
+            landed(name, reason=str(e))
             if not results:  # nothing to report without it
                 raise SystemExit(str(e)) from None
-            failed[name] = str(e)
-            print(f"{name}: {e}", flush=True)
     for n in jax_counts:
         print(f"jax, {n} device(s) ...", flush=True)
         try:
-            results[f"jax{n}"] = run_worker("jax", dict(spec, name="jax"), n)
+            landed(f"jax{n}", run_worker("jax", dict(spec, name="jax"), n))
         except WorkerFailed as e:
+            landed(f"jax{n}", reason=str(e))
             raise SystemExit(str(e)) from None
         if n == args.devices[0]:
             keep_first_outputs()

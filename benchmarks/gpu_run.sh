@@ -33,7 +33,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl \
-#       diffusers==0.42.1 importlib_metadata flax==0.12.12
+#       diffusers==0.42.1 flax==0.12.12
 #
 # (flax: the machine's own may be older than this project needs; 0.12.12 runs with jax 0.11.)
 # JAX runs on the GPU because this script sets JAX_PLATFORMS=cuda (tests/conftest.py only sets
@@ -88,10 +88,20 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 
 # seconds a step may still take: what is left of the budget less 10 s to pack, at most
-# STEP_TIMEOUT
+# STEP_TIMEOUT and at least 1 (for `timeout`, 0 is no limit at all)
 left() {
     local rest=$((BUDGET - (SECONDS - START) - 10))
-    echo $((rest < STEP_TIMEOUT ? rest : STEP_TIMEOUT))
+    rest=$((rest < STEP_TIMEOUT ? rest : STEP_TIMEOUT))
+    echo $((rest < 1 ? 1 : rest))
+}
+
+# whether a run within a step may start (30 s left at least); otherwise says why it does not
+room_for() {
+    local rest
+    rest="$(left)"
+    [ "$rest" -ge 30 ] && return 0
+    echo "=== $1 not started: $rest s left of GPU_RUN_BUDGET=$BUDGET" | tee -a "$LOGS/steps.log"
+    return 1
 }
 
 # bench_pipeline.py with the run's workload; $1: name of the JSON/log, then arguments
@@ -138,7 +148,7 @@ step_bench() {
 step_flags() {
     # the port's UNet alone (bf16, batch 8 under CFG = 16 rows at 128x128 latents) under each
     # setting; every run compiles anew, so the sets are few
-    local status=0 i=0 flags
+    local status=0 i=0 flags code
     local sets=(
         ""
         "--xla_gpu_enable_triton_gemm=false"
@@ -146,12 +156,16 @@ step_flags() {
         "--xla_gpu_exhaustive_tiling_search=true"
     )
     for flags in "${sets[@]}"; do
+        room_for "XLA_FLAGS='$flags'" || { status=124; break; }
         echo "=== XLA_FLAGS='$flags'" | tee -a "$LOGS/flags.log"
         XLA_FLAGS="$flags" bench "flags_$i" --sides jax --unet-only --dtype bfloat16 \
             --unet-repeats 10 | grep -E "^g=" | tee -a "$LOGS/flags.log"
-        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+        code="${PIPESTATUS[0]}"
+        [ "$code" -eq 0 ] || status=$((code == 124 ? 124 : 1))
+        [ "$status" -ne 124 ] || break
         i=$((i + 1))
     done
+    [ "$status" -ne 124 ] && room_for "attention: XLA everywhere" || return 124
     echo "=== attention: XLA everywhere (no cuDNN)" | tee -a "$LOGS/flags.log"
     bench flags_xla_attention --sides jax --unet-only --dtype bfloat16 --unet-repeats 10 \
         --attention xla | grep -E "^g=" | tee -a "$LOGS/flags.log"
@@ -166,7 +180,7 @@ b(sys.argv[1], tiny=sys.argv[2] == 'cpu')" "$MODEL_DIR" "$PLATFORM" \
             > "$LOGS/cli-model.log" 2>&1 || { tail "$LOGS/cli-model.log"; return 1; }
     fi
     # the pictures and outputs stay out of the packed logs (random weights: megabytes of noise)
-    local pictures="$WORK/cli-pictures" status=0 bs
+    local pictures="$WORK/cli-pictures" status=0 bs code
     "$PYTHON" - "$pictures" <<'EOF'
 import os, sys
 import numpy as np
@@ -178,13 +192,16 @@ for i in range(16):
     Image.fromarray(rgb.astype(np.uint8)).save(os.path.join(sys.argv[1], f"p{i:02d}.png"))
 EOF
     for bs in default 8; do
+        room_for "cli batch $bs" || return 124
         local args=()
         [ "$bs" = default ] || args=(--batch-size "$bs")
         echo "=== cli batch $bs" | tee -a "$LOGS/cli.log"
         timeout "$(left)" "$PYTHON" -m flax_latentup.cli upscale -i "$pictures" \
             -o "$WORK/cli-out-$bs" -n "$MODEL_DIR" --steps 20 --quiet --no-compile-cache \
             "${args[@]}" 2>&1 | tee -a "$LOGS/cli.log"
-        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+        code="${PIPESTATUS[0]}"
+        [ "$code" -eq 0 ] || status=1
+        [ "$code" -ne 124 ] || return 124
         cp "$WORK/cli-out-$bs/flax-latentup-report.json" "$LOGS/cli-report-$bs.json" 2> /dev/null
         "$PYTHON" -c "import json, sys; r = json.load(open(sys.argv[1]))
 print('cli report:', r['settings'], r['timing'])" \
@@ -200,7 +217,7 @@ pack() {
     if tar czf "$tmp.tar.gz" -C "$LOGS" . 2> /dev/null; then
         mv -f "$tmp.tar.gz" "$OUT/gpu_run.tar.gz"
     fi
-    (cd "$LOGS" && grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|skipped|max abs|mean abs|max \|err\||^g=|speed-up|port - |TFLOP|=== |^### |cli report|s call " \
+    (cd "$LOGS" && grep -E "PASSED|FAILED|SKIPPED|ERROR|passed|failed|skipped|max abs|mean abs|max \|err\||^g=|speed-up|port - |TFLOP|=== |^### |cli report|s call |: done in | not started" \
         ./*.log) > "$tmp.txt" 2> /dev/null
     mv -f "$tmp.txt" "$OUT/summary.txt"
     rm -f "$tmp.tar.gz"

@@ -127,3 +127,47 @@ def test_gpu_run_script_checks_its_arguments_first(tmp_path, steps, settings, me
     assert proc.returncode == 2
     assert message in proc.stdout
     assert not (tmp_path / "out").exists(), "nothing runs or is written before the checks"
+
+
+def test_gpu_worker_runs_jax_on_cuda_alone(tmp_path, monkeypatch):
+    """``--device gpu`` starts the port's worker with JAX_PLATFORMS=cuda: a bare "gpu" makes JAX
+    initialise ROCm and oneAPI too, and fail where they are missing."""
+    seen = {}
+
+    class Popen:
+        def __init__(self, cmd, env, **kwargs):
+            seen["env"] = env
+
+    monkeypatch.setattr(bench_pipeline.subprocess, "Popen", Popen)
+    for device, platforms in (("gpu", "cuda"), ("cuda", "cuda"), ("tpu", "tpu"), ("cpu", "cpu")):
+        _, meta = bench_pipeline.start_worker("jax", {"device": device, "out": str(tmp_path)}, 1)
+        meta["out"].close()
+        meta["err"].close()
+        assert seen["env"]["JAX_PLATFORMS"] == platforms, device
+
+
+def test_benchmark_keeps_each_result_as_it_lands(tmp_path, monkeypatch, capsys):
+    """A benchmark cut short (a worker failing, or the time limit) still leaves the results of
+    the workers done before in its JSON file, and shows them as they come."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    torch_result = {"cases": [{"times_s": [2.0, 3.0, 4.0], "unet_s": [0.5]}], "process_s": 9.0}
+
+    def run_worker(side, spec, devices, timeout=None):
+        if side == "torch":
+            return dict(torch_result)
+        raise bench_pipeline.WorkerFailed("jax worker failed:\nRuntimeError: no backend")
+
+    monkeypatch.setattr(bench_pipeline, "run_worker", run_worker)
+    out = tmp_path / "bench.json"
+    argv = ["bench_pipeline.py", "--tiny", "--model", str(model), "--guidance", "6"]
+    argv += ["--sequential", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="no backend"):
+        bench_pipeline.main()
+    report = json.loads(out.read_text())
+    assert report["partial"] is True
+    assert report["processes"]["torch"]["cases"] == torch_result["cases"]
+    assert "no backend" in report["failed"]["jax1"]
+    assert "torch: done in 9.0 s; g=6: pipeline 3 s, UNet 0.5 s" in capsys.readouterr().out
