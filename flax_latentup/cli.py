@@ -1410,6 +1410,32 @@ def agree_across_processes(
         )
 
 
+def share_remaining_work(
+    items: list[Item], overwrite: bool, process: tuple[int, int]
+) -> tuple[list[Item], list[dict]]:
+    """With ``--distributed``, after :func:`agree_across_processes` (a collective: all call
+    it): this process's share of the inputs whose output no process sees yet (all of them with
+    ``overwrite``), so that a rerun after a stop splits what is left evenly rather than by the
+    first run's shares; and the report's entries for those done before (process 0's; none for
+    the others). Every process looks before any writes: the shares match."""
+    import numpy as np
+
+    from flax_latentup import parallel
+
+    already: list[dict] = []
+    if items and not overwrite:  # (the same count in every process: agreed)
+        mine = np.array([os.path.isfile(item.out) for item in items], np.uint8)
+        seen = parallel.all_processes(mine).any(axis=0)
+        if process[0] == 0:
+            already = [
+                {"input": item.src, "output": item.out, "reason": "output exists"}
+                for item, done in zip(items, seen, strict=True)
+                if done
+            ]
+        items = [item for item, done in zip(items, seen, strict=True) if not done]
+    return parallel.process_share(items, *process), already
+
+
 class Stopped(KeyboardInterrupt):
     """A stop asked for by a signal: :attr:`exit_code` is the shell's code for it (128 + the
     signal's number: 130 for SIGINT, 143 for SIGTERM)."""
@@ -1498,10 +1524,11 @@ def _run_upscale(args: argparse.Namespace, stop: StopSignals) -> int:
         except BaseException:  # nothing is upscaled: no folder is left made for nothing
             files.remove_made_folders(made)
             raise
-        items = parallel.process_share(items)
+        items, already = share_remaining_work(items, args.overwrite, process)
     else:
         items, listed, model_dir, components = prepare_upscale(args)
         make_upscale_folders(args)
+        already = []
     cache = None if args.no_compile_cache else (args.compile_cache or default_cache_dir())
     if cache:
         cache = enable_compile_cache(cache, given=args.compile_cache is not None)
@@ -1545,7 +1572,7 @@ def _run_upscale(args: argparse.Namespace, stop: StopSignals) -> int:
         "process": {"index": process[0], "count": process[1]},
         "done": [],
         # what listing the inputs found is reported once, by the first process
-        "skipped": listed["skipped"] if process[0] == 0 else [],
+        "skipped": (listed["skipped"] + already) if process[0] == 0 else [],
         "failed": listed["failed"] if process[0] == 0 else [],
         "stale_temporaries_removed": stale,
     }

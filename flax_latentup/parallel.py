@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -326,6 +327,13 @@ def pmap_upscale(
 # --------------------------------------------------------------------------------------------
 
 
+SHUTDOWN_TIMEOUT_S = 24 * 3600
+"""How long a process of a ``--distributed`` run waits at exit for the others (seconds)."""
+_SHUTDOWN_TIMEOUT_ACCEPTED = (
+    "shutdown_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters
+)
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -334,7 +342,14 @@ def initialize_distributed(
 ) -> None:
     """Start ``jax.distributed`` (once). Arguments default to the environment:
     ``FLAX_LATENTUP_COORDINATOR`` / ``FLAX_LATENTUP_NUM_PROCESSES`` / ``FLAX_LATENTUP_PROCESS_ID``
-    when set, otherwise JAX's own detection (TPU pods, SLURM, Open MPI, ...)."""
+    when set, otherwise JAX's own detection (TPU pods, SLURM, Open MPI, ...).
+
+    ``shutdown_timeout_seconds`` defaults to :data:`SHUTDOWN_TIMEOUT_S` (a day) rather than
+    JAX's 5 minutes: at exit every process waits for the others, and hosts upscaling their
+    shares of a batch job may finish far apart (other pictures, other hosts' speed); with
+    JAX's default the early ones abort once they have waited 5 minutes. A process that dies
+    is noticed through its missed heartbeats (``heartbeat_timeout_seconds``) instead. Other
+    keyword arguments go to :func:`jax.distributed.initialize` as given."""
     env = os.environ
     coordinator_address = coordinator_address or env.get("FLAX_LATENTUP_COORDINATOR")
 
@@ -354,6 +369,8 @@ def initialize_distributed(
         process_id = count("FLAX_LATENTUP_PROCESS_ID", 0)
     if jax.distributed.is_initialized():
         return
+    if _SHUTDOWN_TIMEOUT_ACCEPTED:
+        kwargs.setdefault("shutdown_timeout_seconds", SHUTDOWN_TIMEOUT_S)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,

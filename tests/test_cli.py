@@ -522,6 +522,24 @@ def test_distributed_processes_share_one_output_folder(flax_pipe_dir, tmp_path):
             diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()
         assert diff <= 1, f"{name}: the distributed run differs from one process by {diff} levels"
 
+    # a rerun after a stop that left process 0's share undone: the three pictures left are
+    # split between both processes (2 + 1), not left to process 0 while process 1 idles, and
+    # the two done before are reported once, by process 0
+    for name in names[:3]:
+        (out / name).unlink()
+    for code, err in run_distributed([[*argv, "-n", flax_pipe_dir], [*argv, "-n", copy]]):
+        assert code == 0, err[-3000:]
+    assert outputs(out) == names
+    reports = []
+    for i in range(2):
+        with open(out / f"flax-latentup-report.process-{i}-of-2.json") as f:
+            reports.append(json.load(f))
+    shares = [[os.path.relpath(d["output"], out) for d in r["done"]] for r in reports]
+    assert shares == [names[:2], names[2:3]]
+    skipped = [[os.path.relpath(d["output"], out) for d in r["skipped"]] for r in reports]
+    assert skipped == [names[3:], []]
+    assert reports[0]["skipped"][0]["reason"] == "output exists"
+
 
 def test_inputs_are_read_one_batch_ahead(flax_pipe_dir, tmp_path, monkeypatch):
     """Sizes come from the files' headers; pixels are decoded a batch at a time, at most one
@@ -1420,6 +1438,24 @@ def test_distributed_settings_from_the_environment_are_checked(monkeypatch):
     monkeypatch.setenv("FLAX_LATENTUP_PROCESS_ID", "-1")
     with pytest.raises(ValueError, match="FLAX_LATENTUP_PROCESS_ID must be an integer >= 0"):
         parallel.initialize_distributed("localhost:1234")
+
+
+def test_distributed_processes_wait_for_each_other_at_exit(monkeypatch):
+    """At exit the processes of a distributed run wait for one another: for a day by default
+    (JAX's own 5 minutes abort hosts that finish their shares earlier than the slowest), or as
+    long as the caller says."""
+    import jax
+
+    from flax_latentup import parallel
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    parallel.initialize_distributed("localhost:1234", 2, 0)
+    parallel.initialize_distributed("localhost:1234", 2, 1, shutdown_timeout_seconds=60)
+    assert calls[0]["shutdown_timeout_seconds"] == parallel.SHUTDOWN_TIMEOUT_S == 86400
+    assert calls[1]["shutdown_timeout_seconds"] == 60
+    assert calls[1]["process_id"] == 1 and calls[1]["coordinator_address"] == "localhost:1234"
 
 
 def test_output_names_that_differ_only_in_case(tmp_path, monkeypatch, capsys):

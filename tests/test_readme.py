@@ -55,7 +55,6 @@ def test_readme_python_examples_run(flax_pipe_dir, tmp_path, monkeypatch):
         "timestep_cond": normal(1, unet["time_cond_proj_dim"]),
         "pictures": np.tanh(normal(1, 8 * scale, 8 * scale, 3)),
         "big_latents": normal(1, 12, 12, 4),
-        "all_items": [0, 1],  # indices into the inputs of the multi-host block
         "seeds": [11, 12],
     }
     monkeypatch.chdir(tmp_path)
