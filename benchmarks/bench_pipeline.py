@@ -34,6 +34,7 @@ Writes a table to stdout and everything to ``--json`` (default ``bench_pipeline.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
@@ -726,6 +727,7 @@ def main() -> None:
 
     load_before = loadavg()
     work = tempfile.mkdtemp(prefix="bench-pipeline-")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # a run that stops early too
     model = args.model or args.save_model
     build_s = None
     if model is None or not os.path.exists(os.path.join(model, "model_index.json")):

@@ -20,11 +20,12 @@ with no overlap and no gap, each upscaling its share on its local devices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -94,7 +95,30 @@ def check_mesh(mesh: Any, name: str = "mesh", *, local: bool = False) -> Mesh:
             f"{tuple(mesh.axis_names)}"
         )
     check_devices(list(mesh.devices.flat), f"{name}.devices", local=local)
-    return mesh
+    return auto_axes(mesh)
+
+
+def auto_axes(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis of type ``Auto`` (``jax.make_mesh`` makes ``Explicit`` ones):
+    the programs here place their arrays themselves, as ``jax.jit`` does under ``Auto``."""
+    axis_type = getattr(jax.sharding, "AxisType", None)
+    types = getattr(mesh, "axis_types", None)
+    if axis_type is None or types is None or all(t == axis_type.Auto for t in types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(axis_type.Auto,) * len(types))
+
+
+@contextlib.contextmanager
+def outside_context_mesh() -> Iterator[None]:
+    """Inside: no mesh set by ``jax.set_mesh`` (the caller's, restored after), so that a call
+    given its own devices or mesh runs there, as it does outside the caller's context."""
+    try:
+        cleared = jax.set_mesh(None)
+    except (AttributeError, TypeError, ValueError):  # no jax.set_mesh, or under a trace
+        yield
+        return
+    with cleared:
+        yield
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -149,6 +173,7 @@ def _batch_shardings(mesh: Mesh, keys: tuple[str, ...]) -> dict[str, NamedShardi
     return {k: (replicated if k in SHARED_KEYS else split) for k in keys}
 
 
+@outside_context_mesh()
 def sharded_upscale(
     graphdefs: GraphDefs,
     params: dict[str, Any],
@@ -285,6 +310,7 @@ def _replicated_axis(params: Any, devices: Sequence[jax.Device]) -> int | None:
     )
 
 
+@outside_context_mesh()
 def pmap_upscale(
     graphdefs: GraphDefs,
     params: dict[str, Any],

@@ -471,6 +471,20 @@ def _whole(spmd: Any, x: Array) -> Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(spmd, PartitionSpec()))
 
 
+def _outside_context_mesh(method: Callable) -> Callable:
+    """``method`` run without the caller's ``jax.set_mesh`` mesh in context (see
+    :func:`flax_latentup.parallel.outside_context_mesh`)."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        from flax_latentup.parallel import outside_context_mesh
+
+        with outside_context_mesh():
+            return method(*args, **kwargs)
+
+    return call
+
+
 def upscale_core(
     graphdefs: GraphDefs,
     params: dict[str, Any],
@@ -1471,6 +1485,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
 
     # ---- the call ----------------------------------------------------------------------------
 
+    @_outside_context_mesh
     def __call__(
         self,
         prompt: str | Sequence[str] | None = None,
@@ -1567,7 +1582,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             if devices is not None:
                 devices = parallel.check_devices(devices, local=True)
             else:
-                parallel.check_mesh(mesh, local=True)
+                mesh = parallel.check_mesh(mesh, local=True)
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable, got {type(callback).__name__}")
         if prompt is not None and prompt_embeds is not None:

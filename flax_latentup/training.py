@@ -516,8 +516,14 @@ class Trainer:
             from flax_latentup.parallel import make_mesh
 
             mesh = make_mesh(jax.devices())
-        if tuple(mesh.axis_names) != ("data",):
-            raise ValueError(f"mesh must have the single axis ('data',), got {mesh.axis_names}")
+        if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != ("data",):
+            raise ValueError(
+                "mesh must be a jax.sharding.Mesh with the single axis ('data',), got "
+                + (repr(mesh.axis_names) if isinstance(mesh, Mesh) else type(mesh).__name__)
+            )
+        from flax_latentup.parallel import auto_axes
+
+        mesh = auto_axes(mesh)
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
         self.sharded = NamedSharding(mesh, P("data"))

@@ -120,6 +120,14 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     res["mesh2d5"] = pipe(prompt=prompts[:5], image=low[:5], mesh=mesh2d, **kw).images
     parallel._pad_batch = pad
     assert padded_to == [4], padded_to
+    # a mesh of jax.make_mesh (Explicit axes), and calls inside the caller's jax.set_mesh: the
+    # call runs where it is told (its devices, its mesh), as outside that context
+    explicit = jax.make_mesh((8,), ("data",))
+    res["make_mesh5"] = pipe(prompt=prompts[:5], image=low[:5], mesh=explicit, **kw).images
+    with jax.set_mesh(explicit):
+        res["in_context3"] = pipe(prompt=prompts[:2], image=low[:2], devices=[jax.devices()[3]],
+                                  **kw).images
+        res["in_context5"] = pipe(prompt=prompts[:5], image=low[:5], mesh=explicit, **kw).images
     """
     res = results_on_devices(code, 8, out_file)
     for n in (8, 5):
@@ -136,6 +144,9 @@ def test_eight_devices_pmap_sharded_single(flax_pipe_dir, tmp_path):
     np.testing.assert_allclose(res["generator5"], res["two5"], atol=1e-6)
     np.testing.assert_allclose(res["tiled3"], res["tiled0"], atol=1e-6)
     np.testing.assert_allclose(res["mesh2d5"], res["single5"], atol=1e-5)
+    np.testing.assert_allclose(res["make_mesh5"], res["single5"], atol=1e-5)
+    np.testing.assert_allclose(res["in_context5"], res["single5"], atol=1e-5)
+    np.testing.assert_allclose(res["in_context3"], res["device3"], atol=1e-6)
 
 
 @pytest.mark.heavy

@@ -578,7 +578,8 @@ def test_two_devices_train_as_one(tmp_path, one_device_run):
     from tests.test_training import parallel_case, parallel_trainer
     assert jax.device_count() == 2, jax.devices()
     batch, uncond, config = parallel_case()
-    trainer = parallel_trainer(uncond, config)  # a mesh over both devices
+    # a mesh over both devices, as jax.make_mesh makes it (Explicit axes)
+    trainer = parallel_trainer(uncond, config, jax.make_mesh((2,), ("data",)))
     state = trainer.init_state()
     metrics = []
     for _ in range(3):
