@@ -424,9 +424,17 @@ def process_share(
 
 def all_processes(values: Any) -> np.ndarray:
     """Every process's ``values`` (a number or a host array of one shape and dtype), stacked
-    in process order: ``[process_count, ...]``. A collective: all processes call it."""
+    in process order: ``[process_count, ...]``, exactly as given (64-bit numbers too, which
+    JAX would otherwise carry as 32-bit ones). A collective: all processes call it."""
     from jax.experimental import multihost_utils
 
     values = np.asarray(values)
-    gathered = np.asarray(multihost_utils.process_allgather(values))
-    return gathered.reshape(jax.process_count(), *values.shape)
+    if values.dtype.hasobject:
+        raise ValueError(f"values must be numbers or a numeric array, got dtype {values.dtype}")
+    count = jax.process_count()
+    if values.size == 0:
+        return np.empty((count, *values.shape), values.dtype)
+    # the bytes travel, so that no dtype is narrowed on the way
+    raw = np.ascontiguousarray(values.reshape(-1)).view(np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(raw)).reshape(count, raw.size)
+    return np.ascontiguousarray(gathered).view(values.dtype).reshape(count, *values.shape)

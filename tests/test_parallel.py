@@ -420,6 +420,14 @@ def test_two_processes_split_the_work(flax_pipe_dir, tmp_path):
                 raise AssertionError("no error")
             except ValueError as e:
                 assert f"belongs to process {{1 - jax.process_index()}}, not to this one" in str(e)
+        # every process's values, exact in every dtype (64-bit ones are not narrowed)
+        def values(p):
+            return [np.int64(2**40 + 7 * p), np.array([[2**62 + p, -1]], np.int64),
+                    np.array([1 / 3 + p, 2.0**60], np.float64), np.array([p == 1, True]),
+                    np.uint16(65535 - p), np.zeros((0, 3), np.int64)]
+        for v, v0, v1 in zip(values(jax.process_index()), values(0), values(1)):
+            got, want = parallel.all_processes(v), np.stack([v0, v1])
+            assert got.dtype == want.dtype and np.array_equal(got, want), (got, want)
         mine = parallel.process_share(work)
         imgs = pipe(prompt="a cat", image=low[mine], rng=[seeds[i] for i in mine],
                     num_inference_steps=2, guidance_scale=0.0, output_type="np").images
