@@ -100,6 +100,23 @@ def _require(component: str, field: str, value: Any, allowed: Any, why: str = ""
 CLIP_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new")
 
 
+# transformers' CLIPTextConfig defaults, used where config.json leaves a key out (they are
+# not the dataclass's: those are ViT-L/14's, the upscaler's text encoder)
+_CLIP_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 1,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
     """Config of the CLIP text tower (transformers ``CLIPTextConfig``)."""
@@ -131,7 +148,8 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CLIPTextConfig:
-        """Build from a transformers config.json dict (a ``CLIPConfig`` is unwrapped)."""
+        """Build from a transformers config.json dict (a ``CLIPConfig`` is unwrapped); keys it
+        leaves out take transformers' ``CLIPTextConfig`` defaults, as transformers reads it."""
         if "text_config" in d and isinstance(d["text_config"], Mapping):
             d = d["text_config"]
         if "_class_name" in d and "model_type" not in d:  # a diffusers model's config.json
@@ -162,10 +180,9 @@ class CLIPTextConfig:
                 d["position_embedding_type"],
                 ("absolute",),
             )
-        f = cls()
 
         def get(key: str, kind: str, minimum: int | None = None) -> Any:
-            return _typed("CLIPTextModel", key, _get(d, key, getattr(f, key)), kind, minimum)
+            return _typed("CLIPTextModel", key, _get(d, key, _CLIP_DEFAULTS[key]), kind, minimum)
 
         return _with_extra(
             cls(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -315,3 +316,30 @@ def test_jit_matches_eager(tiny_clip, prompt_ids):
     np.testing.assert_allclose(
         np.asarray(encode(state, ids)), np.asarray(model(ids).last_hidden_state), atol=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"model_type": "clip_text_model"},
+        {"model_type": "clip_text_model", "vocab_size": 1000, "num_hidden_layers": 2},
+        {"model_type": "clip", "text_config": {"hidden_size": 64, "num_attention_heads": 4}},
+    ],
+)
+def test_config_keys_left_out_read_as_transformers_reads_them(given):
+    """A config.json that leaves keys out means transformers' defaults for them (a 512-wide,
+    8-head tower with eos 49407), not the upscaler's ViT-L/14 values: the port builds the
+    model transformers builds from the same file."""
+    from transformers import CLIPConfig
+    from transformers import CLIPTextConfig as TorchConfig
+
+    from flax_latentup import CLIPTextConfig
+
+    if given["model_type"] == "clip":
+        reference = CLIPConfig.from_dict(given).text_config
+    else:
+        reference = TorchConfig.from_dict(given)
+    config = CLIPTextConfig.from_dict(given)
+    for field in dataclasses.fields(CLIPTextConfig):
+        if field.name != "extra":
+            assert getattr(config, field.name) == getattr(reference, field.name), field.name
