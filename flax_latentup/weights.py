@@ -193,9 +193,14 @@ def missing_weights_error(
             "does; without variant=, the plain files load"
         )
     elif cached and not any(p.endswith((".safetensors", ".bin")) for p in present):
+        repo = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots", folder)
+        repo_id = f"{repo[1]}/{repo[2]}" if repo else "REPO"
         hint = (
-            "; this Hugging Face cache snapshot is incomplete (a download cut short?): "
-            "connect to the internet to complete it, or remove it from the cache"
+            "; this Hugging Face cache snapshot has no safetensors weights here: either the "
+            "download was cut short (connect to the internet to complete it, or remove it "
+            "from the cache), or the repo holds its weights as torch pickles only (.bin, "
+            f"which are not fetched): `flax-latentup convert {repo_id} FOLDER` (needs the "
+            "[torch] extra) turns them into a folder that loads"
         )
     elif variant is not None:
         hint = f"; variant {variant!r} not found here (without variant=, the plain files load)"

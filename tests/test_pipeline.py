@@ -1683,7 +1683,8 @@ def test_device_arguments_checked(flax_pipe, kw, message):
 
 
 def test_incomplete_hub_cache_is_named(pipe_dir, tmp_path, monkeypatch):
-    """A cached snapshot whose weights are missing (a download cut short) says so."""
+    """A cached snapshot whose weights are missing says why that may be: a download cut
+    short, or a repo whose weights are torch pickles (only safetensors are fetched)."""
     import shutil
 
     import huggingface_hub.constants as c
@@ -1696,10 +1697,13 @@ def test_incomplete_hub_cache_is_named(pipe_dir, tmp_path, monkeypatch):
     (snap.parent.parent / "refs").mkdir()
     (snap.parent.parent / "refs" / "main").write_text("0" * 40)
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    with pytest.raises(Exception, match="cache snapshot is incomplete"):
+    with pytest.raises(Exception, match="download was cut short") as e:
         FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
             "someone/cut-short", cache_dir=str(tmp_path / "cache")
         )
+    # or the repo's weights are torch pickles, which are not fetched: what to do about it
+    assert "torch pickles only" in str(e.value)
+    assert "`flax-latentup convert someone/cut-short FOLDER`" in str(e.value)
 
 
 def test_automatic_choices_follow_the_device_compiled_for():
