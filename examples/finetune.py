@@ -41,6 +41,7 @@ from flax_latentup.files import check_save_folder
 from flax_latentup.parallel import all_processes
 from flax_latentup.pipeline import check_picture_mode, pil_to_rgb
 from flax_latentup.training import (
+    OBJECTIVES,
     SEED_LIMIT,
     NonFiniteError,
     TrainConfig,
@@ -68,6 +69,7 @@ FLAGS = {
     "max_grad_norm": "--max-grad-norm",
     "ema_decay": "--ema-decay",
     "ema_warmup": "--no-ema-warmup",
+    "objective": "--objective",
     "sigma_loc": "--sigma-loc",
     "sigma_scale": "--sigma-scale",
     "cfg_dropout": "--cfg-dropout",
@@ -105,6 +107,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="EMA weight --ema-decay from the first step (default: min(decay, k / (9 + k)) at "
         "update k, 0 at the first)",
     )
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="variance",
+        help="variance: k-diffusion's loss with the UNet's log-variance channel (its 5th), as "
+        "the published model was built for; mse: the plain squared error (default: variance)",
+    )
     p.add_argument("--sigma-loc", type=float, default=-1.2, help="mean of log sigma")
     p.add_argument("--sigma-scale", type=float, default=1.2, help="std of log sigma")
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="P(caption -> '')")
@@ -128,7 +137,10 @@ def list_pictures(folder: str) -> list[str]:
     paths = sorted(
         os.path.join(folder, f)
         for f in os.listdir(folder)
-        if f.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(folder, f))
+        # not hidden files: macOS's "._name.png" beside each picture holds no picture
+        if f.lower().endswith(IMAGE_EXTS)
+        and not f.startswith(".")
+        and os.path.isfile(os.path.join(folder, f))
     )
     if not paths:
         raise SystemExit(f"no pictures ({', '.join(IMAGE_EXTS)}) in {folder}")
@@ -244,6 +256,7 @@ def prune(output: str, keep: int, current: str | None = None) -> None:
 def check_arguments(args: argparse.Namespace) -> None:
     """SystemExit naming the first argument out of its range."""
     for flag, value, low in (
+        ("--resolution", args.resolution, 1),
         ("--batch-size", args.batch_size, 1),
         ("--steps", args.steps, 1),
         ("--checkpoint-every", args.checkpoint_every, 1),
@@ -355,6 +368,7 @@ def main(argv=None) -> int:
             max_grad_norm=None if args.max_grad_norm <= 0 else args.max_grad_norm,
             ema_decay=args.ema_decay,
             ema_warmup=not args.no_ema_warmup,
+            objective=args.objective,
             sigma_loc=args.sigma_loc,
             sigma_scale=args.sigma_scale,
             cfg_dropout=args.cfg_dropout,
@@ -434,7 +448,11 @@ def main(argv=None) -> int:
     context, pooled = pipe.encode_ids(ids[row[""]][None])
     uncond = (context[0], pooled[0])
 
-    trainer = Trainer(pipe.unet, uncond, config, remat=args.remat)
+    try:
+        trainer = Trainer(pipe.unet, uncond, config, remat=args.remat)
+    except ValueError as e:  # a UNet without the log-variance channel --objective needs
+        message = str(e).replace('objective="mse"', "--objective mse")
+        raise SystemExit(f"--model {args.model}: {message}") from None
     if last is not None:
         try:
             state = trainer.load_checkpoint(last)
@@ -483,7 +501,7 @@ def main(argv=None) -> int:
             raise SystemExit(
                 diverged(f"the loss is {loss}, the gradient norm {grad_norm}", done, args, last)
             )
-        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}", mse=f"{float(metrics['mse']):.4f}")
         if done % args.checkpoint_every == 0 or done == args.steps:
             try:
                 path = trainer.save_checkpoint(args.output, state, run)  # all; process 0 writes

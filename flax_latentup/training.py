@@ -5,11 +5,18 @@ The model is the same Karras-preconditioned denoiser the sampler uses (``sigma_d
     c_skip = 1 / (σ² + 1)    c_out = σ / √(σ² + 1)    c_in = 1 / √(σ² + 1)    c_noise = log(σ) / 4
     D(x; σ) = c_skip · x + c_out · F(c_in · x, c_noise, cond)
 
-and, as in k-diffusion's ``Denoiser.loss``, the network output ``F`` is regressed onto the
-target ``(x0 - c_skip · x_σ) / c_out`` with a per-example mean squared error (equivalently,
-the MSE of the denoised estimate weighted by ``1 / c_out²``), where ``x_σ = x0 + σ · n``.
-The loss is the mean of the per-example errors over the batch. σ is drawn log-normally,
-``σ = exp(loc + scale · N(0, 1))`` (k-diffusion's ``rand_log_normal``).
+and the network output ``F`` is regressed onto the target ``(x0 - c_skip · x_σ) / c_out``,
+where ``x_σ = x0 + σ · n`` (the error of ``F`` is that of the denoised estimate over
+``c_out``). The published UNet has one output channel more than the latents (5 for 4): the
+log-variance head of a k-diffusion model trained with ``has_variance``, whose loss is
+``DenoiserWithVariance.loss``: with ``v`` the spatial mean of that channel (one value per
+example) and ``e`` the mean over the example of ``(F - target)²``, the example's loss is
+``(e / exp(v) + v) / 2``, the Gaussian negative log-likelihood of the error up to a constant
+(the variance is learnt, and weighs each example's error). This is the default objective
+(:attr:`TrainConfig.objective` ``"variance"``); ``"mse"`` is k-diffusion's plain
+``Denoiser.loss``, ``e`` alone. The loss is the mean of the per-example losses over the
+batch. σ is drawn log-normally, ``σ = exp(loc + scale · N(0, 1))`` (k-diffusion's
+``rand_log_normal``).
 
 Conditioning is the pipeline's: the low-res latents upsampled 2x (nearest), concatenated to the
 scaled noisy latents on channels; ``timestep_cond = concat(noise-level embedding, pooled text)``;
@@ -68,6 +75,7 @@ UNetFn = Callable[[Array, Array, Array, Array], Array]
 
 NOISE_EMBED_DIM = 128  # the noise-level part of timestep_cond
 LR_SCHEDULES = ("constant", "linear", "cosine")
+OBJECTIVES = ("variance", "mse")
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -119,8 +127,15 @@ def _integer(name: str, value: Any, *, low: int | None = None, high: int | None 
 class TrainConfig:
     """Hyper-parameters of :class:`Trainer`.
 
+    ``objective``: ``"variance"`` (the default), k-diffusion's ``DenoiserWithVariance`` loss,
+    for a UNet with one output channel more than the latents (the published one: 5 for 4),
+    the spatial mean of that channel being the predicted log-variance ``v`` of the error:
+    ``((F - target)² / exp(v) + v) / 2``; or ``"mse"``, its plain ``Denoiser`` loss
+    ``(F - target)²`` (the extra channel, if any, left untrained). See the module docstring.
     ``sigma_loc``/``sigma_scale``: mean and std of ``log σ`` (k-diffusion's ``rand_log_normal``
-    ``loc``/``scale``; the defaults -1.2/1.2 are k-diffusion's config defaults).
+    ``loc``/``scale``); the defaults -1.2/1.2 are the training distribution of Karras et al.
+    (2022, "EDM": P_mean, P_std), which k-diffusion's example configs use; the settings the
+    upscaler was trained with are not published.
     ``cfg_dropout``: probability of replacing a row's text by the ``""`` prompt.
     ``noise_aug_level``: std of the noise added to the low-res latents (0: none, as the
     pipeline samples); a nonzero level needs ``noise_aug_embed_weight`` (64 floats, see the
@@ -154,6 +169,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     lr_warmup_steps: int = 0
     total_steps: int | None = None
+    objective: str = "variance"
     sigma_loc: float = -1.2
     sigma_scale: float = 1.2
     cfg_dropout: float = 0.1
@@ -189,6 +205,8 @@ class TrainConfig:
                 f"given and exceed lr_warmup_steps ({self.lr_warmup_steps}); got "
                 f"{self.total_steps}"
             )
+        if not isinstance(self.objective, str) or self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         put("sigma_loc", _number("sigma_loc", self.sigma_loc))
         put("sigma_scale", _number("sigma_scale", self.sigma_scale, low=0.0))
         put("cfg_dropout", _number("cfg_dropout", self.cfg_dropout, low=0.0, high=1.0))
@@ -266,9 +284,11 @@ class TrainConfig:
         ``recorded`` (a checkpoint's ``"config"``, as :meth:`to_dict` wrote it), in field order.
 
         Only the fields ``recorded`` holds are compared (a checkpoint of an older build lacks
-        the newer ones). ``total_steps`` counts only when either schedule decays to 0 at it
-        (``"linear"``/``"cosine"``): under ``"constant"`` it changes no step.
+        the newer ones), except ``objective``: a checkpoint without it was trained with
+        ``"mse"``, the only objective then. ``total_steps`` counts only when either schedule
+        decays to 0 at it (``"linear"``/``"cosine"``): under ``"constant"`` it changes no step.
         """
+        recorded = {"objective": "mse", **recorded}
         old_schedule = recorded.get("lr_schedule", "constant")
         steps_matter = self.lr_schedule != "constant" or old_schedule != "constant"
         changes = []
@@ -349,6 +369,7 @@ def denoiser_loss(
     draws: Draws,
     uncond: tuple[Array, Array],
     *,
+    objective: str = "variance",
     noise_aug_level: float = 0.0,
     noise_aug_embed_weight: Array | None = None,
 ) -> tuple[Array, Array]:
@@ -356,13 +377,41 @@ def denoiser_loss(
 
     ``batch``: ``latents [B, H, W, C]`` (the target x0, scaled latents), ``low_res [B, H/2,
     W/2, C]``, ``context [B, L, D]``, ``pooled [B, D]``. ``uncond``: the ``""`` prompt's
-    ``(context [L, D], pooled [D])``. ``model`` returns ``C + 1`` channels (the last, a
-    variance head, is not trained, as the pipeline drops it).
+    ``(context [L, D], pooled [D])`` (or that batch of one, as ``encode_prompt`` gives it).
+    ``model`` returns ``C + 1`` channels for ``objective="variance"`` (the last: the
+    log-variance head, averaged over the picture), ``C`` or more for ``"mse"`` (the first ``C``
+    are regressed). See :class:`TrainConfig`.
     """
+    return _denoiser_terms(
+        model,
+        batch,
+        draws,
+        uncond,
+        objective=objective,
+        noise_aug_level=noise_aug_level,
+        noise_aug_embed_weight=noise_aug_embed_weight,
+    )[:2]
+
+
+def _denoiser_terms(
+    model: UNetFn,
+    batch: Mapping[str, Array],
+    draws: Draws,
+    uncond: tuple[Array, Array],
+    *,
+    objective: str,
+    noise_aug_level: float,
+    noise_aug_embed_weight: Array | None,
+) -> tuple[Array, Array, Array]:
+    """``(mean loss, per-example loss [B], mean squared error of F)``: the last, the plain
+    regression error whatever the objective, is what a run can compare across objectives
+    (the variance objective's loss goes below 0 as the predicted variance shrinks)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     x0 = batch["latents"].astype(jnp.float32)
-    b = x0.shape[0]
+    b, c = x0.shape[0], x0.shape[-1]
     sigma = draws.sigma.astype(jnp.float32)
-    c_skip, c_out, c_in = (c.reshape(b, 1, 1, 1) for c in karras_scalings(sigma))
+    c_skip, c_out, c_in = (s.reshape(b, 1, 1, 1) for s in karras_scalings(sigma))
     noised = x0 + draws.noise * sigma.reshape(b, 1, 1, 1)
 
     low = batch["low_res"].astype(jnp.float32)
@@ -373,19 +422,35 @@ def denoiser_loss(
         )
     image_cond = upsample_nearest_2x(low)
 
+    uncond_ctx, uncond_pooled = (jnp.asarray(u) for u in uncond)
+    if uncond_ctx.ndim == 3 and uncond_pooled.ndim == 2:  # encode_prompt([""]): a batch of one
+        uncond_ctx, uncond_pooled = uncond_ctx[0], uncond_pooled[0]
     keep = ~draws.drop_text
-    context = jnp.where(keep[:, None, None], batch["context"], uncond[0][None])
-    pooled = jnp.where(keep[:, None], batch["pooled"], uncond[1][None])
+    context = jnp.where(keep[:, None, None], batch["context"], uncond_ctx[None])
+    pooled = jnp.where(keep[:, None], batch["pooled"], uncond_pooled[None])
     timestep_cond = jnp.concatenate(
         [noise_level_embedding(level, noise_aug_embed_weight), pooled.astype(jnp.float32)], -1
     )
 
     model_in = jnp.concatenate([noised * c_in, image_cond], axis=-1)
-    out = model(model_in, jnp.log(sigma) * 0.25, context, timestep_cond)
-    out = out[..., : x0.shape[-1]].astype(jnp.float32)
+    out = model(model_in, jnp.log(sigma) * 0.25, context, timestep_cond).astype(jnp.float32)
+    if objective == "variance" and out.shape[-1] != c + 1:
+        raise ValueError(
+            f'objective "variance" needs a model with {c + 1} output channels (the '
+            f"latents' {c} and a log-variance one, as the published UNet has), got "
+            f"{out.shape[-1]}: "
+            'train this one with objective="mse"'
+        )
+    if out.shape[-1] < c:
+        raise ValueError(f"the model returns {out.shape[-1]} channels, fewer than the {c} latents")
     target = (x0 - c_skip * noised) / c_out
-    per_example = jnp.mean(jnp.square(out - target), axis=(1, 2, 3))
-    return jnp.mean(per_example), per_example
+    squared = jnp.mean(jnp.square(out[..., :c] - target), axis=(1, 2, 3))  # [B]
+    if objective == "variance":
+        logvar = jnp.mean(out[..., c], axis=(1, 2))  # [B]
+        per_example = (squared * jnp.exp(-logvar) + logvar) / 2
+    else:
+        per_example = squared
+    return jnp.mean(per_example), per_example, jnp.mean(squared)
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,6 +576,13 @@ class Trainer:
                 UserWarning,
                 stacklevel=2,
             )
+        c = unet.config.in_channels // 2
+        if self.config.objective == "variance" and unet.config.out_channels != c + 1:
+            raise ValueError(
+                f'config.objective "variance" needs a UNet with {c + 1} output channels (the '
+                f"latents' {c} and a log-variance one, as the published UNet has); this one has "
+                f'{unet.config.out_channels}: use objective="mse"'
+            )
         self._initial_params = params
         if mesh is None:
             from flax_latentup.parallel import make_mesh
@@ -580,26 +652,31 @@ class Trainer:
 
     def _loss(self, params, batch, draws):
         unet = nnx.merge(self.graphdef, params, self.frozen)
-        return denoiser_loss(
+        loss, _, mse = _denoiser_terms(
             unet,
             batch,
             draws,
             self.uncond,
+            objective=self.config.objective,
             noise_aug_level=self.config.noise_aug_level,
             noise_aug_embed_weight=self._aug_weight,
         )
+        return loss, mse
 
     def _step_fn(self, state: TrainState, batch: dict[str, Array]):
         key = jax.random.fold_in(jax.random.key(self.config.seed), state.step)
         draws = draw(key, batch["latents"].shape, batch["low_res"].shape, self.config)
         draws = jax.lax.with_sharding_constraint(draws, self.sharded)
-        (loss, _), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, batch, draws)
+        (loss, mse), grads = jax.value_and_grad(self._loss, has_aux=True)(
+            state.params, batch, draws
+        )
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         d = self.config.ema_decay_at(state.step)
         ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema, params)
         metrics = {
             "loss": loss,
+            "mse": mse,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": self.config.learning_rate_schedule()(state.step),
         }
@@ -686,7 +763,9 @@ class Trainer:
 
         The step's random draws come from ``config.seed`` and ``state.step``. ``state`` is
         donated (its buffers are reused): keep the returned one. Returns ``(state, metrics)``
-        with ``loss`` and ``grad_norm`` (before clipping).
+        with ``loss``, ``mse`` (the mean squared error of the UNet's output against its target,
+        the loss of ``objective="mse"``: comparable across objectives) and ``grad_norm``
+        (before clipping).
         """
         return self._step(state, self.shard_batch(batch))
 
@@ -927,6 +1006,7 @@ def _load_leaves(template: Any, path: str) -> Any:
 
 
 __all__ = [
+    "OBJECTIVES",
     "Draws",
     "NonFiniteError",
     "TrainConfig",

@@ -67,8 +67,10 @@ def _fake_model(w):
     return model
 
 
-def _numpy_loss(w, batch, draws, uncond, level, embed_weight):
-    """The k-diffusion upscaler objective, re-derived in float64."""
+def _numpy_loss(w, batch, draws, uncond, level, embed_weight, objective="variance"):
+    """The k-diffusion upscaler objective, re-derived in float64: ``DenoiserWithVariance``'s
+    (the log-variance, the model's last channel averaged over the picture, broadcast over
+    every element of the error) or ``Denoiser``'s."""
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     x0, low = f64(batch["latents"]), f64(batch["low_res"])
     sigma, noise = f64(draws.sigma), f64(draws.noise)
@@ -84,9 +86,14 @@ def _numpy_loss(w, batch, draws, uncond, level, embed_weight):
     emb = np.concatenate([np.cos(freq), np.sin(freq)])[None].repeat(len(x0), 0)
     cond = np.concatenate([emb, pooled], axis=1)
     model_in = np.concatenate([noised * c_in, image_cond], axis=-1)
-    out = _fake_model(w)(model_in, np.log(sigma) / 4, ctx, cond)[..., :4]
+    full = _fake_model(w)(model_in, np.log(sigma) / 4, ctx, cond)
+    out = full[..., :4]
     target = (x0 - c_skip * noised) / c_out
-    return np.mean(np.mean((out - target) ** 2, axis=(1, 2, 3)))
+    if objective == "mse":
+        return np.mean(np.mean((out - target) ** 2, axis=(1, 2, 3)))
+    logvar = full[..., 4].reshape(len(x0), -1).mean(1)[:, None, None, None]
+    losses = ((out - target) ** 2 / np.exp(logvar) + logvar) / 2
+    return np.mean(losses.reshape(len(x0), -1).mean(1))
 
 
 def _random_batch(seed=0, size=8):
@@ -101,8 +108,9 @@ def _random_batch(seed=0, size=8):
     return batch, (f32(L, D), f32(D))
 
 
+@pytest.mark.parametrize("objective", ["variance", "mse"])
 @pytest.mark.parametrize("level", [0.0, 0.3])
-def test_loss_matches_numpy(level):
+def test_loss_matches_numpy(level, objective):
     batch, uncond = _random_batch()
     rng = np.random.RandomState(1)
     draws = Draws(
@@ -113,7 +121,8 @@ def test_loss_matches_numpy(level):
     )
     embed_weight = (rng.randn(64) * 2).astype(np.float32)
     w = _fake_weights()
-    want = _numpy_loss(w, batch, draws, uncond, level, embed_weight if level else np.zeros(64))
+    weight = embed_weight if level else np.zeros(64)
+    want = _numpy_loss(w, batch, draws, uncond, level, weight, objective)
     jw = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), w)
     got, per_example = jax.jit(
         lambda batch, draws: denoiser_loss(
@@ -121,6 +130,7 @@ def test_loss_matches_numpy(level):
             batch,
             draws,
             uncond,
+            objective=objective,
             noise_aug_level=level,
             noise_aug_embed_weight=embed_weight if level else None,
         )
@@ -228,16 +238,23 @@ def test_finetune_loss_goes_down(setup):
     )
     state = trainer.init_state()
     before = trainer.loss(state, batch, fixed)
-    losses = []
+    losses, errors = [], []
     for _ in range(40):
         state, metrics = trainer.step(state, batch)
         losses.append(float(metrics["loss"]))
+        errors.append(float(metrics["mse"]))
     after = trainer.loss(state, batch, fixed)
     after_ema = trainer.loss(state, batch, fixed, ema=True)
     print(f"fixed-draw loss {before:.4f} -> {after:.4f} (EMA {after_ema:.4f}) in 40 steps")
+    print(
+        f"squared error of the steps' draws: first 5 {np.mean(errors[:5]):.4f}, last 5 "
+        f"{np.mean(errors[-5:]):.4f}"
+    )
     assert int(state.step) == 40 and np.all(np.isfinite(losses))
-    assert after < 0.5 * before
+    # the variance objective: the loss may go below 0, so it is compared by its drop
+    assert before - after > 0.5 * abs(before)
     assert after_ema < before
+    assert np.mean(errors[-5:]) < 0.5 * np.mean(errors[:5])
 
 
 def test_steps_follow_the_schedules(setup):
@@ -417,6 +434,55 @@ def test_trainer_refuses_low_precision_weights():
         ValueError, match=r"trainable parameters must be float32, got \['bfloat16'\]"
     ):
         Trainer(unet, uncond)
+
+
+def test_variance_objective_needs_the_log_variance_channel():
+    """The default objective reads the log-variance from the UNet's channel after the latents':
+    a UNet without it (out_channels 4) is refused by name, by the Trainer before anything is
+    traced and by denoiser_loss for a model callable; "mse" trains it."""
+    config = UNet2DConditionConfig.from_dict(dict(helpers.PIPE_UNET, out_channels=4))
+    unet = random_model(FlaxUNet2DConditionModel, config, 0)
+    uncond = (np.zeros((L, D), np.float32), np.zeros(D, np.float32))
+    with pytest.raises(ValueError, match='"variance" needs a UNet with 5 output channels'):
+        Trainer(unet, uncond)
+    Trainer(unet, uncond, TrainConfig(objective="mse"))
+
+    batch, uncond = _random_batch()
+    draws = Draws(
+        sigma=np.ones(B, np.float32),
+        noise=np.zeros(batch["latents"].shape, np.float32),
+        drop_text=np.zeros(B, bool),
+        aug_noise=np.zeros(batch["low_res"].shape, np.float32),
+    )
+    four = lambda x, *rest: x[..., :4]  # noqa: E731
+    with pytest.raises(ValueError, match='"variance" needs a model with 5 output channels'):
+        denoiser_loss(four, batch, draws, uncond)
+    assert np.isfinite(float(denoiser_loss(four, batch, draws, uncond, objective="mse")[0]))
+
+
+def test_loss_takes_the_empty_prompt_as_encode_prompt_gives_it():
+    """``uncond`` as ``encode_prompt([""])`` returns it (a batch of one), as the Trainer takes
+    it: the same loss as the unbatched pair."""
+    batch, (ctx, pooled) = _random_batch()
+    rng = np.random.RandomState(2)
+    draws = Draws(
+        sigma=np.asarray([0.1, 0.5, 2.0, 8.0], np.float32),
+        noise=rng.randn(*batch["latents"].shape).astype(np.float32),
+        drop_text=np.asarray([True, False, True, True]),
+        aug_noise=np.zeros(batch["low_res"].shape, np.float32),
+    )
+    model = _fake_model(jax.tree.map(jnp.asarray, _fake_weights()))
+    plain = float(denoiser_loss(model, batch, draws, (ctx, pooled))[0])
+    batched = float(denoiser_loss(model, batch, draws, (ctx[None], pooled[None]))[0])
+    assert batched == plain
+
+
+def test_checkpoints_without_an_objective_were_trained_with_mse():
+    """A checkpoint of a build that knew only the squared error records no objective: resuming
+    it with the variance objective is a change of setting, and with "mse" none."""
+    recorded = {k: v for k, v in TrainConfig().to_dict().items() if k != "objective"}
+    assert TrainConfig().changes_from(recorded) == [("objective", "mse", "variance")]
+    assert TrainConfig(objective="mse").changes_from(recorded) == []
 
 
 def test_trainer_warns_of_config_dropout():
@@ -760,6 +826,7 @@ def test_example_on_two_processes(flax_pipe_dir, finetune, tmp_path):
         (dict(lr_warmup_steps=2.0), TypeError, "lr_warmup_steps must be an int, got float"),
         (dict(total_steps=True), TypeError, "total_steps must be an int, got bool"),
         (dict(total_steps="100"), TypeError, "total_steps must be an int, got str"),
+        (dict(objective="l2"), ValueError, r"objective must be one of \('variance', 'mse'\)"),
         (dict(seed=-1), ValueError, r"seed must be in \[0, "),
         (dict(seed=1.0), TypeError, "seed must be an int, got float"),
         (dict(noise_aug_embed_weight=(math.nan,) * 64), ValueError, r"noise_aug_embed_weight\[0\]"),
@@ -979,6 +1046,7 @@ def _argv(model, data, output, *more):
 @pytest.mark.parametrize(
     "more, message",
     [
+        (["--resolution", "0"], "--resolution must be >= 1, got 0"),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1, got 0"),
@@ -1072,6 +1140,11 @@ def test_example_checks_pictures_first(finetune, tmp_path, monkeypatch):
         finetune.main(_argv(tmp_path / "model", data, tmp_path / "run", "--resolution", "128"))
     assert finetune.list_pictures(str(data)) == [str(data / "a.png")]
     assert finetune.caption_of(str(data / "a.png")) == "café au lait"
+    # macOS's "._a.png" beside a copied picture (its metadata, no picture) is no input
+    (data / "._a.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    assert finetune.list_pictures(str(data)) == [str(data / "a.png")]
+    with pytest.raises(_ModelLoaded):
+        finetune.main(_argv(tmp_path / "model", data, tmp_path / "run", "--resolution", "128"))
 
 
 def test_example_decodes_pictures(finetune, tmp_path):
