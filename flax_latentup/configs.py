@@ -547,7 +547,10 @@ class UNet2DConditionConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> UNet2DConditionConfig:
         """Build from a diffusers ``unet/config.json`` dict (missing keys take diffusers'
-        defaults; the older key ``timestep_act_2`` is read as ``timestep_post_act``)."""
+        defaults; the older key ``timestep_act_2`` is read as ``timestep_post_act``, which it
+        was renamed to: the published model's first revision spells it so. Current diffusers
+        no longer reads the old key and builds such a config without the activation after
+        the time embedding; :meth:`to_dict` writes the new key, which both read alike)."""
         name = UNET_CLASS_NAME
         _require(name, "_class_name", d.get("_class_name", name), (name,))
 
