@@ -68,6 +68,7 @@ from flax_latentup.files import atomic_write, sync_folder, sync_tree
 from flax_latentup.models.base import read_json
 from flax_latentup.models.unet import FlaxUNet2DConditionModel
 from flax_latentup.models.vae import FlaxAutoencoderKL
+from flax_latentup.parallel import auto_axes, make_mesh, outside_context_mesh
 
 Array = jax.Array
 # model(sample [B, H, W, 8], timestep [B], context [B, L, D], timestep_cond [B, 128 + D])
@@ -547,6 +548,7 @@ class Trainer:
     reduced over all devices. :meth:`save_checkpoint` is called by all and written by process 0.
     """
 
+    @outside_context_mesh()
     def __init__(
         self,
         unet: FlaxUNet2DConditionModel,
@@ -585,16 +587,12 @@ class Trainer:
             )
         self._initial_params = params
         if mesh is None:
-            from flax_latentup.parallel import make_mesh
-
             mesh = make_mesh(jax.devices())
         if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != ("data",):
             raise ValueError(
                 "mesh must be a jax.sharding.Mesh with the single axis ('data',), got "
                 + (repr(mesh.axis_names) if isinstance(mesh, Mesh) else type(mesh).__name__)
             )
-        from flax_latentup.parallel import auto_axes
-
         mesh = auto_axes(mesh)
         self.mesh = mesh
         self.replicated = NamedSharding(mesh, P())
@@ -630,6 +628,7 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------
 
+    @outside_context_mesh()
     def init_state(self) -> TrainState:
         """Step 0: the UNet's weights, an EMA equal to them, a fresh optimizer state."""
         params = _host(self._initial_params)  # copies: the step donates its state
@@ -740,6 +739,7 @@ class Trainer:
             )
         return arrays
 
+    @outside_context_mesh()
     def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, Array]:
         """Put a host batch on the mesh, split along its first axis. With a mesh over several
         processes, ``batch`` is this process's share, split over its devices in the mesh. The
@@ -757,6 +757,7 @@ class Trainer:
             return jax.make_array_from_process_local_data(self.sharded, v)
         return jax.device_put(v, self.sharded)
 
+    @outside_context_mesh()
     def step(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
         """One optimizer step on ``batch`` (``latents``, ``low_res``, ``context``, ``pooled``,
         checked by :meth:`check_batch` before anything is compiled).
@@ -769,6 +770,7 @@ class Trainer:
         """
         return self._step(state, self.shard_batch(batch))
 
+    @outside_context_mesh()
     def loss(self, state: TrainState, batch: Mapping[str, Any], draws: Draws, *, ema=False):
         """The loss of the state's weights on ``batch`` with fixed ``draws`` (no update);
         with several processes both are this process's rows."""
@@ -778,6 +780,7 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
 
+    @outside_context_mesh()
     def save_checkpoint(
         self, folder: str | os.PathLike, state: TrainState, run: dict | None = None
     ) -> str:
@@ -857,6 +860,7 @@ class Trainer:
             raise failure
         return final
 
+    @outside_context_mesh()
     def load_checkpoint(self, path: str | os.PathLike) -> TrainState:
         """The :class:`TrainState` saved in the checkpoint folder ``path``."""
         path = os.fspath(path)

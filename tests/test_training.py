@@ -633,6 +633,20 @@ def one_device_run():
     return np.asarray(metrics), after_three
 
 
+def test_trainer_inside_the_callers_mesh_context(one_device_run):
+    """A Trainer used inside the caller's own ``jax.set_mesh`` block (a mesh of
+    ``jax.make_mesh``, Explicit axes) trains on its own mesh, as outside the block."""
+    batch, uncond, config = parallel_case()
+    with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+        trainer = parallel_trainer(uncond, config)
+        state, m = trainer.step(trainer.init_state(), batch)
+        draws = draw(jax.random.key(0), batch["latents"].shape, batch["low_res"].shape, config)
+        loss = trainer.loss(state, batch, draws)
+    metrics, _ = one_device_run
+    np.testing.assert_allclose([float(m["loss"]), float(m["grad_norm"])], metrics[0], rtol=1e-6)
+    assert np.isfinite(loss)
+
+
 @pytest.mark.heavy
 def test_two_devices_train_as_one(tmp_path, one_device_run):
     """Data parallelism: the batch split over two devices (gradients reduced across them)
