@@ -41,6 +41,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -728,6 +729,8 @@ def main() -> None:
     load_before = loadavg()
     work = tempfile.mkdtemp(prefix="bench-pipeline-")
     atexit.register(shutil.rmtree, work, ignore_errors=True)  # a run that stops early too
+    # a time limit's SIGTERM (`timeout`) ends the run through the exit handlers as well
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     model = args.model or args.save_model
     build_s = None
     if model is None or not os.path.exists(os.path.join(model, "model_index.json")):

@@ -169,7 +169,8 @@ step_flags() {
     echo "=== attention: XLA everywhere (no cuDNN)" | tee -a "$LOGS/flags.log"
     bench flags_xla_attention --sides jax --unet-only --dtype bfloat16 --unet-repeats 10 \
         --attention xla | grep -E "^g=" | tee -a "$LOGS/flags.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    code="${PIPESTATUS[0]}"
+    [ "$code" -eq 0 ] || status=$((code == 124 ? 124 : 1))
     return "$status"
 }
 

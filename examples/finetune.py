@@ -385,7 +385,9 @@ def main(argv=None) -> int:
     if args.distributed:
         from flax_latentup import parallel
 
-        parallel.initialize_distributed()
+        # the processes step together and end together: one that stops on an error must not
+        # wait at exit for a day (the upscaling default) while the others wait for its step
+        parallel.initialize_distributed(shutdown_timeout_seconds=300)
     me, count = jax.process_index(), jax.process_count()
     if args.batch_size % count:
         raise SystemExit(f"--batch-size {args.batch_size} must divide over {count} processes")

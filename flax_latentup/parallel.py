@@ -115,8 +115,7 @@ def outside_context_mesh() -> Iterator[None]:
     try:
         cleared = jax.set_mesh(None)
     except (AttributeError, TypeError, ValueError):  # no jax.set_mesh, or under a trace
-        yield
-        return
+        cleared = contextlib.nullcontext()
     with cleared:
         yield
 
@@ -374,7 +373,10 @@ def initialize_distributed(
     JAX's 5 minutes: at exit every process waits for the others, and hosts upscaling their
     shares of a batch job may finish far apart (other pictures, other hosts' speed); with
     JAX's default the early ones abort once they have waited 5 minutes. A process that dies
-    is noticed through its missed heartbeats (``heartbeat_timeout_seconds``) instead. Other
+    is noticed through its missed heartbeats (``heartbeat_timeout_seconds``) instead; but one
+    that stops on an error waits at exit like the others, so work whose processes step
+    together (training: a stopped one leaves the others waiting in a collective) should pass
+    a short ``shutdown_timeout_seconds``, as ``examples/finetune.py`` does. Other
     keyword arguments go to :func:`jax.distributed.initialize` as given."""
     env = os.environ
     coordinator_address = coordinator_address or env.get("FLAX_LATENTUP_COORDINATOR")

@@ -132,7 +132,8 @@ class TrainConfig:
     for a UNet with one output channel more than the latents (the published one: 5 for 4),
     the spatial mean of that channel being the predicted log-variance ``v`` of the error:
     ``((F - target)² / exp(v) + v) / 2``; or ``"mse"``, its plain ``Denoiser`` loss
-    ``(F - target)²`` (the extra channel, if any, left untrained). See the module docstring.
+    ``(F - target)²`` (the extra channel, if any, gets no gradient; weight decay still
+    shrinks its weights). See the module docstring.
     ``sigma_loc``/``sigma_scale``: mean and std of ``log σ`` (k-diffusion's ``rand_log_normal``
     ``loc``/``scale``); the defaults -1.2/1.2 are the training distribution of Karras et al.
     (2022, "EDM": P_mean, P_std), which k-diffusion's example configs use; the settings the
@@ -425,6 +426,11 @@ def _denoiser_terms(
 
     uncond_ctx, uncond_pooled = (jnp.asarray(u) for u in uncond)
     if uncond_ctx.ndim == 3 and uncond_pooled.ndim == 2:  # encode_prompt([""]): a batch of one
+        if uncond_ctx.shape[0] != 1 or uncond_pooled.shape[0] != 1:
+            raise ValueError(
+                "uncond must be the '' prompt's (context [L, D], pooled [D]), or that batch of "
+                f"one; got shapes {list(uncond_ctx.shape)} and {list(uncond_pooled.shape)}"
+            )
         uncond_ctx, uncond_pooled = uncond_ctx[0], uncond_pooled[0]
     keep = ~draws.drop_text
     context = jnp.where(keep[:, None, None], batch["context"], uncond_ctx[None])
@@ -548,7 +554,6 @@ class Trainer:
     reduced over all devices. :meth:`save_checkpoint` is called by all and written by process 0.
     """
 
-    @outside_context_mesh()
     def __init__(
         self,
         unet: FlaxUNet2DConditionModel,
@@ -613,8 +618,9 @@ class Trainer:
                 f"time_cond_proj_dim less {NOISE_EMBED_DIM}), got shape {list(pooled.shape)}"
             )
         # host values (the same in every process) placed on the whole mesh
-        self.uncond = jax.device_put((ctx, pooled), self.replicated)
-        self.frozen = jax.device_put(_host(self.frozen), self.replicated)
+        with outside_context_mesh():
+            self.uncond = jax.device_put((ctx, pooled), self.replicated)
+            self.frozen = jax.device_put(_host(self.frozen), self.replicated)
         self.optimizer = self.config.optimizer()
         w = self.config.noise_aug_embed_weight
         self._aug_weight = None if w is None else jnp.asarray(w, jnp.float32)

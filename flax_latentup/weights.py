@@ -193,8 +193,8 @@ def missing_weights_error(
             "does; without variant=, the plain files load"
         )
     elif cached and not any(p.endswith((".safetensors", ".bin")) for p in present):
-        repo = re.search(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots", folder)
-        repo_id = f"{repo[1]}/{repo[2]}" if repo else "REPO"
+        repo = re.search(r"models--([^/\\]+)[/\\]snapshots", os.path.abspath(folder))
+        repo_id = repo[1].replace("--", "/") if repo else "REPO"
         hint = (
             "; this Hugging Face cache snapshot has no safetensors weights here: either the "
             "download was cut short (connect to the internet to complete it, or remove it "

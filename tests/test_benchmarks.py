@@ -171,3 +171,31 @@ def test_benchmark_keeps_each_result_as_it_lands(tmp_path, monkeypatch, capsys):
     assert report["processes"]["torch"]["cases"] == torch_result["cases"]
     assert "no backend" in report["failed"]["jax1"]
     assert "torch: done in 9.0 s; g=6: pipeline 3 s, UNet 0.5 s" in capsys.readouterr().out
+
+
+@pytest.mark.heavy
+def test_benchmark_stopped_by_its_time_limit_leaves_no_work_folder(tmp_path):
+    """``timeout`` stops the benchmark with SIGTERM: its work folder (inputs, outputs, a model
+    built there) is removed on the way out, as at a normal end."""
+    import signal
+    import time
+
+    env = dict(os.environ, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu")
+    script = os.path.join(ROOT, "benchmarks", "bench_pipeline.py")
+    argv = [sys.executable, script, "--tiny", "--steps", "2", "--guidance", "6", "--repeats", "9"]
+    argv += ["--json", str(tmp_path / "b.json")]
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path
+    )
+    try:
+        for line in proc.stdout:  # the workers have started: the work folder is in use
+            if "taking turns" in line:
+                break
+        assert [p for p in os.listdir(tmp_path) if p.startswith("bench-pipeline-")]
+        time.sleep(2)
+        os.killpg(proc.pid, signal.SIGTERM)  # as `timeout` does: the whole process group
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("bench-pipeline-")]

@@ -1704,6 +1704,14 @@ def test_incomplete_hub_cache_is_named(pipe_dir, tmp_path, monkeypatch):
     # or the repo's weights are torch pickles, which are not fetched: what to do about it
     assert "torch pickles only" in str(e.value)
     assert "`flax-latentup convert someone/cut-short FOLDER`" in str(e.value)
+    # a repo without an owner, and a snapshot folder given relative to here
+    from flax_latentup.weights import missing_weights_error
+
+    gpt2 = tmp_path / "hub" / "models--gpt2" / "snapshots" / ("1" * 40)
+    gpt2.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "hub")
+    message = str(missing_weights_error(os.path.relpath(gpt2), ["model.safetensors"]))
+    assert "`flax-latentup convert gpt2 FOLDER`" in message
 
 
 def test_automatic_choices_follow_the_device_compiled_for():

@@ -475,6 +475,8 @@ def test_loss_takes_the_empty_prompt_as_encode_prompt_gives_it():
     plain = float(denoiser_loss(model, batch, draws, (ctx, pooled))[0])
     batched = float(denoiser_loss(model, batch, draws, (ctx[None], pooled[None]))[0])
     assert batched == plain
+    with pytest.raises(ValueError, match=r"or that batch of one; got shapes \[2, 7, 32\]"):
+        denoiser_loss(model, batch, draws, (np.stack([ctx, ctx]), np.stack([pooled, pooled])))
 
 
 def test_checkpoints_without_an_objective_were_trained_with_mse():
@@ -495,8 +497,11 @@ def test_trainer_warns_of_config_dropout():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             Trainer(unet, uncond)
-        said = [str(w.message) for w in caught if "dropout" in str(w.message)]
+        said = [w for w in caught if "dropout" in str(w.message)]
         assert len(said) == warns, said
+        # shown at the caller's line, not inside the library
+        assert all(w.filename == __file__ for w in said), [w.filename for w in said]
+        said = [str(w.message) for w in said]
         if warns:
             assert "dropout=0.1" in said[0] and "fine-tuned without" in said[0]
 
