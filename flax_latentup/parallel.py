@@ -112,10 +112,15 @@ def auto_axes(mesh: Mesh) -> Mesh:
 def outside_context_mesh() -> Iterator[None]:
     """Inside: no mesh set by ``jax.set_mesh`` (the caller's, restored after), so that a call
     given its own devices or mesh runs there, as it does outside the caller's context."""
-    try:
-        cleared = jax.set_mesh(None)
-    except (AttributeError, TypeError, ValueError):  # no jax.set_mesh, or under a trace
-        cleared = contextlib.nullcontext()
+    cleared: contextlib.AbstractContextManager = contextlib.nullcontext()
+    current = getattr(jax.sharding, "get_abstract_mesh", None)
+    # only where a mesh is set: the context is part of the compilation caches' keys, so it is
+    # left as it is otherwise (the programs compiled in and out of calls stay shared)
+    if current is not None and not getattr(current(), "empty", True):
+        try:
+            cleared = jax.set_mesh(None)
+        except (AttributeError, TypeError, ValueError):  # no jax.set_mesh, or under a trace
+            pass
     with cleared:
         yield
 

@@ -949,7 +949,14 @@ DIFFUSERS_METHODS = {
     "enable_vae_slicing": (
         "a batch decodes as one program; enable_vae_tiling() bounds the VAE's memory"
     ),
+    "progress_bar": "the step bar is shown by the call itself; set_progress_bar_config(...) sets it",
+    "device": (
+        "JAX places the work itself: the weights are on jax.devices() of the default backend "
+        "(see .params), and a call runs on devices=[...] or mesh= when given"
+    ),
 }
+# the entries of DIFFUSERS_METHODS that are attributes in diffusers, not methods
+_DIFFUSERS_ATTRIBUTES = ("device",)
 
 
 class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
@@ -1001,9 +1008,33 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         instead = DIFFUSERS_METHODS.get(name)
         if instead is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        kind = "attribute" if name in _DIFFUSERS_ATTRIBUTES else "method"
+        shown = name if name in _DIFFUSERS_ATTRIBUTES else f"{name}()"
         raise AttributeError(
-            f"{type(self).__name__} has no {name}() (a diffusers pipeline method): {instead}"
+            f"{type(self).__name__} has no {shown} (a diffusers pipeline {kind}): {instead}"
         )
+
+    @staticmethod
+    def numpy_to_pil(images: Any) -> list[Any]:
+        """Pictures ``[B, H, W, 3]`` (or one ``[H, W, 3]``) of floats in [0, 1] as PIL images,
+        as diffusers' ``numpy_to_pil`` (what ``output_type="np"`` gives, to PIL)."""
+        import PIL.Image
+
+        arr = np.asarray(images)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+            raise ValueError(
+                f"images must be [B, H, W, 3] (or [H, W, 3]) in [0, 1], got shape {arr.shape}"
+            )
+        arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return [PIL.Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in arr]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along each side (the VAE's downsampling factor: 8 for the
+        published model), as diffusers' attribute of that name."""
+        return self.vae.config.downsample_factor
 
     # ---- state -----------------------------------------------------------------------------
     #
@@ -1219,7 +1250,12 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         }
 
     def save_pretrained(
-        self, path: str | os.PathLike, *, torch_layout: bool = False, variant: str | None = None
+        self,
+        path: str | os.PathLike,
+        *,
+        torch_layout: bool = False,
+        variant: str | None = None,
+        **unknown: Any,
     ) -> None:
         """Write the pipeline in the diffusers layout with Flax weights into the folder
         ``path`` (created if needed; a link to a folder is followed).
@@ -1243,6 +1279,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         from flax_latentup import __version__
         from flax_latentup.files import link_copy, staged_entries
 
+        refuse_keywords("save_pretrained", unknown)
         path = os.path.expanduser(os.fspath(path))
         variant = hub.check_variant(variant)
         if torch_layout:
@@ -1337,11 +1374,21 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
                 )
         return ids.astype(np.int32)
 
-    def encode_prompt(self, prompt: str | Sequence[str]) -> tuple[Array, Array]:
+    def encode_prompt(
+        self, prompt: str | Sequence[str], *diffusers_args: Any, **unknown: Any
+    ) -> tuple[Array, Array]:
         """``(prompt_embeds [B, 77, D], pooled_prompt_embeds [B, D])`` as the pipeline uses them:
         the last layer's output before the final LayerNorm, and the pooled output. (diffusers'
         ``encode_prompt(prompt, device, do_cfg, negative_prompt)`` returns the negative
         prompt's too: here, encode it in a second call.)"""
+        if diffusers_args or unknown:
+            raise TypeError(
+                "encode_prompt() takes the prompt alone and returns (prompt_embeds, "
+                "pooled_prompt_embeds); diffusers' encode_prompt(prompt, device, "
+                "do_classifier_free_guidance, negative_prompt) also returns the negative "
+                "prompt's: here, call encode_prompt(negative_prompt) for those (JAX places the "
+                "work itself: there is no device to give)"
+            )
         if not isinstance(prompt, str | list | tuple):
             raise ValueError(
                 f"prompt must be a string or a list of strings, got {type(prompt).__name__}"
@@ -1526,7 +1573,8 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         ``latents``: the initial noise ``[B, 2h, 2w, 4]`` (NHWC; NCHW for torch), scaled by the
         initial sigma inside. ``callback(step, timestep, latents)`` runs every
         ``callback_steps`` steps with the NHWC latents as a numpy array.
-        ``output_type``: "pil", "np" (float32 ``[B, H, W, 3]`` in [0, 1]) or "latent".
+        ``output_type``: "pil", "np" (float32 ``[B, H, W, 3]`` in [0, 1]) or "latent"
+        (``None`` is read as "np", as diffusers reads it).
 
         Devices: with several local devices (or ``devices``/``mesh`` given) the batch is split
         over a ``("data",)`` mesh with one sharded ``jit``; ``use_pmap=True`` takes the
@@ -1535,6 +1583,8 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
         """
         # ---- checks, before anything compiles ----
         refuse_keywords("__call__", unknown)
+        if output_type is None:
+            output_type = "np"
         if output_type == "pt":  # diffusers' torch output: this package does not use torch
             raise ValueError(
                 f"output_type must be one of {OUTPUT_TYPES}, got 'pt': for diffusers' NCHW "
@@ -1634,26 +1684,26 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             if guidance == 0:
                 prompts = [""] * batch_size
             text_mode = "ids"
-        if negative_prompt is not None:  # checked whether or not guidance uses it
+        # the negative prompt or its embeddings are checked whether or not guidance uses them
+        if negative_prompt is not None:
             _prompt_list("negative_prompt", negative_prompt, batch_size)
-        if cfg:
-            if negative_prompt_embeds is not None:
-                ne = _embeds("negative_prompt_embeds", negative_prompt_embeds, 3)
-                npool = _embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, 2)
-                want = (
-                    batch["prompt_embeds"].shape
-                    if text_mode == "embeds"
-                    else (batch_size, seq, width)
+        if negative_prompt_embeds is not None:
+            ne = _embeds("negative_prompt_embeds", negative_prompt_embeds, 3)
+            npool = _embeds("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds, 2)
+            want = (
+                batch["prompt_embeds"].shape if text_mode == "embeds" else (batch_size, seq, width)
+            )
+            if ne.shape != want:
+                raise ValueError(
+                    f"negative_prompt_embeds must have shape {list(want)}, got {ne.shape}"
                 )
-                if ne.shape != want:
-                    raise ValueError(
-                        f"negative_prompt_embeds must have shape {list(want)}, got {ne.shape}"
-                    )
-                if npool.shape != (batch_size, width):
-                    raise ValueError(
-                        f"negative_pooled_prompt_embeds must have shape [{batch_size}, {width}], got {npool.shape}"
-                    )
-            else:
+            if npool.shape != (batch_size, width):
+                raise ValueError(
+                    f"negative_pooled_prompt_embeds must have shape [{batch_size}, {width}], got "
+                    f"{npool.shape}"
+                )
+        if cfg:
+            if negative_prompt_embeds is None:
                 negatives = _prompt_list("negative_prompt", negative_prompt or "", batch_size)
                 if text_mode == "embeds" and batch["prompt_embeds"].shape[1] != seq:
                     raise ValueError(
@@ -1754,9 +1804,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
             with compiling_for(device_list[0]):
                 images = self._finish_images(out, where)
             if output_type == "pil":
-                import PIL.Image
-
-                images = [PIL.Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
+                images = self.numpy_to_pil(images)
         return UpscalePipelineOutput(images=images) if return_dict else (images,)
 
     # ---- host-side VAE work ------------------------------------------------------------------

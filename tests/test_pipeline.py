@@ -1805,3 +1805,43 @@ def test_push_to_hub_variant_goes_beside_the_repo(flax_pipe, pipe_dir, tmp_path,
         fp16.unet.push_to_hub("me/vae", variant="fp16")
     assert "upload_folder" not in [c[0] for c in FakeHubApi.calls]
     assert file_ids(FakeHubApi.repo) == before
+
+
+def test_diffusers_spellings_work_or_say_what_stands_for_them(flax_pipe, torch_pipe, tmp_path):
+    """What a diffusers user writes: numpy_to_pil, vae_scale_factor and output_type=None work as
+    there; encode_prompt's extra arguments, save_pretrained's serialization options and the
+    device attribute say what to do instead; negative prompt embeddings of a wrong shape are
+    refused with guidance off too (diffusers checks them on every call)."""
+    low, noise = inputs(1, seed=31)
+    kw = dict(prompt="x", image=low, latents=noise, num_inference_steps=2, guidance_scale=0.0)
+    as_np = flax_pipe(output_type="np", **kw).images
+    as_none = flax_pipe(output_type=None, **kw).images
+    assert isinstance(as_none, np.ndarray) and np.array_equal(as_none, as_np)
+    pil = flax_pipe(**kw).images
+    converted = flax_pipe.numpy_to_pil(as_np)
+    assert np.array_equal(np.asarray(converted[0]), np.asarray(pil[0]))
+    assert np.array_equal(np.asarray(converted[0]), np.asarray(torch_pipe.numpy_to_pil(as_np)[0]))
+    assert (
+        flax_pipe.vae_scale_factor
+        == torch_pipe.vae_scale_factor
+        == (2 ** (len(flax_pipe.vae.config.block_out_channels) - 1))
+    )
+    with pytest.raises(TypeError, match=r"call encode_prompt\(negative_prompt\) for those"):
+        flax_pipe.encode_prompt("a cat", "cpu", True, "a dog")
+    with pytest.raises(TypeError, match="takes no safe_serialization= .* always written as"):
+        flax_pipe.save_pretrained(tmp_path / "saved", safe_serialization=True)
+    assert not (tmp_path / "saved").exists()
+    with pytest.raises(AttributeError, match=r"has no device \(a diffusers pipeline attribute\)"):
+        flax_pipe.device  # noqa: B018
+    with pytest.raises(AttributeError, match=r"has no progress_bar\(\) \(a diffusers pipeline m"):
+        flax_pipe.progress_bar  # noqa: B018
+    width = flax_pipe.text_encoder.config.hidden_size
+    embeds, pooled = flax_pipe.encode_prompt("x")
+    with pytest.raises(ValueError, match=r"negative_prompt_embeds must have shape \[1, 77, "):
+        flax_pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=np.zeros((1, 5, width), np.float32),
+            negative_pooled_prompt_embeds=np.zeros((1, width), np.float32),
+            **{k: v for k, v in kw.items() if k != "prompt"},
+        )

@@ -202,6 +202,9 @@ DIFFUSERS_KEYWORDS = {
     "device_map": "nothing: models load onto JAX's default device; calls take devices= or mesh=",
     "low_cpu_mem_usage": "nothing: models are built without weights and filled once",
     "use_safetensors": "nothing: weights are always read from safetensors",
+    "safe_serialization": "nothing: weights are always written as safetensors",
+    "push_to_hub": "nothing here: push_to_hub(repo_id, ...) saves and uploads in one call",
+    "max_shard_size": "nothing: each model's weights are written as one file",
 }
 
 
