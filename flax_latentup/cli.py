@@ -698,9 +698,10 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
         "-i",
         "--input",
         nargs="+",
+        action="extend",
         required=True,
         metavar="INPUT",
-        help="picture/.npy files, folders or glob patterns",
+        help="picture/.npy files, folders or glob patterns (-i may be given more than once)",
     )
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     p.add_argument(
@@ -823,6 +824,8 @@ def add_upscale_args(p: argparse.ArgumentParser) -> None:
 
 
 def validate_upscale_args(args: argparse.Namespace) -> None:
+    if not args.output:
+        raise UsageError("-o/--output is empty: give the folder the outputs go to")
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -864,6 +867,22 @@ def validate_upscale_args(args: argparse.Namespace) -> None:
                 f"--{part}-subfolder must be a relative path inside --{part}, such as "
                 f"{SUBFOLDER_EXAMPLES[part].split()[0]}, got {sub!r}"
             )
+
+
+def unused_prompt_notes(args: argparse.Namespace) -> list[str]:
+    """What the run will not use of the prompts it was given: all of them at --guidance 0
+    (sidecar prompts are then not read), the negative prompt at --guidance <= 1."""
+    notes = []
+    if args.guidance == 0 and args.prompt:
+        given = "--prompt-file" if args.prompt_file is not None else "--prompt"
+        notes.append(
+            f"{given} is not used at --guidance 0 (the default), where the upscaler ignores "
+            "the text (sidecar prompts are not read either); give --guidance > 0 (e.g. 6) for "
+            "the prompt to count"
+        )
+    if args.guidance <= 1 and args.negative_prompt:
+        notes.append("--negative-prompt is used only with classifier-free guidance, --guidance > 1")
+    return notes
 
 
 def read_upscale_files(args: argparse.Namespace) -> None:
@@ -1154,12 +1173,18 @@ MAX_SIDE = {"webp": 16383, "jpg": 65500}
 
 
 def scan_inputs(
-    items: list[Item], nchw: bool, prompt: str, ext: str = "png", vae_factor: int = 8
+    items: list[Item],
+    nchw: bool,
+    prompt: str,
+    ext: str = "png",
+    vae_factor: int = 8,
+    sidecars: bool = True,
 ) -> tuple[dict, list[dict]]:
     """Group ``items`` by (kind, fitted shape) from their headers only, so that memory does not
-    grow with the number of inputs; reads sidecar prompts. An output too large for ``ext``
-    fails its input here, before any upscaling (latents are decoded ``vae_factor`` times
-    larger). Returns ``(groups, failures)``."""
+    grow with the number of inputs; reads sidecar prompts (with ``sidecars``: not where the
+    prompts go unused, at guidance 0). An output too large for ``ext`` fails its input here,
+    before any upscaling (latents are decoded ``vae_factor`` times larger). Returns
+    ``(groups, failures)``."""
     groups: dict[tuple, list[Item]] = {}
     failed: list[dict] = []
     for item in items:
@@ -1191,7 +1216,7 @@ def scan_inputs(
         item.note = "; ".join(notes) or None
         sidecar = os.path.splitext(item.src)[0] + ".txt"
         item.prompt = prompt
-        if os.path.isfile(sidecar):
+        if sidecars and os.path.isfile(sidecar):
             try:
                 item.prompt = read_text(sidecar)
             except (OSError, UnicodeDecodeError) as e:
@@ -1544,6 +1569,8 @@ def _run_upscale(args: argparse.Namespace, stop: StopSignals) -> int:
     batch_size, note = plan_batch(args.batch_size, n_devices)
     if note:
         print(f"note: {note}", file=sys.stderr)
+    for note in unused_prompt_notes(args):
+        print(f"note: {note}", file=sys.stderr)
     dtype = resolve_dtype(args.dtype, jax.local_devices()[0])
     precision = resolve_precision(args.precision, dtype)
 
@@ -1592,7 +1619,12 @@ def _run_upscale(args: argparse.Namespace, stop: StopSignals) -> int:
 
     # Headers only: each size compiles once, and pixels are read one batch ahead.
     groups, failed = scan_inputs(
-        todo, args.nchw, args.prompt, args.ext, vae_downsample_factor(model_dir, components)
+        todo,
+        args.nchw,
+        args.prompt,
+        args.ext,
+        vae_downsample_factor(model_dir, components),
+        sidecars=args.guidance != 0,
     )
     report["failed"] += failed
 

@@ -213,6 +213,7 @@ def test_killed_run_resumes_byte_identical(flax_pipe_dir, tmp_path):
     "argv,message",
     [
         (["-i", "{tmp}/missing.png", "-o", "{tmp}/o"], "input not found"),
+        (["-i", "{tmp}/in", "-o", ""], "-o/--output is empty"),
         (["-i", "{tmp}/empty", "-o", "{tmp}/o"], "holds no PNG/JPEG/WebP/BMP/TIFF/GIF/.npy files"),
         (["-i", "{tmp}/in", "-o", "{tmp}/in/out", "-r"], "inside input folder"),
         (["-i", "{tmp}/in", "-o", "{tmp}/in/a.png/x"], "not writable"),
@@ -759,7 +760,8 @@ def test_odd_folders_and_files(flax_pipe_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(P, "__call__", spy)
     out = tmp_path / "out"
-    code = run_cli("-i", src, "-o", out, "-r", "-n", flax_pipe_dir, "--batch-size", "4", *COMMON)
+    argv = ["-i", src, "-o", out, "-r", "-n", flax_pipe_dir, "--batch-size", "4", *COMMON]
+    code = run_cli(*argv, "--guidance", "2")  # prompts are read where they are used
     assert code == 1
     assert outputs(out) == ["img1.png", "sub/img2.png"]
     report = read_report(out)
@@ -1545,3 +1547,21 @@ def test_folders_made_for_a_run_are_removed_if_it_does_not_start(tmp_path):
     assert (tmp_path / "elsewhere" / "out").is_dir()
     files.remove_made_folders(made)
     assert os.listdir(tmp_path / "elsewhere") == ["dir"]
+
+
+def test_inputs_given_twice_and_prompts_left_unused(flax_pipe_dir, tmp_path, capsys):
+    """Each -i counts (argparse would keep the last alone); at --guidance 0 the prompts are
+    not used: a note says so, and a sidecar prompt is not read, so one that is not UTF-8 fails
+    nothing."""
+    write_png(str(tmp_path / "a" / "one.png"), seed=1)
+    write_png(str(tmp_path / "b" / "two.png"), seed=2)
+    (tmp_path / "b" / "two.txt").write_bytes(b"caf\xe9")  # Latin-1: unreadable as a prompt
+    out = tmp_path / "out"
+    argv = ["-i", tmp_path / "a", "-i", tmp_path / "b", "-o", out, "-n", flax_pipe_dir]
+    capsys.readouterr()
+    assert run_cli(*argv, "--prompt", "a cat", "--negative-prompt", "dog", *COMMON) == 0
+    assert outputs(out) == ["one.png", "two.png"]
+    err = capsys.readouterr().err
+    assert "note: --prompt is not used at --guidance 0" in err
+    assert "note: --negative-prompt is used only with classifier-free guidance" in err
+    assert read_report(out)["failed"] == []
