@@ -1552,7 +1552,7 @@ def _run_upscale(args: argparse.Namespace, stop: StopSignals) -> int:
         items, already = share_remaining_work(items, args.overwrite, process)
     else:
         items, listed, model_dir, components = prepare_upscale(args)
-        make_upscale_folders(args)
+        made = make_upscale_folders(args)
         already = []
     cache = None if args.no_compile_cache else (args.compile_cache or default_cache_dir())
     if cache:
@@ -1638,15 +1638,21 @@ def _run_upscale(args: argparse.Namespace, stop: StopSignals) -> int:
 
     pipe = None
     if groups:
+        from flax_latentup import ConfigError, HubError, WeightsError
         from flax_latentup.pipeline import MODEL_CLASSES
 
-        given = {
-            part: MODEL_CLASSES[part].from_pretrained(folder, dtype=jnp.dtype(dtype))
-            for part, folder in components.items()
-        }
-        pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
-            model_dir, dtype=jnp.dtype(dtype), variant=args.variant, **given
-        )
+        try:
+            given = {
+                part: MODEL_CLASSES[part].from_pretrained(folder, dtype=jnp.dtype(dtype))
+                for part, folder in components.items()
+            }
+            pipe = FlaxStableDiffusionLatentUpscalePipeline.from_pretrained(
+                model_dir, dtype=jnp.dtype(dtype), variant=args.variant, **given
+            )
+        except (ConfigError, HubError, WeightsError) as e:  # weights that do not fit, ...
+            files.remove_made_folders(made)  # nothing was upscaled: no folder made for nothing
+            which = " / ".join(["--model", *(f"--{part}" for part in components)])
+            raise UsageError(f"cannot load the model ({which}): {e}") from None
         pipe.set_progress_bar_config(disable=True)
         if args.tile:
             pipe.enable_vae_tiling()

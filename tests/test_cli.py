@@ -1565,3 +1565,22 @@ def test_inputs_given_twice_and_prompts_left_unused(flax_pipe_dir, tmp_path, cap
     assert "note: --prompt is not used at --guidance 0" in err
     assert "note: --negative-prompt is used only with classifier-free guidance" in err
     assert read_report(out)["failed"] == []
+
+
+def test_weights_that_do_not_fit_the_config_stop_the_run_cleanly(flax_pipe_dir, tmp_path, capsys):
+    """A model whose weights do not fit its config.json (found only as the weights load) stops
+    with exit 2 and one message, before any picture is upscaled, and leaves no output folder
+    made for nothing."""
+    bad = tmp_path / "model"
+    shutil.copytree(flax_pipe_dir, bad)
+    config = json.loads((bad / "unet" / "config.json").read_text())
+    config["layers_per_block"] += 1
+    (bad / "unet" / "config.json").write_text(json.dumps(config))
+    write_png(str(tmp_path / "in" / "a.png"))
+    out = tmp_path / "out"
+    capsys.readouterr()
+    for extra in (("-n", bad), ("-n", flax_pipe_dir, "--unet", bad / "unet")):
+        assert run_cli("-i", tmp_path / "in", "-o", out, *extra, *COMMON) == 2
+        err = capsys.readouterr().err
+        assert "cannot load the model" in err and "Traceback" not in err
+        assert not out.exists()
