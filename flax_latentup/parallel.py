@@ -20,12 +20,11 @@ with no overlap and no gap, each upscaling its share on its local devices.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -34,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flax_latentup.models.target import outside_context_mesh
 from flax_latentup.pipeline import CoreOptions, GraphDefs, upscale_core
 
 T = TypeVar("T")
@@ -106,23 +106,6 @@ def auto_axes(mesh: Mesh) -> Mesh:
     if axis_type is None or types is None or all(t == axis_type.Auto for t in types):
         return mesh
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(axis_type.Auto,) * len(types))
-
-
-@contextlib.contextmanager
-def outside_context_mesh() -> Iterator[None]:
-    """Inside: no mesh set by ``jax.set_mesh`` (the caller's, restored after), so that a call
-    given its own devices or mesh runs there, as it does outside the caller's context."""
-    cleared: contextlib.AbstractContextManager = contextlib.nullcontext()
-    current = getattr(jax.sharding, "get_abstract_mesh", None)
-    # only where a mesh is set: the context is part of the compilation caches' keys, so it is
-    # left as it is otherwise (the programs compiled in and out of calls stay shared)
-    if current is not None and not getattr(current(), "empty", True):
-        try:
-            cleared = jax.set_mesh(None)
-        except (AttributeError, TypeError, ValueError):  # no jax.set_mesh, or under a trace
-            pass
-    with cleared:
-        yield
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

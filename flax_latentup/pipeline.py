@@ -49,7 +49,7 @@ from flax_latentup.models.conv import (
     winograd_kernels,
 )
 from flax_latentup.models.layers import trace_settings
-from flax_latentup.models.target import compiling_for
+from flax_latentup.models.target import compiling_for, outside_context_mesh
 from flax_latentup.models.unet import FlaxUNet2DConditionModel
 from flax_latentup.models.vae import DiagonalGaussianDistribution, FlaxAutoencoderKL
 from flax_latentup.sampling import (
@@ -469,20 +469,6 @@ def _whole(spmd: Any, x: Array) -> Array:
     from jax.sharding import NamedSharding, PartitionSpec
 
     return jax.lax.with_sharding_constraint(x, NamedSharding(spmd, PartitionSpec()))
-
-
-def _outside_context_mesh(method: Callable) -> Callable:
-    """``method`` run without the caller's ``jax.set_mesh`` mesh in context (see
-    :func:`flax_latentup.parallel.outside_context_mesh`)."""
-
-    @functools.wraps(method)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        from flax_latentup.parallel import outside_context_mesh
-
-        with outside_context_mesh():
-            return method(*args, **kwargs)
-
-    return call
 
 
 def upscale_core(
@@ -1532,7 +1518,7 @@ class FlaxStableDiffusionLatentUpscalePipeline(hub.PushToHubMixin):
 
     # ---- the call ----------------------------------------------------------------------------
 
-    @_outside_context_mesh
+    @outside_context_mesh()
     def __call__(
         self,
         prompt: str | Sequence[str] | None = None,

@@ -445,8 +445,7 @@ def _denoiser_terms(
         raise ValueError(
             f'objective "variance" needs a model with {c + 1} output channels (the '
             f"latents' {c} and a log-variance one, as the published UNet has), got "
-            f"{out.shape[-1]}: "
-            'train this one with objective="mse"'
+            f'{out.shape[-1]}: train this one with objective="mse"'
         )
     if out.shape[-1] < c:
         raise ValueError(f"the model returns {out.shape[-1]} channels, fewer than the {c} latents")

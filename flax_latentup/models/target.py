@@ -4,6 +4,8 @@ Some automatic choices depend on the hardware a program will run on: cuDNN's fus
 (NVIDIA GPUs from compute capability 8.0), the rewritten convolutions (the CPU backend). JAX
 does not tell a traced function where it will run, so callers that know say it with
 :func:`compiling_for`; otherwise the first local device (the default backend's) is assumed.
+The work of a call that names its own devices or mesh runs :func:`outside_context_mesh` of
+the caller's (``jax.set_mesh``).
 """
 
 from __future__ import annotations
@@ -45,3 +47,20 @@ def target_key() -> tuple[str, str]:
     compile caches."""
     device = target_device()
     return target_platform(), str(getattr(device, "compute_capability", ""))
+
+
+@contextlib.contextmanager
+def outside_context_mesh() -> Iterator[None]:
+    """Inside: no mesh set by ``jax.set_mesh`` (the caller's, restored after), so that a call
+    given its own devices or mesh runs there, as it does outside the caller's context."""
+    cleared: contextlib.AbstractContextManager = contextlib.nullcontext()
+    current = getattr(jax.sharding, "get_abstract_mesh", None)
+    # only where a mesh is set: the context is part of the compilation caches' keys, so it is
+    # left as it is otherwise (the programs compiled in and out of calls stay shared)
+    if current is not None and not getattr(current(), "empty", True):
+        try:
+            cleared = jax.set_mesh(None)
+        except (AttributeError, TypeError, ValueError):  # no jax.set_mesh, or under a trace
+            pass
+    with cleared:
+        yield
